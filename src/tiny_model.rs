@@ -1,0 +1,766 @@
+//! Tiny random-weight GGUF models (llama / qwen2) that real llama.cpp loads and runs in
+//! milliseconds, for tests across the project (engine, plugin, trainer parity).
+//!
+//! Everything here is deterministic for a seed: the same config gives a byte-identical file.
+//! This module must never download anything or depend on files outside what it writes.
+//!
+//! The files are written with `gguf_rs::writer::GGUFWriter` (it writes every value type
+//! llama.cpp needs here: u32/f32/bool/string scalars and string/i32 arrays).
+//!
+//! Layout notes for users of [`tiny_model_tensors`]:
+//! * shapes are row-major (PyTorch convention, `[out_features, in_features]`); the GGUF file
+//!   stores the same bytes with the dims reversed (`ne0` = innermost = `in_features`).
+//! * llama.cpp applies RoPE to the GGUF `attn_q`/`attn_k` as stored: `llama` uses the
+//!   "normal" (adjacent pairs) rotation, `qwen2` the NeoX (half-split) rotation. A candle model
+//!   reading these tensors must use the matching rotation (no HF permutation is involved,
+//!   the weights are random).
+//! * with `f16: true`, 2-D tensors are stored as f16 and the returned values are the
+//!   f16-rounded ones (exactly what llama.cpp reads); 1-D tensors (norms, biases) stay f32.
+
+use std::path::{Path, PathBuf};
+
+use gguf_rs::writer::{GGUFWriter, MetadataValue, TensorInfo};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::{Error, Result};
+
+/// GGML tensor type ids.
+const GGML_TYPE_F32: u32 = 0;
+const GGML_TYPE_F16: u32 = 1;
+
+/// Number of BPE merge rules the tiny tokenizer is trained for; with the 256 byte tokens and
+/// 3 special tokens the vocabulary has (at most) 512 entries.
+const TARGET_VOCAB: usize = 512;
+const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// ChatML, recognised by llama.cpp's built-in template matcher (`<|im_start|>`).
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Default relative noise of the draft in [`write_tiny_pair`] callers (see the tests for the
+/// measured greedy agreement).
+pub const DEFAULT_DRAFT_NOISE: f32 = 0.03;
+
+/// Architecture of a tiny model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyArch {
+    /// `llama`: no attention biases, "normal" RoPE.
+    Llama,
+    /// `qwen2`: q/k/v biases, NeoX RoPE.
+    Qwen2,
+}
+
+impl TinyArch {
+    /// The `general.architecture` string.
+    pub fn name(self) -> &'static str {
+        match self {
+            TinyArch::Llama => "llama",
+            TinyArch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// Shape and seed of a tiny model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinyModelConfig {
+    pub arch: TinyArch,
+    /// Hidden size (default 64).
+    pub n_embd: usize,
+    /// Transformer blocks (default 2).
+    pub n_layer: usize,
+    /// Attention heads (default 4); `n_embd` must be a multiple.
+    pub n_head: usize,
+    /// KV heads (default 2); `n_head` must be a multiple.
+    pub n_head_kv: usize,
+    /// FFN hidden size (default 128).
+    pub n_ff: usize,
+    /// `{arch}.context_length` (default 4096).
+    pub n_ctx_train: usize,
+    /// Seed of the weight RNG (default 42).
+    pub seed: u64,
+    /// Standard deviation of the logits for a unit-RMS hidden state (default 6.0): large
+    /// enough that greedy top-2 margins dwarf float noise.
+    pub logit_scale: f32,
+    /// Store 2-D weights as f16 (default false: f32).
+    pub f16: bool,
+}
+
+impl Default for TinyModelConfig {
+    fn default() -> Self {
+        TinyModelConfig {
+            arch: TinyArch::Llama,
+            n_embd: 64,
+            n_layer: 2,
+            n_head: 4,
+            n_head_kv: 2,
+            n_ff: 128,
+            n_ctx_train: 4096,
+            seed: 42,
+            logit_scale: 6.0,
+            f16: false,
+        }
+    }
+}
+
+impl TinyModelConfig {
+    /// Checks the head arithmetic llama.cpp relies on.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name: &'static str, reason: String| Err(Error::InvalidParam { name, reason });
+        if self.n_embd == 0 || self.n_layer == 0 || self.n_ff == 0 || self.n_ctx_train == 0 {
+            return bad(
+                "TinyModelConfig",
+                format!("all sizes must be > 0, got {self:?}"),
+            );
+        }
+        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+            return bad(
+                "n_head",
+                format!("must divide n_embd={}, got {}", self.n_embd, self.n_head),
+            );
+        }
+        if (self.n_embd / self.n_head) % 2 != 0 {
+            return bad(
+                "n_head",
+                format!(
+                    "head size n_embd/n_head must be even for RoPE, got {}",
+                    self.n_embd / self.n_head
+                ),
+            );
+        }
+        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+            return bad(
+                "n_head_kv",
+                format!("must divide n_head={}, got {}", self.n_head, self.n_head_kv),
+            );
+        }
+        if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {
+            return bad(
+                "logit_scale",
+                format!("must be finite and > 0, got {}", self.logit_scale),
+            );
+        }
+        Ok(())
+    }
+
+    fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer: GPT-2 byte-level BPE trained deterministically on a small built-in corpus.
+// ---------------------------------------------------------------------------------------------
+
+/// English prose and code the merges are learnt from.
+const CORPUS: &str = r#"The quick brown fox jumps over the lazy dog. The dog was not amused, and the fox ran away into the forest.
+Once upon a time there was a little girl who lived in a village near the forest. Whenever she went out, the little girl wore a red riding cloak, so everyone in the village called her Little Red Riding Hood.
+It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.
+In the beginning of the year, the company reported that the number of users had increased by twenty percent, and that the new product would be released in the spring.
+Speculative decoding uses a small draft model to propose tokens that the large target model then verifies in a single forward pass. When the draft is right, several tokens are accepted at once; when it is wrong, the target's own token is used instead, so the output is exactly the same as without the draft.
+The weather today is sunny with a chance of rain in the afternoon. Temperatures will reach twenty degrees in the city and fifteen degrees near the coast.
+She said that she would come to the meeting on Monday, but she did not say when she would leave. They were waiting for her at the station, and then they went home together.
+What is the capital of France? The capital of France is Paris. What is the largest planet in the solar system? It is Jupiter, which is much larger than the Earth.
+Please write a function that returns the sum of all the numbers in a list, and then explain how it works step by step.
+fn main() {
+    let mut total = 0;
+    for i in 0..10 {
+        total += i;
+    }
+    println!("total = {}", total);
+}
+pub fn add(a: i32, b: i32) -> i32 {
+    a + b
+}
+impl Default for Config {
+    fn default() -> Self {
+        Self { name: String::new(), value: 0 }
+    }
+}
+def fibonacci(n):
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+
+for i in range(10):
+    print(f"fib({i}) = {fibonacci(i)}")
+
+class Model:
+    def __init__(self, name, size):
+        self.name = name
+        self.size = size
+
+    def forward(self, input):
+        return self.layer(input)
+
+import numpy as np
+x = np.array([1, 2, 3])
+print(x.mean())
+const result = items.filter((item) => item.value > 0).map((item) => item.name);
+function hello(name) { return "Hello, " + name + "!"; }
+if (error) { console.log("error: " + error.message); return null; }
+#include <stdio.h>
+int main(void) { printf("hello, world\n"); return 0; }
+The model was trained on a large dataset of text and code, and it can answer questions, write stories, and generate programs in many languages.
+There are many ways to solve this problem. The first one is to use a loop, and the second one is to use recursion. Both of them return the same result.
+He thought about what she had said for a long time, and then he decided that she was right after all.
+The results of the experiment show that the new method is faster than the old one, while the quality of the output is the same.
+"#;
+
+/// GPT-2's reversible byte -> printable unicode mapping.
+fn bytes_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable =
+            (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        let c = if printable {
+            b
+        } else {
+            n += 1;
+            255 + n
+        };
+        table[b as usize] = char::from_u32(c).unwrap_or('?');
+    }
+    table
+}
+
+/// Rough GPT-2 style pre-tokenisation: ` ?letters`, ` ?digit`, ` ?punctuation`, whitespace.
+fn pre_split(text: &str) -> Vec<&str> {
+    #[derive(PartialEq, Clone, Copy)]
+    enum Class {
+        Letter,
+        Digit,
+        Space,
+        Other,
+    }
+    let class = |c: char| {
+        if c.is_alphabetic() {
+            Class::Letter
+        } else if c.is_numeric() {
+            Class::Digit
+        } else if c.is_whitespace() {
+            Class::Space
+        } else {
+            Class::Other
+        }
+    };
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let start = chars[i].0;
+        let mut j = i;
+        // A single space attaches to the following non-space chunk.
+        if chars[j].1 == ' ' && j + 1 < chars.len() && class(chars[j + 1].1) != Class::Space {
+            j += 1;
+        }
+        let cls = class(chars[j].1);
+        j += 1;
+        if cls != Class::Digit {
+            while j < chars.len() && class(chars[j].1) == cls {
+                j += 1;
+            }
+        }
+        let end = chars.get(j).map_or(text.len(), |c| c.0);
+        out.push(&text[start..end]);
+        i = j;
+    }
+    out
+}
+
+/// The tiny tokenizer: token texts (ids = positions), token types and merge rules.
+#[derive(Debug, Clone)]
+pub struct TinyVocab {
+    pub tokens: Vec<String>,
+    pub token_types: Vec<i32>,
+    pub merges: Vec<String>,
+    /// Id of `<|endoftext|>` (bos and eos).
+    pub eos: u32,
+    pub im_start: u32,
+    pub im_end: u32,
+}
+
+/// Builds the deterministic tiny vocabulary (identical for every config and seed).
+pub fn tiny_vocab() -> TinyVocab {
+    use std::collections::{BTreeMap, HashSet};
+
+    let table = bytes_to_unicode();
+    let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
+    let mut known: HashSet<String> = tokens.iter().cloned().collect();
+
+    // Word frequencies, words as sequences of symbols.
+    let mut words: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+    for piece in pre_split(CORPUS) {
+        let syms: Vec<String> = piece
+            .bytes()
+            .map(|b| table[b as usize].to_string())
+            .collect();
+        *words.entry(syms).or_insert(0) += 1;
+    }
+    let mut words: Vec<(Vec<String>, usize)> = words.into_iter().collect();
+
+    let n_merged = TARGET_VOCAB - 256 - SPECIAL_TOKENS.len();
+    let mut merges = Vec::new();
+    while tokens.len() < 256 + n_merged {
+        let mut pairs: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for (syms, n) in &words {
+            for w in syms.windows(2) {
+                *pairs.entry((w[0].as_str(), w[1].as_str())).or_insert(0) += n;
+            }
+        }
+        // Most frequent pair; ties go to the lexicographically smallest (BTreeMap order).
+        let mut best: Option<((&str, &str), usize)> = None;
+        for (p, n) in pairs {
+            if best.map_or(true, |(_, bn)| n > bn) {
+                best = Some((p, n));
+            }
+        }
+        let Some(((a, b), n)) = best else { break };
+        if n < 2 {
+            break;
+        }
+        let (a, b) = (a.to_string(), b.to_string());
+        let merged = format!("{a}{b}");
+        merges.push(format!("{a} {b}"));
+        if known.insert(merged.clone()) {
+            tokens.push(merged.clone());
+        }
+        for (syms, _) in words.iter_mut() {
+            let mut out = Vec::with_capacity(syms.len());
+            let mut k = 0;
+            while k < syms.len() {
+                if k + 1 < syms.len() && syms[k] == a && syms[k + 1] == b {
+                    out.push(merged.clone());
+                    k += 2;
+                } else {
+                    out.push(std::mem::take(&mut syms[k]));
+                    k += 1;
+                }
+            }
+            *syms = out;
+        }
+    }
+    let mut token_types = vec![1i32; tokens.len()];
+    let eos = tokens.len() as u32;
+    for s in SPECIAL_TOKENS {
+        tokens.push(s.to_string());
+        token_types.push(3);
+    }
+    TinyVocab {
+        tokens,
+        token_types,
+        merges,
+        eos,
+        im_start: eos + 1,
+        im_end: eos + 2,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights
+// ---------------------------------------------------------------------------------------------
+
+/// Standard normal samples (Box-Muller on the seeded generator; no extra crate needed).
+struct Normal {
+    rng: StdRng,
+    spare: Option<f32>,
+}
+
+impl Normal {
+    fn new(seed: u64) -> Self {
+        Normal {
+            rng: StdRng::seed_from_u64(seed),
+            spare: None,
+        }
+    }
+
+    fn sample(&mut self) -> f32 {
+        if let Some(s) = self.spare.take() {
+            return s;
+        }
+        let u1: f64 = 1.0 - self.rng.random::<f64>(); // (0, 1]
+        let u2: f64 = self.rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = 2.0 * std::f64::consts::PI * u2;
+        self.spare = Some((r * t.sin()) as f32);
+        (r * t.cos()) as f32
+    }
+
+    fn vec(&mut self, n: usize, std: f32, mean: f32) -> Vec<f32> {
+        (0..n).map(|_| mean + std * self.sample()).collect()
+    }
+}
+
+/// f32 -> IEEE half bits, round to nearest even.
+fn f32_to_f16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let man = bits & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = m >> shift;
+        let rem = m & ((1 << shift) - 1);
+        let halfway = 1 << (shift - 1);
+        let round = rem > halfway || (rem == halfway && (half & 1) == 1);
+        return sign | (half + u32::from(round)) as u16;
+    }
+    let half = ((e as u32) << 10) | (man >> 13);
+    let rem = man & 0x1fff;
+    let round = rem > 0x1000 || (rem == 0x1000 && (half & 1) == 1);
+    // A carry out of the mantissa correctly bumps the exponent (up to infinity).
+    sign | (half + u32::from(round)) as u16
+}
+
+/// IEEE half bits -> f32.
+fn f16_bits_to_f32(h: u16) -> f32 {
+    let sign = (u32::from(h) & 0x8000) << 16;
+    let exp = (u32::from(h) >> 10) & 0x1f;
+    let man = u32::from(h) & 0x3ff;
+    let bits = if exp == 0 {
+        if man == 0 {
+            sign
+        } else {
+            // Subnormal: normalise.
+            let mut e = 127 - 15 + 1;
+            let mut m = man;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | ((e as u32) << 23) | ((m & 0x3ff) << 13)
+        }
+    } else if exp == 0x1f {
+        sign | 0x7f80_0000 | (man << 13)
+    } else {
+        sign | ((exp + 127 - 15) << 23) | (man << 13)
+    };
+    f32::from_bits(bits)
+}
+
+/// Raw weights of the model `cfg` describes: `(gguf tensor name, row-major shape, values)`,
+/// in file order. See the module docs for the layout conventions.
+pub fn tiny_model_tensors(cfg: &TinyModelConfig) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let n_vocab = tiny_vocab().tokens.len();
+    let mut rng = Normal::new(cfg.seed);
+    let d = cfg.n_embd;
+    let hd = cfg.head_dim();
+    let q_dim = cfg.n_head * hd;
+    let kv_dim = cfg.n_head_kv * hd;
+    let lin = |n_in: usize| 1.0 / (n_in as f32).sqrt();
+
+    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    t.push((
+        "token_embd.weight".into(),
+        vec![n_vocab, d],
+        rng.vec(n_vocab * d, 1.0, 0.0),
+    ));
+    for i in 0..cfg.n_layer {
+        let p = |s: &str| format!("blk.{i}.{s}");
+        t.push((p("attn_norm.weight"), vec![d], rng.vec(d, 0.1, 1.0)));
+        // Larger q/k scale: peaky attention makes the next token depend on the context.
+        t.push((
+            p("attn_q.weight"),
+            vec![q_dim, d],
+            rng.vec(q_dim * d, 2.0 * lin(d), 0.0),
+        ));
+        t.push((
+            p("attn_k.weight"),
+            vec![kv_dim, d],
+            rng.vec(kv_dim * d, 2.0 * lin(d), 0.0),
+        ));
+        t.push((
+            p("attn_v.weight"),
+            vec![kv_dim, d],
+            rng.vec(kv_dim * d, lin(d), 0.0),
+        ));
+        if cfg.arch == TinyArch::Qwen2 {
+            t.push((p("attn_q.bias"), vec![q_dim], rng.vec(q_dim, 0.2, 0.0)));
+            t.push((p("attn_k.bias"), vec![kv_dim], rng.vec(kv_dim, 0.2, 0.0)));
+            t.push((p("attn_v.bias"), vec![kv_dim], rng.vec(kv_dim, 0.2, 0.0)));
+        }
+        t.push((
+            p("attn_output.weight"),
+            vec![d, q_dim],
+            rng.vec(d * q_dim, lin(q_dim), 0.0),
+        ));
+        t.push((p("ffn_norm.weight"), vec![d], rng.vec(d, 0.1, 1.0)));
+        t.push((
+            p("ffn_gate.weight"),
+            vec![cfg.n_ff, d],
+            rng.vec(cfg.n_ff * d, lin(d), 0.0),
+        ));
+        t.push((
+            p("ffn_up.weight"),
+            vec![cfg.n_ff, d],
+            rng.vec(cfg.n_ff * d, lin(d), 0.0),
+        ));
+        t.push((
+            p("ffn_down.weight"),
+            vec![d, cfg.n_ff],
+            rng.vec(d * cfg.n_ff, lin(cfg.n_ff), 0.0),
+        ));
+    }
+    t.push(("output_norm.weight".into(), vec![d], rng.vec(d, 0.1, 1.0)));
+    t.push((
+        "output.weight".into(),
+        vec![n_vocab, d],
+        rng.vec(n_vocab * d, cfg.logit_scale * lin(d), 0.0),
+    ));
+    if cfg.f16 {
+        for (_, shape, data) in t.iter_mut() {
+            if shape.len() == 2 {
+                for v in data.iter_mut() {
+                    *v = f16_bits_to_f32(f32_to_f16_bits(*v));
+                }
+            }
+        }
+    }
+    t
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing
+// ---------------------------------------------------------------------------------------------
+
+fn gguf_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Gguf(format!("{}: {what}: {e}", path.display()))
+}
+
+fn write_gguf(
+    path: &Path,
+    cfg: &TinyModelConfig,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<()> {
+    cfg.validate()?;
+    let vocab = tiny_vocab();
+    let arch = cfg.arch.name();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| Error::InvalidParam {
+            name: "path",
+            reason: format!("{} has no file name", path.display()),
+        })?;
+    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
+
+    let result = (|| -> Result<()> {
+        let mut w = GGUFWriter::new(&tmp, 3).map_err(|e| gguf_err(&tmp, "create", e))?;
+        let u32v = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        w.add_metadata("general.architecture", arch);
+        w.add_metadata("general.name", &format!("adaspec-tiny-{arch}"));
+        w.add_metadata_u32("general.alignment", 32);
+        w.add_metadata_u32("general.file_type", if cfg.f16 { 1 } else { 0 });
+        w.add_metadata_u32(&format!("{arch}.context_length"), u32v(cfg.n_ctx_train));
+        w.add_metadata_u32(&format!("{arch}.embedding_length"), u32v(cfg.n_embd));
+        w.add_metadata_u32(&format!("{arch}.block_count"), u32v(cfg.n_layer));
+        w.add_metadata_u32(&format!("{arch}.feed_forward_length"), u32v(cfg.n_ff));
+        w.add_metadata_u32(&format!("{arch}.attention.head_count"), u32v(cfg.n_head));
+        w.add_metadata_u32(
+            &format!("{arch}.attention.head_count_kv"),
+            u32v(cfg.n_head_kv),
+        );
+        w.add_metadata_u32(
+            &format!("{arch}.rope.dimension_count"),
+            u32v(cfg.head_dim()),
+        );
+        w.add_metadata_u32(&format!("{arch}.vocab_size"), u32v(vocab.tokens.len()));
+        w.add_metadata_f32(&format!("{arch}.rope.freq_base"), 10000.0);
+        w.add_metadata_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-6);
+
+        w.add_metadata("tokenizer.ggml.model", "gpt2");
+        w.add_metadata("tokenizer.ggml.pre", "qwen2");
+        w.add_metadata_array(
+            "tokenizer.ggml.tokens",
+            vocab
+                .tokens
+                .iter()
+                .map(|s| MetadataValue::String(s.clone()))
+                .collect(),
+        );
+        w.add_metadata_array(
+            "tokenizer.ggml.token_type",
+            vocab
+                .token_types
+                .iter()
+                .map(|&t| MetadataValue::Int32(t))
+                .collect(),
+        );
+        w.add_metadata_array(
+            "tokenizer.ggml.merges",
+            vocab
+                .merges
+                .iter()
+                .map(|s| MetadataValue::String(s.clone()))
+                .collect(),
+        );
+        w.add_metadata_u32("tokenizer.ggml.bos_token_id", vocab.eos);
+        w.add_metadata_u32("tokenizer.ggml.eos_token_id", vocab.eos);
+        w.add_metadata_u32("tokenizer.ggml.padding_token_id", vocab.eos);
+        w.add_metadata_bool("tokenizer.ggml.add_bos_token", false);
+        w.add_metadata_bool("tokenizer.ggml.add_eos_token", false);
+        w.add_metadata("tokenizer.chat_template", CHATML_TEMPLATE);
+
+        let mut payloads = Vec::with_capacity(tensors.len());
+        for (name, shape, data) in tensors {
+            let f16 = cfg.f16 && shape.len() == 2;
+            w.add_tensor(TensorInfo {
+                name: name.clone(),
+                // GGUF dims are innermost first.
+                shape: shape.iter().rev().map(|&x| x as u64).collect(),
+                dtype: if f16 { GGML_TYPE_F16 } else { GGML_TYPE_F32 },
+            });
+            let bytes: Vec<u8> = if f16 {
+                data.iter()
+                    .flat_map(|&v| f32_to_f16_bits(v).to_le_bytes())
+                    .collect()
+            } else {
+                data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            };
+            payloads.push(bytes);
+        }
+        w.write().map_err(|e| gguf_err(&tmp, "write header", e))?;
+        for (i, bytes) in payloads.iter().enumerate() {
+            w.write_tensor_data(i, bytes)
+                .map_err(|e| gguf_err(&tmp, &format!("write tensor {}", tensors[i].0), e))?;
+        }
+        w.finalize().map_err(|e| gguf_err(&tmp, "flush", e))?;
+        drop(w);
+        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes a complete GGUF (metadata + tokenizer + random f32 (or f16) weights) to `path`,
+/// through a temporary file in the same folder that is then renamed.
+pub fn write_tiny_model(path: &Path, cfg: &TinyModelConfig) -> Result<()> {
+    cfg.validate()?;
+    write_gguf(path, cfg, &tiny_model_tensors(cfg))
+}
+
+/// The draft's weights: the target's plus seeded Gaussian noise of `draft_noise` times each
+/// tensor's RMS (norm weights are perturbed around their mean of 1 the same way).
+pub fn perturb_tensors(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    draft_noise: f32,
+    seed: u64,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut rng = Normal::new(seed ^ 0x9e37_79b9_7f4a_7c15);
+    tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let n = data.len().max(1) as f32;
+            let mean = data.iter().sum::<f32>() / n;
+            let rms = (data.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n).sqrt();
+            // Norm weights hover around 1: scale by their magnitude, not their spread.
+            let scale = if name.contains("norm") {
+                mean.abs() * 0.1
+            } else {
+                rms
+            };
+            let out = data
+                .iter()
+                .map(|v| v + draft_noise * scale * rng.sample())
+                .collect();
+            (name.clone(), shape.clone(), out)
+        })
+        .collect()
+}
+
+/// Writes `dir/target.gguf` and `dir/draft.gguf` (default shape of `arch`, same tokenizer).
+/// The draft is the target's weights plus seeded noise of relative size `draft_noise`
+/// (see [`DEFAULT_DRAFT_NOISE`]), so greedy agreement is high but imperfect.
+pub fn write_tiny_pair(
+    dir: &Path,
+    arch: TinyArch,
+    draft_noise: f32,
+    seed: u64,
+) -> Result<(PathBuf, PathBuf)> {
+    if !(draft_noise.is_finite() && draft_noise >= 0.0) {
+        return Err(Error::InvalidParam {
+            name: "draft_noise",
+            reason: format!("must be finite and >= 0, got {draft_noise}"),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let cfg = TinyModelConfig {
+        arch,
+        seed,
+        ..TinyModelConfig::default()
+    };
+    cfg.validate()?;
+    let target = dir.join("target.gguf");
+    let draft = dir.join("draft.gguf");
+    let tensors = tiny_model_tensors(&cfg);
+    write_gguf(&target, &cfg, &tensors)?;
+    write_gguf(&draft, &cfg, &perturb_tensors(&tensors, draft_noise, seed))?;
+    Ok((target, draft))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocab_is_512_unique_tokens_and_valid_merges() {
+        let v = tiny_vocab();
+        assert_eq!(v.tokens.len(), TARGET_VOCAB);
+        let set: std::collections::HashSet<&String> = v.tokens.iter().collect();
+        assert_eq!(set.len(), v.tokens.len());
+        for m in &v.merges {
+            let (a, b) = m.split_once(' ').unwrap();
+            assert!(
+                set.contains(&a.to_string()) && set.contains(&b.to_string()),
+                "{m}"
+            );
+            assert!(set.contains(&format!("{a}{b}")), "{m}");
+        }
+        assert_eq!(v.tokens[v.eos as usize], "<|endoftext|>");
+        assert_eq!(v.tokens[v.im_end as usize], "<|im_end|>");
+    }
+
+    #[test]
+    fn f16_roundtrip() {
+        for x in [0.0f32, 1.0, -2.5, 0.333, 65504.0, 1e-5, -1e-7, 6.1e-5] {
+            let y = f16_bits_to_f32(f32_to_f16_bits(x));
+            assert!((x - y).abs() <= x.abs() * 1e-3 + 6e-8, "{x} -> {y}");
+        }
+        assert_eq!(f32_to_f16_bits(1.0), 0x3c00);
+        assert_eq!(f32_to_f16_bits(-2.0), 0xc000);
+        assert_eq!(f32_to_f16_bits(1e6), 0x7c00);
+    }
+
+    #[test]
+    fn tensors_are_deterministic_and_shaped() {
+        let cfg = TinyModelConfig {
+            arch: TinyArch::Qwen2,
+            ..Default::default()
+        };
+        let a = tiny_model_tensors(&cfg);
+        assert_eq!(a, tiny_model_tensors(&cfg));
+        for (name, shape, data) in &a {
+            assert_eq!(shape.iter().product::<usize>(), data.len(), "{name}");
+        }
+        assert!(a.iter().any(|t| t.0 == "blk.1.attn_k.bias"));
+    }
+}
