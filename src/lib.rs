@@ -3,10 +3,21 @@
 //!
 //! The engine (everything outside `train`) never depends on candle.
 
+pub mod backend;
+pub mod cost;
 pub mod error;
+pub mod sampling;
+pub mod session;
+pub mod strategy;
 pub mod tiny_model;
+pub mod tree;
+pub mod verify;
 
 #[cfg(feature = "train")]
 pub mod train;
 
+pub use backend::{check_vocab_compat, ChatMessage, Model, ModelParams, Token};
 pub use error::{Error, Result};
+pub use sampling::SamplingParams;
+pub use session::{GenerateParams, Generation, Prompt, Session, SessionParams, Stats, StopReason};
+pub use strategy::{NumericMode, Strategy};

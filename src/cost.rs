@@ -1,0 +1,179 @@
+//! The cost model behind `auto`: target decode time as a function of batch size and draft time
+//! per step, measured at start-up and updated online, plus calibrated acceptance estimates.
+//! On CPUs the batch cost curve is far from flat and not even monotone (a 4-token batch can be
+//! cheaper than 3), so it is measured, never assumed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Exponential moving average weight of a new measurement.
+const EMA: f64 = 0.15;
+
+/// Measured milliseconds per decode call by batch size (index = batch size).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BatchCost {
+    ms: Vec<Option<f64>>,
+}
+
+impl BatchCost {
+    /// Records a measurement (first one sets, later ones blend in).
+    pub fn observe(&mut self, batch: usize, ms: f64) {
+        if batch == 0 || !ms.is_finite() {
+            return;
+        }
+        if self.ms.len() <= batch {
+            self.ms.resize(batch + 1, None);
+        }
+        self.ms[batch] = Some(match self.ms[batch] {
+            Some(old) => old * (1.0 - EMA) + ms * EMA,
+            None => ms,
+        });
+    }
+
+    /// Estimated ms for a batch: measured, else interpolated between measured neighbours,
+    /// else extrapolated linearly from the largest two.
+    pub fn estimate(&self, batch: usize) -> f64 {
+        let batch = batch.max(1);
+        if let Some(Some(v)) = self.ms.get(batch) {
+            return *v;
+        }
+        let known: Vec<(usize, f64)> = self.ms.iter().enumerate().filter_map(|(b, v)| v.map(|v| (b, v))).collect();
+        match known.len() {
+            0 => batch as f64,
+            1 => known[0].1 * (batch as f64 / known[0].0 as f64).max(1.0),
+            _ => {
+                let lo = known.iter().rev().find(|(b, _)| *b < batch);
+                let hi = known.iter().find(|(b, _)| *b > batch);
+                match (lo, hi) {
+                    (Some(&(b0, v0)), Some(&(b1, v1))) => v0 + (v1 - v0) * (batch - b0) as f64 / (b1 - b0) as f64,
+                    (None, Some(&(_, v1))) => v1,
+                    (Some(_), None) => {
+                        let (b0, v0) = known[known.len() - 2];
+                        let (b1, v1) = known[known.len() - 1];
+                        let slope = ((v1 - v0) / (b1 - b0) as f64).max(0.0);
+                        v1 + slope * (batch - b1) as f64
+                    }
+                    (None, None) => batch as f64,
+                }
+            }
+        }
+    }
+
+    /// Whether anything was measured.
+    pub fn is_empty(&self) -> bool {
+        self.ms.iter().all(Option::is_none)
+    }
+
+    /// The measured points, for reporting.
+    pub fn points(&self) -> Vec<(usize, f64)> {
+        self.ms.iter().enumerate().filter_map(|(b, v)| v.map(|v| (b, v))).collect()
+    }
+}
+
+/// Acceptance calibration: how often the target accepted a draft token whose draft
+/// probability fell in each bucket, with a prior that trusts the draft's own probability.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Calibration {
+    accepted: [f64; 10],
+    total: [f64; 10],
+}
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Self { accepted: [0.0; 10], total: [0.0; 10] }
+    }
+}
+
+/// Pseudo-observations given to the prior.
+const PRIOR_WEIGHT: f64 = 4.0;
+
+impl Calibration {
+    fn bucket(q: f32) -> usize {
+        ((q.clamp(0.0, 0.9999) * 10.0) as usize).min(9)
+    }
+
+    /// Records whether a token proposed with draft probability `q` was accepted.
+    pub fn observe(&mut self, q: f32, accepted: bool) {
+        let b = Self::bucket(q);
+        // Slowly forget so the estimate follows topic changes.
+        self.accepted[b] *= 0.995;
+        self.total[b] *= 0.995;
+        self.total[b] += 1.0;
+        if accepted {
+            self.accepted[b] += 1.0;
+        }
+    }
+
+    /// Estimated acceptance probability for draft probability `q`.
+    pub fn estimate(&self, q: f32) -> f32 {
+        let b = Self::bucket(q);
+        let prior = q.clamp(0.0, 1.0) as f64;
+        ((self.accepted[b] + PRIOR_WEIGHT * prior) / (self.total[b] + PRIOR_WEIGHT)) as f32
+    }
+}
+
+/// Everything `auto` knows about this machine and this draft.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CostModel {
+    /// Target decode ms by batch size.
+    pub target: BatchCost,
+    /// Draft decode ms by batch size.
+    pub draft: BatchCost,
+    /// Acceptance of the draft's first-choice children.
+    pub first_choice: Calibration,
+    /// Acceptance of second-choice (sibling) children.
+    pub second_choice: Calibration,
+}
+
+impl CostModel {
+    /// Expected tokens per millisecond of a round that drafts for `draft_ms` and verifies a
+    /// batch of `verify_batch` tokens yielding `1 + expected_accepted` tokens.
+    pub fn rate(&self, expected_accepted: f32, draft_ms: f64, verify_batch: usize) -> f64 {
+        (1.0 + expected_accepted as f64) / (draft_ms + self.target.estimate(verify_batch)).max(1e-6)
+    }
+}
+
+/// Start-up measurements shared by all sessions of a process, keyed by model file, threads and
+/// settings, so a benchmark or a host with many sessions measures once.
+static MEASURED: Mutex<Option<HashMap<String, BatchCost>>> = Mutex::new(None);
+
+/// Returns a cached start-up measurement.
+pub fn cached(key: &str) -> Option<BatchCost> {
+    MEASURED.lock().ok()?.as_ref()?.get(key).cloned()
+}
+
+/// Stores a start-up measurement.
+pub fn store(key: &str, cost: &BatchCost) {
+    if let Ok(mut m) = MEASURED.lock() {
+        m.get_or_insert_with(HashMap::new).insert(key.to_string(), cost.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolates_and_extrapolates() {
+        let mut c = BatchCost::default();
+        c.observe(1, 76.0);
+        c.observe(4, 116.0);
+        c.observe(8, 223.0);
+        assert_eq!(c.estimate(1), 76.0);
+        assert!((c.estimate(2) - (76.0 + 40.0 / 3.0)).abs() < 1e-9);
+        assert!(c.estimate(16) > 223.0);
+        c.observe(1, 86.0);
+        assert!(c.estimate(1) > 76.0 && c.estimate(1) < 86.0);
+    }
+
+    #[test]
+    fn calibration_moves_from_prior_to_data() {
+        let mut cal = Calibration::default();
+        assert!((cal.estimate(0.95) - 0.95).abs() < 1e-6);
+        for _ in 0..200 {
+            cal.observe(0.95, false);
+        }
+        assert!(cal.estimate(0.95) < 0.2);
+        assert!((cal.estimate(0.15) - 0.15).abs() < 1e-6);
+    }
+}
