@@ -37,8 +37,9 @@ const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"
 /// ChatML, recognised by llama.cpp's built-in template matcher (`<|im_start|>`).
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
-/// Default relative noise of the draft in [`write_tiny_pair`] callers (see the tests for the
-/// measured greedy agreement).
+/// A good `draft_noise` for [`write_tiny_pair`]: teacher-forced greedy agreement of the
+/// draft with the target is ~0.78 (llama) / ~0.80 (qwen2), range 0.74..0.85 over seeds 1..=8.
+/// Agreement is steep in the noise: 0.01 gives ~0.92, 0.1 ~0.45 (tests/tiny_model.rs).
 pub const DEFAULT_DRAFT_NOISE: f32 = 0.03;
 
 /// Architecture of a tiny model.
@@ -280,8 +281,13 @@ pub struct TinyVocab {
     pub im_end: u32,
 }
 
-/// Builds the deterministic tiny vocabulary (identical for every config and seed).
-pub fn tiny_vocab() -> TinyVocab {
+/// The deterministic tiny vocabulary (identical for every config and seed; built once).
+pub fn tiny_vocab() -> &'static TinyVocab {
+    static VOCAB: std::sync::OnceLock<TinyVocab> = std::sync::OnceLock::new();
+    VOCAB.get_or_init(build_vocab)
+}
+
+fn build_vocab() -> TinyVocab {
     use std::collections::{BTreeMap, HashSet};
 
     let table = bytes_to_unicode();

@@ -22,7 +22,9 @@ fn backend() -> &'static LlamaBackend {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
     BACKEND.get_or_init(|| {
         let mut b = LlamaBackend::init().expect("llama backend init");
-        b.void_logs();
+        if std::env::var_os("TINY_LOGS").is_none() {
+            b.void_logs();
+        }
         b
     })
 }
@@ -165,6 +167,12 @@ fn both_archs_load_tokenize_and_chat() {
             assert_eq!(vocab.eos().0, 509);
             assert!(!vocab.should_add_bos());
 
+            // Decoding works for f16 weights too, and stays varied.
+            let prompt = vocab.tokenize(b"Once upon a time", false, false);
+            let (gen, _) = greedy(&model, &prompt, 40);
+            let distinct: std::collections::HashSet<i32> = gen.iter().map(|t| t.0).collect();
+            assert!(distinct.len() >= 10, "{arch:?} f16={f16}: {gen:?}");
+
             let tmpl = model.chat_template(None).unwrap();
             let msgs = [
                 LlamaChatMessage::new("system".into(), "Be brief.".into()).unwrap(),
@@ -228,6 +236,10 @@ fn greedy_generation_is_fast_and_varied_and_pair_agrees_partly() {
         assert_eq!(same, 200, "batched vs one-token decoding disagree");
 
         // Draft vs target greedy agreement, teacher-forced on the target's continuation.
+        // Measured with DEFAULT_DRAFT_NOISE = 0.03, seed 7: llama 153/200 = 0.765,
+        // qwen2 170/200 = 0.850; over seeds 1..=8 (`draft_noise_sweep`): llama 0.74..0.83
+        // (mean 0.78), qwen2 0.775..0.85 (mean 0.80). Random nets are chaotic in their
+        // weights: noise 0.01 gives ~0.92, 0.1 already ~0.45, 0.35 ~0.13.
         let tf_draft = teacher_forced_argmax(&draft, &seq);
         let agree = (0..200)
             .filter(|&i| tf_draft[n_p - 1 + i] == gen[i].0)
@@ -298,13 +310,15 @@ fn invalid_configs_are_rejected() {
     assert!(write_tiny_pair(&dir, TinyArch::Qwen2, f32::NAN, 1).is_err());
 }
 
+/// Prints draft agreement, variety and top-2 margins over noises and seeds (for tuning):
+/// `cargo test --release --test tiny_model draft_noise_sweep -- --ignored --nocapture`.
 #[test]
 #[ignore]
-fn sweep() {
+fn draft_noise_sweep() {
     let prompt_text = "The quick brown fox jumps over the lazy dog. Once upon a time";
-    for noise in [0.03f32] {
+    for noise in [0.01f32, 0.03, 0.1] {
         for arch in [TinyArch::Llama, TinyArch::Qwen2] {
-            for seed in [1u64, 2, 3, 4, 5, 6, 7, 8] {
+            for seed in 1u64..=8 {
                 let dir = test_dir(&format!("sweep-{arch:?}-{noise}-{seed}"));
                 let (tp, dp) = write_tiny_pair(&dir, arch, noise, seed).unwrap();
                 let target = load(&tp);
@@ -323,7 +337,14 @@ fn sweep() {
                 let distinct: std::collections::HashSet<i32> = gen.iter().map(|t| t.0).collect();
                 let mut sorted = margins.clone();
                 sorted.sort_by(f32::total_cmp);
-                println!("noise {noise} {arch:?} seed {seed}: agree {agree}/200 distinct {} margin p1 {:.3} p10 {:.3} med {:.3}", distinct.len(), sorted[2], sorted[20], sorted[100]);
+                println!(
+                    "noise {noise} {arch:?} seed {seed}: agree {agree}/200 distinct {} \
+                     margin p1 {:.3} p10 {:.3} median {:.3}",
+                    distinct.len(),
+                    sorted[2],
+                    sorted[20],
+                    sorted[100]
+                );
             }
         }
     }
