@@ -559,7 +559,10 @@ fn write_gguf(
             name: "path",
             reason: format!("{} has no file name", path.display()),
         })?;
-    let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
+    // Unique per process and call, so concurrent writers never share a temp file.
+    static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{file_name}.tmp{}-{n}", std::process::id()));
 
     let result = (|| -> Result<()> {
         let mut w = GGUFWriter::new(&tmp, 3).map_err(|e| gguf_err(&tmp, "create", e))?;

@@ -29,10 +29,27 @@ fn backend() -> &'static LlamaBackend {
     })
 }
 
-fn test_dir(name: &str) -> PathBuf {
+/// A fresh folder under the temp dir, removed when dropped.
+struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn test_dir(name: &str) -> TestDir {
     let d = std::env::temp_dir().join(format!("adaspec-tiny-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TestDir(d)
 }
 
 fn load(path: &std::path::Path) -> LlamaModel {
@@ -278,7 +295,7 @@ fn same_seed_same_bytes() {
     assert_eq!(ba.len(), bc.len());
     assert_ne!(ba, bc);
     // No temp files left behind.
-    let names: Vec<_> = std::fs::read_dir(&dir)
+    let names: Vec<_> = std::fs::read_dir(&*dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
