@@ -36,7 +36,13 @@ unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_c
     if level == sys::GGML_LOG_LEVEL_ERROR {
         tracing::warn!(target: "llama.cpp", "{line}");
         if let Ok(mut last) = LAST_LLAMA_ERROR.lock() {
-            *last = line.to_string();
+            // Keep the whole story of one failure (llama.cpp logs the cause, then a summary).
+            if last.len() < 4096 {
+                if !last.is_empty() {
+                    last.push_str("; ");
+                }
+                last.push_str(line);
+            }
         }
     } else {
         tracing::trace!(target: "llama.cpp", "{line}");
@@ -517,7 +523,14 @@ impl Context {
         if params.n_seq_max == 0 || params.n_seq_max > 256 {
             return Err(Error::InvalidParam { name: "n_seq_max", reason: format!("{} not in 1..=256", params.n_seq_max) });
         }
-        let n_batch = params.n_batch.clamp(1, params.n_ctx);
+        if params.n_seq_max > params.n_ctx {
+            return Err(Error::InvalidParam {
+                name: "n_seq_max",
+                reason: format!("{} exceeds n_ctx {}", params.n_seq_max, params.n_ctx),
+            });
+        }
+        // llama.cpp reserves outputs for every sequence and asserts they fit in one batch.
+        let n_batch = params.n_batch.max(params.n_seq_max).clamp(1, params.n_ctx);
         let threads = if params.n_threads <= 0 { default_threads() } else { params.n_threads };
         // SAFETY: returns a plain struct of defaults.
         let mut cp = unsafe { sys::llama_context_default_params() };

@@ -51,11 +51,13 @@ pub struct GenerateParams {
     pub sampling: SamplingParams,
     /// Generation stops when the text contains one of these (the stop string is not returned).
     pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens (benchmarks with fixed lengths).
+    pub ignore_eog: bool,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        Self { max_tokens: 128, sampling: SamplingParams::default(), stop: Vec::new() }
+        Self { max_tokens: 128, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eog: false }
     }
 }
 
@@ -172,10 +174,25 @@ impl Session {
             crate::backend::check_vocab_compat(&target, d)?;
         }
         let draft = if params.strategy == Strategy::None { None } else { draft };
-        let n_batch = 512u32.min(params.n_ctx);
+        // Sequence ids: the target needs one per tree leaf, the draft one per decoded node.
+        // llama.cpp allocates n_vocab logits per possible sequence, so size them tightly.
+        let (t_seq, d_seq) = seq_budget(&params.strategy);
+        if t_seq.max(d_seq) > params.n_ctx as usize {
+            return Err(Error::InvalidParam {
+                name: "n_ctx",
+                reason: format!("{} is too small for strategy {} (needs {})", params.n_ctx, params.strategy, t_seq.max(d_seq)),
+            });
+        }
+        let n_batch = (512u32.min(params.n_ctx)).max(t_seq.max(d_seq) as u32);
         let target_ctx = Context::new(
             target.clone(),
-            &ContextParams { n_ctx: params.n_ctx, n_batch, n_seq_max: 256, n_threads: params.n_threads, flash_attn: false },
+            &ContextParams {
+                n_ctx: params.n_ctx,
+                n_batch,
+                n_seq_max: t_seq as u32,
+                n_threads: params.n_threads,
+                flash_attn: false,
+            },
         )?;
         let draft_ctx = match &draft {
             Some(d) => Some(Context::new(
@@ -183,7 +200,7 @@ impl Session {
                 &ContextParams {
                     n_ctx: params.n_ctx,
                     n_batch,
-                    n_seq_max: 256,
+                    n_seq_max: d_seq as u32,
                     n_threads: params.n_threads,
                     flash_attn: false,
                 },
@@ -202,7 +219,7 @@ impl Session {
             max_verify: MAX_DRAFT + 1,
             mean_accept: 0.7,
             rounds_total: 0,
-            batch: Batch::new(n_batch as usize, 256),
+            batch: Batch::new(n_batch as usize, t_seq.max(d_seq)),
         };
         if s.params.mode == NumericMode::Exact && s.draft.is_some() {
             s.max_verify = s.measure_exact_cap()?;
@@ -466,7 +483,7 @@ impl Session {
             commit.push(verdict.bonus);
             commit.truncate(budget);
             let mut hit_eog = false;
-            if let Some(k) = commit.iter().position(|&t| model.is_eog(t)) {
+            if let Some(k) = commit.iter().position(|&t| model.is_eog(t) && !params.ignore_eog) {
                 commit.truncate(k + 1);
                 hit_eog = true;
             }
@@ -582,11 +599,17 @@ impl Session {
         let t = Instant::now();
         self.batch.clear();
         for &i in nodes {
-            if i >= 256 {
-                return Err(Error::InvalidParam { name: "tree", reason: "more than 255 draft nodes".into() });
+            if i >= d.n_seq_max() {
+                return Err(Error::InvalidParam {
+                    name: "tree",
+                    reason: format!("draft node {i} exceeds the draft's {} sequence ids", d.n_seq_max()),
+                });
             }
-            let parent = tree.nodes[i].parent;
-            d.seq_cp(if parent == 0 { 0 } else { parent as i32 }, i as i32, -1, -1);
+            let parent_seq = tree.nodes[tree.nodes[i].parent].draft_seq;
+            if parent_seq < 0 {
+                return Err(Error::InvalidParam { name: "tree", reason: "parent not decoded by the draft".into() });
+            }
+            d.seq_cp(parent_seq, i as i32, -1, -1);
             self.batch.add(tree.nodes[i].token, (base + tree.nodes[i].depth) as i32, &[i as i32], true)?;
         }
         d.decode(&self.batch)?;
@@ -594,6 +617,7 @@ impl Session {
         for (j, &i) in nodes.iter().enumerate() {
             out.push(d.logits(j)?.to_vec());
             tree.nodes[i].draft_decoded = true;
+            tree.nodes[i].draft_seq = i as i32;
         }
         self.cost.draft.observe(nodes.len(), ms_since(t));
         Ok(out)
@@ -646,13 +670,14 @@ impl Session {
     /// EAGLE-2: expand the top-k children of each frontier node, keep the global top-k by path
     /// score as the next frontier, for `depth` levels; then keep the best `nodes`.
     fn draft_dynamic(&mut self, tree: &mut DraftTree, root_logits: Vec<f32>, k: usize, depth: usize, nodes: usize) -> Result<()> {
+        let seq_cap = self.draft.as_ref().map_or(1, Context::n_seq_max);
         let mut frontier: Vec<(usize, Vec<f32>)> = vec![(0, root_logits)];
         for level in 1..=depth {
             let mut cands: Vec<usize> = Vec::new();
             for (parent, logits) in &frontier {
                 let lse = log_sum_exp(logits);
                 for (rank, (t, v)) in top_k_indices(logits, k).into_iter().enumerate() {
-                    if tree.len() >= 255 {
+                    if tree.len() >= seq_cap {
                         break;
                     }
                     let logq = v - lse;
@@ -663,7 +688,7 @@ impl Session {
                     cands.push(c);
                 }
             }
-            if level == depth || cands.is_empty() || tree.len() >= 255 {
+            if level == depth || cands.is_empty() || tree.len() >= seq_cap {
                 break;
             }
             cands.sort_by(|&a, &b| tree.nodes[b].score.total_cmp(&tree.nodes[a].score));
@@ -874,7 +899,7 @@ impl Session {
             let decoded: Vec<usize> =
                 verdict.accepted.iter().copied().take_while(|&i| tree.nodes[i].draft_decoded).collect();
             if let Some(&last) = decoded.last() {
-                d.seq_cp(last as i32, 0, -1, -1);
+                d.seq_cp(tree.nodes[last].draft_seq, 0, -1, -1);
             }
             d.seq_keep(0);
             let past = if self.draft_past == n { n + decoded.len() } else { self.draft_past };
@@ -908,6 +933,20 @@ impl Session {
                 self.mean_accept = 0.9 * self.mean_accept + 0.1 * f64::from(u8::from(on_path[i]));
             }
         }
+    }
+}
+
+/// (target, draft) sequence ids a strategy can use in one round.
+fn seq_budget(strategy: &Strategy) -> (usize, usize) {
+    match strategy {
+        Strategy::None => (1, 1),
+        Strategy::Chain(g) => (1, g + 1),
+        Strategy::Tree { top_k, depth, nodes } => {
+            let candidates = top_k + top_k * top_k * depth.saturating_sub(1) + 1;
+            ((nodes + 1).min(256), candidates.min(256))
+        }
+        Strategy::Static(s) => ((s.paths.len() + 1).min(256), (s.paths.len() + 1).min(256)),
+        Strategy::Auto => (AUTO_MAX_DEPTH + 10, AUTO_MAX_DEPTH + 2),
     }
 }
 
@@ -981,18 +1020,32 @@ impl TextStream {
     /// Adds bytes; returns the text that can be shown now and whether a stop string appeared.
     fn push(&mut self, new: &[u8]) -> (String, bool) {
         self.bytes.extend_from_slice(new);
-        // Decode the longest valid prefix; keep an incomplete trailing character for later.
-        let valid_up_to = match std::str::from_utf8(&self.bytes) {
-            Ok(_) => self.bytes.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => {
-                let s = String::from_utf8_lossy(&self.bytes).into_owned();
-                self.bytes = s.clone().into_bytes();
-                self.bytes.len()
+        // Decode like String::from_utf8_lossy over the whole stream, but keep an incomplete
+        // trailing character for the next push, so chunking never changes the text.
+        let mut decoded = String::new();
+        loop {
+            match std::str::from_utf8(&self.bytes) {
+                Ok(s) => {
+                    decoded.push_str(s);
+                    self.bytes.clear();
+                    break;
+                }
+                Err(e) => {
+                    let ok = e.valid_up_to();
+                    decoded.push_str(&String::from_utf8_lossy(&self.bytes[..ok]));
+                    match e.error_len() {
+                        Some(bad) => {
+                            decoded.push(char::REPLACEMENT_CHARACTER);
+                            self.bytes.drain(..ok + bad);
+                        }
+                        None => {
+                            self.bytes.drain(..ok);
+                            break;
+                        }
+                    }
+                }
             }
-        };
-        let decoded = String::from_utf8_lossy(&self.bytes[..valid_up_to]).into_owned();
-        self.bytes.drain(..valid_up_to);
+        }
         let search_from = self.text.len().saturating_sub(self.stops.iter().map(String::len).max().unwrap_or(0));
         self.text.push_str(&decoded);
         if let Some(pos) = self
@@ -1029,6 +1082,11 @@ impl TextStream {
 
     /// Text not yet handed out (held-back stop-string prefixes, when no stop string followed).
     fn finish(&mut self) -> String {
+        if self.cut.is_none() && !self.bytes.is_empty() {
+            let rest = String::from_utf8_lossy(&self.bytes).into_owned();
+            self.text.push_str(&rest);
+            self.bytes.clear();
+        }
         let end = self.cut.unwrap_or(self.text.len());
         let piece = self.text[self.emitted.min(end)..end].to_string();
         self.emitted = end;

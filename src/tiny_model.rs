@@ -771,5 +771,18 @@ mod tests {
             assert_eq!(shape.iter().product::<usize>(), data.len(), "{name}");
         }
         assert!(a.iter().any(|t| t.0 == "blk.1.attn_k.bias"));
+
+        // f16: 2-D values are exactly the stored halves; 1-D ones are the f32 originals.
+        let h = tiny_model_tensors(&TinyModelConfig { f16: true, ..cfg });
+        for ((name, shape, vh), (_, _, vf)) in h.iter().zip(&a) {
+            if shape.len() == 2 {
+                assert!(
+                    vh.iter().all(|&v| f16_bits_to_f32(f32_to_f16_bits(v)) == v),
+                    "{name}"
+                );
+            } else {
+                assert_eq!(vh, vf, "{name}");
+            }
+        }
     }
 }

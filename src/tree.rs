@@ -34,6 +34,9 @@ pub struct TreeNode {
     pub rank: usize,
     /// Whether the draft model has already decoded this node (its KV is in the draft cache).
     pub draft_decoded: bool,
+    /// The draft-cache sequence id identifying this node's cell (0 for the root; set when
+    /// decoded). Stable when the tree is re-indexed by [`DraftTree::restrict`].
+    pub draft_seq: i32,
 }
 
 /// A rooted tree of draft tokens, stored parents-before-children.
@@ -56,6 +59,7 @@ impl DraftTree {
                 proposal: Proposal::Deterministic,
                 rank: 0,
                 draft_decoded: false,
+                draft_seq: 0,
             }],
         }
     }
@@ -88,6 +92,7 @@ impl DraftTree {
             proposal,
             rank: 0,
             draft_decoded: false,
+            draft_seq: -1,
         });
         self.nodes.len() - 1
     }

@@ -1,0 +1,322 @@
+//! Speculative generation through real llama.cpp on tiny generated models: every strategy must
+//! produce exactly the target-alone greedy output over long generations with many rollbacks,
+//! and sampling must stay seed-deterministic and distribution-preserving.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use adaspec::tiny_model::{write_tiny_pair, TinyArch, DEFAULT_DRAFT_NOISE};
+use adaspec::{
+    ChatMessage, Error, GenerateParams, Model, ModelParams, NumericMode, Prompt, SamplingParams, Session,
+    SessionParams, StopReason, Strategy,
+};
+
+struct Pair {
+    target: Arc<Model>,
+    draft: Arc<Model>,
+    target_norepack: Arc<Model>,
+    dir: PathBuf,
+}
+
+fn pair(arch: TinyArch) -> &'static Pair {
+    static LLAMA: OnceLock<Pair> = OnceLock::new();
+    static QWEN: OnceLock<Pair> = OnceLock::new();
+    let cell = match arch {
+        TinyArch::Llama => &LLAMA,
+        TinyArch::Qwen2 => &QWEN,
+    };
+    cell.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("adaspec-engine-tiny-{}-{}", arch.name(), std::process::id()));
+        let (t, d) = write_tiny_pair(&dir, arch, DEFAULT_DRAFT_NOISE, 11).expect("write tiny pair");
+        let target = Arc::new(Model::load(&t, &ModelParams::default()).expect("load target"));
+        let draft = Arc::new(Model::load(&d, &ModelParams::default()).expect("load draft"));
+        let target_norepack =
+            Arc::new(Model::load(&t, &ModelParams { repack: false, ..Default::default() }).expect("load target"));
+        Pair { target, draft, target_norepack, dir }
+    })
+}
+
+fn session(p: &Pair, strategy: Strategy) -> Session {
+    Session::new(
+        p.target.clone(),
+        Some(p.draft.clone()),
+        SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: NumericMode::Fast },
+    )
+    .expect("session")
+}
+
+fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams { max_tokens, ignore_eog: true, ..Default::default() }
+}
+
+fn run(s: &mut Session, prompt: &str, gp: &GenerateParams) -> adaspec::Generation {
+    s.generate(&Prompt::Text(prompt.into()), gp, &mut |_, _| true).expect("generate")
+}
+
+const PROMPTS: [&str; 3] = [
+    "def fibonacci(n):\n    return",
+    "The quick brown fox jumps over",
+    "Once upon a time, in a land far away,",
+];
+
+fn strategies() -> Vec<Strategy> {
+    vec![
+        Strategy::Chain(1),
+        Strategy::Chain(4),
+        "tree:3,4,12".parse().unwrap(),
+        "tree:2,6,24".parse().unwrap(),
+        "static:0;1;0,0;0,1;1,0;0,0,0;0,0,0,0".parse().unwrap(),
+        Strategy::Auto,
+    ]
+}
+
+#[test]
+fn every_strategy_is_token_identical_to_target_alone() {
+    for arch in [TinyArch::Llama, TinyArch::Qwen2] {
+        let p = pair(arch);
+        let mut baseline = session(p, Strategy::None);
+        for prompt in PROMPTS {
+            baseline.reset();
+            let want = run(&mut baseline, prompt, &greedy(300));
+            assert_eq!(want.stats.draft_proposed, 0);
+            for st in strategies() {
+                let mut s = session(p, st.clone());
+                let got = run(&mut s, prompt, &greedy(300));
+                assert_eq!(got.tokens, want.tokens, "{arch:?} {st} on {prompt:?}");
+                assert_eq!(got.text, want.text);
+                // The test is only meaningful if speculation happened, with rejections.
+                if st != Strategy::Auto {
+                    assert!(got.stats.draft_proposed > 0, "{st} proposed nothing");
+                    assert!(got.stats.draft_accepted < got.stats.draft_proposed, "{st}: no rejections");
+                    assert!(got.stats.tokens_per_pass > 1.0, "{st}: tokens/pass {}", got.stats.tokens_per_pass);
+                }
+                eprintln!(
+                    "{arch:?} {st:<28} tokens {} rounds {} accepted {}/{} tok/pass {:.2}",
+                    got.stats.tokens,
+                    got.stats.rounds,
+                    got.stats.draft_accepted,
+                    got.stats.draft_proposed,
+                    got.stats.tokens_per_pass
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn exact_mode_matches_exact_target_alone() {
+    let p = pair(TinyArch::Llama);
+    let params = |strategy| SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: NumericMode::Exact };
+    let mut base = Session::new(p.target_norepack.clone(), None, params(Strategy::None)).unwrap();
+    let mut spec = Session::new(p.target_norepack.clone(), Some(p.draft.clone()), params(Strategy::Auto)).unwrap();
+    assert!(spec.max_verify_batch() >= 1);
+    eprintln!("exact cap on tiny model: {}", spec.max_verify_batch());
+    for prompt in PROMPTS {
+        base.reset();
+        spec.reset();
+        let want = run(&mut base, prompt, &greedy(200));
+        let got = run(&mut spec, prompt, &greedy(200));
+        assert_eq!(got.tokens, want.tokens);
+        assert!(got.stats.max_batch <= spec.max_verify_batch());
+    }
+    // exact mode refuses a target with weight repacking
+    let err = Session::new(p.target.clone(), Some(p.draft.clone()), params(Strategy::Auto)).err().unwrap();
+    assert!(matches!(err, Error::InvalidParam { name: "mode", .. }), "{err}");
+}
+
+#[test]
+fn sampling_is_seed_deterministic_and_speculation_preserves_distribution() {
+    let p = pair(TinyArch::Qwen2);
+    let sp = |seed| SamplingParams { temperature: 1.0, top_k: 40, top_p: 0.95, min_p: 0.0, seed };
+    let gp = |seed| GenerateParams { max_tokens: 24, sampling: sp(seed), stop: vec![], ignore_eog: true };
+    let mut a = session(p, Strategy::Chain(3));
+    let mut b = session(p, Strategy::Chain(3));
+    let x = run(&mut a, PROMPTS[0], &gp(5));
+    let y = run(&mut b, PROMPTS[0], &gp(5));
+    assert_eq!(x.tokens, y.tokens, "same seed, same output");
+
+    // Distribution of the first 2 generated tokens: target alone vs chain vs tree over many
+    // seeds. Compare with total variation on the joint; a wrong rule drifts far beyond this.
+    let trials = 300;
+    let hist = |st: Strategy| {
+        let mut s = session(p, st);
+        let mut h = std::collections::HashMap::<(i32, i32), usize>::new();
+        for seed in 0..trials {
+            s.reset();
+            let g = s
+                .generate(
+                    &Prompt::Text(PROMPTS[1].into()),
+                    &GenerateParams { max_tokens: 2, sampling: sp(1000 + seed), stop: vec![], ignore_eog: true },
+                    &mut |_, _| true,
+                )
+                .unwrap();
+            *h.entry((g.tokens[0], g.tokens[1])).or_default() += 1;
+        }
+        h
+    };
+    let base = hist(Strategy::None);
+    let first_marginal = |h: &std::collections::HashMap<(i32, i32), usize>| {
+        let mut m = std::collections::HashMap::<i32, usize>::new();
+        for ((a, _), c) in h {
+            *m.entry(*a).or_default() += c;
+        }
+        m
+    };
+    for st in [Strategy::Chain(3), "tree:3,3,8".parse().unwrap()] {
+        let h = hist(st.clone());
+        let (mb, mh) = (first_marginal(&base), first_marginal(&h));
+        let keys: std::collections::HashSet<i32> = mb.keys().chain(mh.keys()).copied().collect();
+        let tv: f64 = keys
+            .iter()
+            .map(|k| {
+                (*mb.get(k).unwrap_or(&0) as f64 - *mh.get(k).unwrap_or(&0) as f64).abs() / trials as f64
+            })
+            .sum::<f64>()
+            / 2.0;
+        eprintln!("{st}: first-token TV vs target alone {tv:.3}");
+        assert!(tv < 0.15, "{st}: first-token TV {tv}");
+    }
+}
+
+#[test]
+fn streaming_stop_strings_and_callback_stop() {
+    let p = pair(TinyArch::Llama);
+    let mut s = session(p, Strategy::Chain(4));
+    let full = run(&mut s, PROMPTS[2], &greedy(120));
+    // streamed pieces concatenate to the returned text
+    s.reset();
+    let mut streamed = String::new();
+    let mut n_tokens = 0;
+    let g = s
+        .generate(&Prompt::Text(PROMPTS[2].into()), &greedy(120), &mut |t, piece| {
+            n_tokens += t.len();
+            streamed.push_str(piece);
+            true
+        })
+        .unwrap();
+    assert_eq!(streamed, g.text);
+    assert_eq!(n_tokens, g.tokens.len());
+    assert_eq!(g.text, full.text);
+    // a stop string taken from the middle of the output
+    let chars: Vec<char> = full.text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    s.reset();
+    let mut streamed = String::new();
+    let g = s
+        .generate(
+            &Prompt::Text(PROMPTS[2].into()),
+            &GenerateParams { max_tokens: 120, stop: vec![stop.clone()], ignore_eog: true, ..Default::default() },
+            &mut |_, piece| {
+                streamed.push_str(piece);
+                true
+            },
+        )
+        .unwrap();
+    assert_eq!(g.stop_reason, StopReason::StopString);
+    assert!(!g.text.contains(&stop));
+    assert!(full.text.starts_with(&g.text));
+    assert_eq!(streamed, g.text);
+    // callback stops generation
+    s.reset();
+    let mut calls = 0;
+    let g = s
+        .generate(&Prompt::Text(PROMPTS[2].into()), &greedy(120), &mut |_, _| {
+            calls += 1;
+            calls < 3
+        })
+        .unwrap();
+    assert_eq!(g.stop_reason, StopReason::Callback);
+    assert_eq!(calls, 3);
+    assert!(g.tokens.len() < 120);
+}
+
+#[test]
+fn multi_turn_reuses_the_cache_and_matches_a_fresh_run() {
+    let p = pair(TinyArch::Qwen2);
+    let mut s = session(p, Strategy::Auto);
+    let turn1 = s
+        .generate(&Prompt::Chat(vec![ChatMessage::new("user", "Hello there")]), &greedy(40), &mut |_, _| true)
+        .unwrap();
+
+    let turn2 = s
+        .generate(&Prompt::Chat(vec![ChatMessage::new("user", "And then?")]), &greedy(40), &mut |_, _| true)
+        .unwrap();
+    // The second turn reused the cached first prompt instead of processing everything again
+    // (the reply itself is re-processed when its text re-tokenizes differently, as random
+    // tiny models' byte soup does).
+    let reused = s.history().len() - turn2.tokens.len() - turn2.stats.prompt_tokens;
+    assert!(reused >= turn1.stats.prompt_tokens, "reused {reused} of {}", turn1.stats.prompt_tokens);
+    // Same conversation from scratch in a fresh target-alone session gives the same reply.
+    let mut fresh = session(p, Strategy::None);
+    let conv = vec![
+        ChatMessage::new("user", "Hello there"),
+        ChatMessage::new("assistant", turn1.text.clone()),
+        ChatMessage::new("user", "And then?"),
+    ];
+    let f = fresh.generate(&Prompt::Chat(conv), &greedy(40), &mut |_, _| true).unwrap();
+    assert_eq!(f.text, turn2.text);
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let p = pair(TinyArch::Llama);
+    // missing file, not a GGUF, truncated GGUF
+    assert!(matches!(Model::load("/nonexistent/x.gguf", &ModelParams::default()), Err(Error::ModelFile { .. })));
+    let junk = p.dir.join("junk.gguf");
+    std::fs::write(&junk, b"definitely not a model").unwrap();
+    assert!(matches!(Model::load(&junk, &ModelParams::default()), Err(Error::InvalidGguf { .. })));
+    let bytes = std::fs::read(p.target.path()).unwrap();
+    let cut = p.dir.join("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = Model::load(&cut, &ModelParams::default()).unwrap_err();
+    assert!(matches!(e, Error::InvalidGguf { .. } | Error::ModelLoad { .. }), "{e}");
+    let cut = p.dir.join("header-only.gguf");
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    assert!(Model::load(&cut, &ModelParams::default()).is_err());
+    // bad params
+    let mut s = session(p, Strategy::Chain(2));
+    let bad = GenerateParams { sampling: SamplingParams { temperature: 1.0, top_p: 0.0, ..Default::default() }, ..Default::default() };
+    assert!(matches!(s.generate(&Prompt::Text("x".into()), &bad, &mut |_, _| true), Err(Error::InvalidParam { .. })));
+    assert!(s.generate(&Prompt::Tokens(vec![1_000_000]), &greedy(4), &mut |_, _| true).is_err());
+    assert!(s.generate(&Prompt::Tokens(vec![]), &greedy(4), &mut |_, _| true).is_err());
+    // context overflow is an error, not an abort
+    let mut small = Session::new(
+        p.target.clone(),
+        Some(p.draft.clone()),
+        SessionParams { n_ctx: 32, n_threads: 1, strategy: Strategy::Chain(4), mode: NumericMode::Fast },
+    )
+    .unwrap();
+    let long = "word ".repeat(200);
+    assert!(matches!(
+        small.generate(&Prompt::Text(long), &greedy(4), &mut |_, _| true),
+        Err(Error::ContextFull { .. })
+    ));
+    let r = small.generate(&Prompt::Text("hi".into()), &greedy(100), &mut |_, _| true);
+    assert!(matches!(r, Err(Error::ContextFull { .. }) | Ok(_)));
+}
+
+#[test]
+fn incompatible_vocab_is_reported() {
+    let dir = std::env::temp_dir().join(format!("adaspec-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = pair(TinyArch::Llama);
+    // A different vocabulary: the real SmolLM2 if present, otherwise a tiny model with a
+    // changed token text is not available, so check the size rule via the real model only.
+    let smol = dirs_models().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if smol.exists() {
+        let other = Arc::new(Model::load(&smol, &ModelParams::default()).unwrap());
+        let e = Session::new(p.target.clone(), Some(other), SessionParams::default()).err().unwrap();
+        assert!(matches!(e, Error::IncompatibleVocab(_)), "{e}");
+        assert!(e.to_string().contains("differ"), "{e}");
+    } else {
+        eprintln!("SmolLM2 not present; vocab mismatch checked against the tiny pair only");
+    }
+    assert!(adaspec::check_vocab_compat(&p.target, &p.draft).is_ok());
+}
+
+fn dirs_models() -> PathBuf {
+    std::env::var_os("ADASPEC_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adaspec/models"))
+}
+
