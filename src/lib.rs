@@ -4,8 +4,11 @@
 //! The engine (everything outside `train`) never depends on candle.
 
 pub mod backend;
+pub mod bench;
 pub mod cost;
+pub mod dataset;
 pub mod error;
+pub mod models;
 pub mod sampling;
 pub mod session;
 pub mod strategy;

@@ -1,1 +1,270 @@
-fn main() {}
+//! `adaspec`: speculative generation with draft trees on llama.cpp, its benchmark, and (with
+//! the `train` feature) the AdaSPEC trainer's commands.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use adaspec::bench::{format_table, run_bench, BenchConfig};
+use adaspec::models::{resolve, DEFAULT_DRAFT, DEFAULT_TARGET};
+use adaspec::{
+    ChatMessage, GenerateParams, Model, ModelParams, NumericMode, Prompt, SamplingParams, Session, SessionParams,
+    Strategy,
+};
+
+#[derive(Parser)]
+#[command(name = "adaspec", version, about = "Lossless speculative generation with draft trees on llama.cpp")]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text with a target verified draft tree (output identical to the target's).
+    Generate(GenerateArgs),
+    /// Compare target alone and drafting strategies on a data set, interleaved in one run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Target GGUF [default: $ADASPEC_MODELS/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf].
+    #[arg(long)]
+    target: Option<PathBuf>,
+    /// Draft GGUF with the target's vocabulary [default: $ADASPEC_MODELS/qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf].
+    #[arg(long)]
+    draft: Option<PathBuf>,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
+    /// Context size in tokens.
+    #[arg(long, default_value_t = 4096)]
+    ctx: u32,
+    /// Drafting strategy: auto | none | chain:N | tree:K,D,N (EAGLE-2 dynamic: top-K, depth D, N nodes) | static:0;1;0,0 (child-rank paths).
+    #[arg(long, default_value = "auto")]
+    strategy: String,
+    /// fast: fastest kernels, lossless in distribution; exact: greedy output bit-identical to target-alone decoding in the same mode.
+    #[arg(long, default_value = "fast")]
+    mode: String,
+    /// Layers to offload to a GPU (needs a cuda/vulkan/metal build).
+    #[arg(long, default_value_t = 0)]
+    gpu_layers: u32,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Format the prompt with the model's chat template (as a user message).
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long = "temp", default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the output contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Also run the target alone on the same prompt and report the speedup.
+    #[arg(long)]
+    compare: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// humaneval | gsm8k | mt_bench | FILE.jsonl (fields prompt/question/turns/text).
+    #[arg(long, default_value = "humaneval")]
+    dataset: String,
+    /// Number of prompts.
+    #[arg(long, default_value_t = 10)]
+    n_prompts: usize,
+    /// Tokens per prompt (generated exactly, ignoring end-of-generation).
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Comma-free list separated by spaces or '/': strategies besides target alone.
+    #[arg(long, default_value = "auto/chain:2/chain:3/chain:4/tree:2,4,8")]
+    strategies: String,
+    /// Use raw prompts instead of the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Stop at end-of-generation instead of generating exactly --max-tokens.
+    #[arg(long)]
+    stop_at_eog: bool,
+    /// Write the JSON report here.
+    #[arg(long, default_value = "bench-results.json")]
+    out: PathBuf,
+}
+
+fn load_models(m: &ModelArgs, need_draft: bool) -> Result<(Arc<Model>, Option<Arc<Model>>, SessionParams)> {
+    let strategy: Strategy = m.strategy.parse()?;
+    let mode: NumericMode = m.mode.parse()?;
+    let target_path = resolve(m.target.clone(), DEFAULT_TARGET)?;
+    let mp = ModelParams { n_gpu_layers: m.gpu_layers, use_mmap: true, repack: mode == NumericMode::Fast };
+    let target = Arc::new(Model::load(&target_path, &mp)?);
+    let draft = if need_draft || strategy != Strategy::None {
+        let p = resolve(m.draft.clone(), DEFAULT_DRAFT)?;
+        Some(Arc::new(Model::load(&p, &ModelParams { repack: true, ..mp.clone() })?))
+    } else {
+        None
+    };
+    Ok((target, draft, SessionParams { n_ctx: m.ctx, n_threads: m.threads, strategy, mode }))
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let text = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, None) => bail!("give --prompt TEXT or --prompt-file FILE"),
+    };
+    let (target, draft, sp) = load_models(&a.models, false)?;
+    let prompt = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s.clone()));
+        }
+        msgs.push(ChatMessage::new("user", text));
+        Prompt::Chat(msgs)
+    } else {
+        Prompt::Text(text)
+    };
+    let gp = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            seed: a.seed,
+        },
+        stop: a.stop.clone(),
+        ignore_eog: false,
+    };
+    let mut session = Session::new(target.clone(), draft, sp.clone())?;
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let g = session.generate(&prompt, &gp, &mut |_, piece| {
+        if !json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    })?;
+    let baseline = if a.compare {
+        let mut base = Session::new(target, None, SessionParams { strategy: Strategy::None, ..sp.clone() })?;
+        Some(base.generate(&prompt, &gp, &mut |_, _| true)?)
+    } else {
+        None
+    };
+    let speedup = baseline.as_ref().map(|b| g.stats.tokens_per_second / b.stats.tokens_per_second.max(1e-9));
+    let identical = baseline.as_ref().map(|b| b.tokens == g.tokens);
+    if json {
+        let v = serde_json::json!({
+            "text": g.text,
+            "tokens": g.tokens,
+            "stop_reason": g.stop_reason,
+            "stats": g.stats,
+            "strategy": sp.strategy.to_string(),
+            "mode": sp.mode,
+            "target_alone": baseline.as_ref().map(|b| serde_json::json!({"stats": b.stats, "identical": identical})),
+            "speedup": speedup,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let s = &g.stats;
+        let mut line = format!(
+            "\n\n[adaspec] {} tokens, {:.2} tok/s, acceptance {:.2}, {:.2} tokens/target pass, strategy {}, mode {}",
+            s.tokens, s.tokens_per_second, s.acceptance_rate, s.tokens_per_pass, sp.strategy, sp.mode
+        );
+        if let (Some(b), Some(x), Some(same)) = (&baseline, speedup, identical) {
+            line.push_str(&format!(
+                "\n[adaspec] target alone {:.2} tok/s -> speedup {:.2}x; output {} target alone",
+                b.stats.tokens_per_second,
+                x,
+                if same { "identical to" } else { "DIFFERS from" }
+            ));
+        }
+        eprintln!("{line}");
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let (target, draft, sp) = load_models(&ModelArgs { strategy: "none".into(), ..a.models.clone() }, true)?;
+    let draft = draft.context("bench needs a draft")?;
+    let mut strategies = Vec::new();
+    for s in a.strategies.split(['/', ' ']).filter(|s| !s.is_empty()) {
+        strategies.push(s.parse::<Strategy>()?);
+    }
+    let prompts = adaspec::dataset::load_prompts(&a.dataset, a.n_prompts)?;
+    let cfg = BenchConfig {
+        prompts,
+        strategies,
+        max_tokens: a.max_tokens,
+        chat: !a.raw,
+        threads: sp.n_threads,
+        mode: sp.mode,
+        n_ctx: a.models.ctx.min(2048),
+        ignore_eog: !a.stop_at_eog,
+    };
+    let report = run_bench(target, draft, &cfg, &mut |done, total, line| eprintln!("[{done}/{total}] {line}"))?;
+    println!("{}", format_table(&report));
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&a.out, json).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log.clone()));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let r = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Bench(a) => bench(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -739,14 +739,22 @@ impl Session {
     }
 
     /// Whether `auto` should draft this round: the best chain under the running mean
-    /// acceptance must beat plain decoding; every 16th round drafts anyway to re-measure.
+    /// acceptance must beat plain decoding. When it does not, every 16th round drafts anyway
+    /// to re-measure acceptance, but only if an optimistic acceptance could make drafting pay;
+    /// when even that cannot (a draft too slow for this machine), `auto` is plain decoding.
     fn auto_should_draft(&self) -> bool {
-        if self.rounds_total % 16 == 0 {
+        let a = self.mean_accept as f32;
+        if self.chain_beats_plain(a) {
             return true;
         }
+        let optimistic = (a + 0.15).min(0.98);
+        self.rounds_total % 16 == 0 && self.chain_beats_plain(optimistic)
+    }
+
+    /// Whether some chain length beats plain decoding at i.i.d. acceptance `a`.
+    fn chain_beats_plain(&self, a: f32) -> bool {
         let plain = 1.0 / self.cost.target.estimate(1);
         let d1 = self.cost.draft.estimate(1);
-        let a = self.mean_accept as f32;
         let mut reach = 1.0f32;
         let mut sum = 0.0f32;
         for g in 1..=AUTO_MAX_DEPTH.min(self.max_verify - 1) {

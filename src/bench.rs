@@ -1,0 +1,200 @@
+//! Side-by-side benchmark: target alone and each strategy on the same prompts, interleaved
+//! prompt by prompt in one process, so that machine noise hits every configuration alike.
+//! Ratios are computed per prompt against the target-alone run of that prompt.
+
+use std::sync::Arc;
+
+use crate::backend::{ChatMessage, Model, Token};
+use crate::error::Result;
+use crate::session::{GenerateParams, Prompt, Session, SessionParams};
+use crate::strategy::{NumericMode, Strategy};
+
+/// What to benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub prompts: Vec<String>,
+    pub strategies: Vec<Strategy>,
+    pub max_tokens: usize,
+    pub chat: bool,
+    pub threads: i32,
+    pub mode: NumericMode,
+    pub n_ctx: u32,
+    /// Generate exactly max_tokens (ignore end-of-generation), like llama-bench.
+    pub ignore_eog: bool,
+}
+
+/// One configuration on one prompt.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRun {
+    pub prompt_index: usize,
+    pub strategy: String,
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+    pub speedup: f64,
+    pub acceptance_rate: f64,
+    pub tokens_per_pass: f64,
+    pub draft_ms: f64,
+    pub verify_ms: f64,
+    pub rounds: usize,
+    /// Greedy output equal to the target-alone output of the same prompt.
+    pub identical: bool,
+    /// Index of the first differing generated token, if any.
+    pub first_difference: Option<usize>,
+}
+
+/// Summary of one strategy over all prompts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchSummary {
+    pub strategy: String,
+    pub median_tokens_per_second: f64,
+    pub median_speedup: f64,
+    pub mean_acceptance: f64,
+    pub mean_tokens_per_pass: f64,
+    pub identical: usize,
+    pub prompts: usize,
+}
+
+/// Everything a benchmark run produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub target: String,
+    pub draft: String,
+    pub mode: NumericMode,
+    pub threads: i32,
+    pub max_tokens: usize,
+    pub chat: bool,
+    pub summaries: Vec<BenchSummary>,
+    pub runs: Vec<BenchRun>,
+    /// Target decode ms by batch size as measured by `auto` (if it ran).
+    pub target_cost_ms: Vec<(usize, f64)>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Runs the benchmark. `progress(done, total, line)` is called after every run.
+pub fn run_bench(
+    target: Arc<Model>,
+    draft: Arc<Model>,
+    cfg: &BenchConfig,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<BenchReport> {
+    let mut configs = vec![Strategy::None];
+    configs.extend(cfg.strategies.iter().filter(|s| **s != Strategy::None).cloned());
+    let mut sessions = Vec::new();
+    for st in &configs {
+        sessions.push(Session::new(
+            target.clone(),
+            Some(draft.clone()),
+            SessionParams { n_ctx: cfg.n_ctx, n_threads: cfg.threads, strategy: st.clone(), mode: cfg.mode },
+        )?);
+    }
+    let gp = GenerateParams { max_tokens: cfg.max_tokens, ignore_eog: cfg.ignore_eog, ..Default::default() };
+    let total = cfg.prompts.len() * configs.len();
+    let mut runs = Vec::new();
+    let mut done = 0;
+    // One warm-up generation per configuration so first-touch costs hit nobody's numbers.
+    for s in sessions.iter_mut() {
+        s.reset();
+        let warm = GenerateParams { max_tokens: 8, ..gp.clone() };
+        s.generate(&Prompt::Text("Hello".into()), &warm, &mut |_, _| true)?;
+    }
+    for (pi, text) in cfg.prompts.iter().enumerate() {
+        let prompt = if cfg.chat {
+            Prompt::Chat(vec![ChatMessage::new("user", text.clone())])
+        } else {
+            Prompt::Text(text.clone())
+        };
+        let mut base_tokens: Vec<Token> = Vec::new();
+        let mut base_tps = 0.0;
+        for (ci, s) in sessions.iter_mut().enumerate() {
+            s.reset();
+            let g = s.generate(&prompt, &gp, &mut |_, _| true)?;
+            if ci == 0 {
+                base_tokens = g.tokens.clone();
+                base_tps = g.stats.tokens_per_second;
+            }
+            let first_difference = g.tokens.iter().zip(base_tokens.iter()).position(|(a, b)| a != b).or(
+                if g.tokens.len() != base_tokens.len() { Some(g.tokens.len().min(base_tokens.len())) } else { None },
+            );
+            let run = BenchRun {
+                prompt_index: pi,
+                strategy: configs[ci].to_string(),
+                tokens: g.stats.tokens,
+                tokens_per_second: g.stats.tokens_per_second,
+                speedup: if base_tps > 0.0 { g.stats.tokens_per_second / base_tps } else { 0.0 },
+                acceptance_rate: g.stats.acceptance_rate,
+                tokens_per_pass: g.stats.tokens_per_pass,
+                draft_ms: g.stats.draft_ms,
+                verify_ms: g.stats.verify_ms,
+                rounds: g.stats.rounds,
+                identical: first_difference.is_none(),
+                first_difference,
+            };
+            done += 1;
+            progress(
+                done,
+                total,
+                &format!(
+                    "prompt {pi} {:<14} {:6.2} tok/s  x{:.2}  acc {:.2}  tok/pass {:.2}",
+                    run.strategy, run.tokens_per_second, run.speedup, run.acceptance_rate, run.tokens_per_pass
+                ),
+            );
+            runs.push(run);
+        }
+    }
+    let summaries = configs
+        .iter()
+        .map(|st| {
+            let name = st.to_string();
+            let mine: Vec<&BenchRun> = runs.iter().filter(|r| r.strategy == name).collect();
+            let n = mine.len().max(1) as f64;
+            BenchSummary {
+                strategy: name,
+                median_tokens_per_second: median(mine.iter().map(|r| r.tokens_per_second).collect()),
+                median_speedup: median(mine.iter().map(|r| r.speedup).collect()),
+                mean_acceptance: mine.iter().map(|r| r.acceptance_rate).sum::<f64>() / n,
+                mean_tokens_per_pass: mine.iter().map(|r| r.tokens_per_pass).sum::<f64>() / n,
+                identical: mine.iter().filter(|r| r.identical).count(),
+                prompts: mine.len(),
+            }
+        })
+        .collect();
+    let target_cost_ms = sessions.iter().map(|s| s.cost_model().target.points()).find(|p| !p.is_empty()).unwrap_or_default();
+    Ok(BenchReport {
+        target: target.path().display().to_string(),
+        draft: draft.path().display().to_string(),
+        mode: cfg.mode,
+        threads: cfg.threads,
+        max_tokens: cfg.max_tokens,
+        chat: cfg.chat,
+        summaries,
+        runs,
+        target_cost_ms,
+    })
+}
+
+/// The summary as a table for people.
+pub fn format_table(r: &BenchReport) -> String {
+    let mut s = format!(
+        "{:<22} {:>10} {:>9} {:>11} {:>9} {:>10}\n",
+        "strategy", "tok/s(med)", "speedup", "acceptance", "tok/pass", "identical"
+    );
+    for x in &r.summaries {
+        s.push_str(&format!(
+            "{:<22} {:>10.2} {:>8.2}x {:>11.2} {:>9.2} {:>7}/{}\n",
+            x.strategy, x.median_tokens_per_second, x.median_speedup, x.mean_acceptance, x.mean_tokens_per_pass, x.identical, x.prompts
+        ));
+    }
+    s
+}
