@@ -49,7 +49,7 @@ fn bad_inputs_fail_with_one_clear_line() {
     run(g(&["--target", t, "--draft", d, "--mode", "fastest"]), "mode");
     run(g(&["--target", t, "--draft", d, "--top-p", "0"]), "top_p");
     run(g(&["--target", t, "--draft", d, "--temp=-1"]), "temperature");
-    run(g(&["--target", t, "--draft", d, "--max-tokens", "many"]), "invalid value");
+    run(vec!["generate".into(), "--prompt".into(), "x".into(), "--max-tokens".into(), "many".into()], "invalid value");
     let smol = adaspec::models::models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if smol.exists() {
         run(g(&["--target", t, "--draft", smol.to_str().unwrap()]), "not compatible");
