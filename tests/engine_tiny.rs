@@ -162,7 +162,7 @@ fn sampling_is_seed_deterministic_and_speculation_preserves_distribution() {
         }
         m
     };
-    for st in [Strategy::Chain(3), "tree:3,3,8".parse().unwrap()] {
+    for st in [Strategy::Chain(3), "tree:3,3,8".parse().unwrap(), Strategy::Auto] {
         let h = hist(st.clone());
         let (mb, mh) = (first_marginal(&base), first_marginal(&h));
         let keys: std::collections::HashSet<i32> = mb.keys().chain(mh.keys()).copied().collect();
