@@ -96,7 +96,9 @@ pub fn log_sum_exp(logits: &[f32]) -> f32 {
 }
 
 /// Applies the warp to logits and returns a dense probability vector (zeros outside the kept
-/// set). With temperature 0 it returns the one-hot argmax distribution.
+/// set). Same order as llama.cpp's default sampler chain: top-k, then top-p and min-p on the
+/// untempered distribution, then temperature over the kept tokens. Temperature 0 returns the
+/// one-hot argmax distribution.
 pub fn warp(logits: &[f32], p: &SamplingParams) -> Vec<f32> {
     let n = logits.len();
     let mut probs = vec![0f32; n];
@@ -107,43 +109,52 @@ pub fn warp(logits: &[f32], p: &SamplingParams) -> Vec<f32> {
         probs[argmax(logits)] = 1.0;
         return probs;
     }
-    // Candidate set, sorted by logit (descending) when any truncation is active.
-    let inv_t = 1.0 / p.temperature;
-    let truncating = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
+    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..n).collect();
-    if truncating {
-        if p.top_k > 0 && p.top_k < n {
-            idx.select_nth_unstable_by(p.top_k - 1, |&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-            idx.truncate(p.top_k);
-        }
-        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if p.top_k > 0 && p.top_k < n {
+        idx.select_nth_unstable_by(p.top_k - 1, desc);
+        idx.truncate(p.top_k);
     }
     let m = idx.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
-    let mut w: Vec<f64> = idx.iter().map(|&i| (((logits[i] - m) * inv_t) as f64).exp()).collect();
-    let total: f64 = w.iter().sum();
-    for x in &mut w {
-        *x /= total;
-    }
-    let mut keep = idx.len();
-    if p.min_p > 0.0 && keep > 0 {
-        let thr = w[0] * p.min_p as f64;
-        keep = w.iter().take_while(|&&x| x >= thr).count().max(1);
-    }
     if p.top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut k = 0;
-        while k < keep {
-            acc += w[k];
-            k += 1;
-            if acc >= p.top_p as f64 {
-                break;
+        // Smallest prefix (by logit) whose mass reaches top_p. Sort only as much as needed:
+        // select the best k, check their mass, grow k.
+        let total: f64 = idx.iter().map(|&i| ((logits[i] - m) as f64).exp()).sum();
+        let goal = p.top_p as f64 * total;
+        let mut k = 64.min(idx.len());
+        loop {
+            if k < idx.len() {
+                idx.select_nth_unstable_by(k - 1, desc);
+            }
+            idx[..k].sort_by(desc);
+            let mut acc = 0.0;
+            let mut cut = None;
+            for (j, &i) in idx[..k].iter().enumerate() {
+                acc += ((logits[i] - m) as f64).exp();
+                if acc >= goal {
+                    cut = Some(j + 1);
+                    break;
+                }
+            }
+            match cut {
+                Some(c) => {
+                    idx.truncate(c);
+                    break;
+                }
+                None if k == idx.len() => break,
+                None => k = (k * 4).min(idx.len()),
             }
         }
-        keep = k.max(1);
     }
-    let mass: f64 = w[..keep].iter().sum();
-    for j in 0..keep {
-        probs[idx[j]] = (w[j] / mass) as f32;
+    if p.min_p > 0.0 {
+        let floor = m + p.min_p.ln();
+        idx.retain(|&i| logits[i] >= floor);
+    }
+    let inv_t = 1.0 / p.temperature;
+    let w: Vec<f64> = idx.iter().map(|&i| (((logits[i] - m) * inv_t) as f64).exp()).collect();
+    let mass: f64 = w.iter().sum();
+    for (&i, &x) in idx.iter().zip(&w) {
+        probs[i] = (x / mass) as f32;
     }
     probs
 }
@@ -199,6 +210,38 @@ mod tests {
         let cold = warp(&logits, &SamplingParams { temperature: 0.5, ..Default::default() });
         let hot = warp(&logits, &SamplingParams { temperature: 2.0, ..Default::default() });
         assert!(cold[0] > hot[0]);
+    }
+
+    /// The incremental top-p selection equals a plain full sort.
+    #[test]
+    fn top_p_matches_full_sort() {
+        use rand::{rngs::StdRng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(9);
+        for case in 0..50 {
+            let n = 2000;
+            let scale = 1.0 + (case % 5) as f32 * 2.0;
+            let logits: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * scale).collect();
+            let top_p = 0.05 + 0.9 * rng.random::<f32>();
+            let sp = SamplingParams { temperature: 0.7, top_p, ..Default::default() };
+            let got = warp(&logits, &sp);
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            let m = logits[order[0]];
+            let total: f64 = logits.iter().map(|&l| ((l - m) as f64).exp()).sum();
+            let mut acc = 0.0;
+            let mut keep = 0;
+            for &i in &order {
+                acc += ((logits[i] - m) as f64).exp();
+                keep += 1;
+                if acc >= top_p as f64 * total {
+                    break;
+                }
+            }
+            let kept: std::collections::HashSet<usize> = order[..keep].iter().copied().collect();
+            for i in 0..n {
+                assert_eq!(got[i] > 0.0, kept.contains(&i), "case {case} token {i}");
+            }
+        }
     }
 
     #[test]

@@ -449,6 +449,20 @@ impl Session {
             decode_span(&mut self.target, &mut self.batch, &span, self.target_past, false)?;
             self.target_past = n - 1;
         }
+        // The draft reads the prompt now too (unless `auto` already knows it will not draft),
+        // so its prefill is billed as prompt processing, not to the first round.
+        let drafts = match self.params.strategy {
+            Strategy::None => false,
+            Strategy::Auto => self.auto_should_draft(),
+            _ => true,
+        };
+        if drafts && self.draft_past < n - 1 {
+            if let Some(d) = self.draft.as_mut() {
+                let span = self.history[self.draft_past..n - 1].to_vec();
+                decode_span(d, &mut self.batch, &span, self.draft_past, false)?;
+                self.draft_past = n - 1;
+            }
+        }
         stats.prefill_ms = ms_since(t0);
 
         let mut rng = StdRng::seed_from_u64(params.sampling.seed);
