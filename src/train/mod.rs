@@ -1,2 +1,14 @@
 //! The trainer: candle draft models, GGUF import/export, AdaSPEC and DistillSpec distillation.
 //! Only built with the `train` feature; the engine and plugin never depend on it.
+
+pub mod cli;
+pub mod error;
+pub mod export;
+pub mod gguf_import;
+pub mod model;
+pub mod prune;
+
+pub use error::{Error, Result};
+pub use export::{export_gguf, write_draft_gguf, ExportType};
+pub use gguf_import::{load_any, load_checkpoint, load_gguf, save_checkpoint};
+pub use model::{Arch, Config, DraftModel, RopeStyle, Trainable, Weights};

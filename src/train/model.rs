@@ -1,0 +1,640 @@
+//! The trainable draft decoder: one implementation of the `llama` and `qwen2` architectures,
+//! whose differences (q/k/v biases, RoPE layout and base, tied LM head) are [`Config`] values.
+//!
+//! The forward pass returns logits at every position (batch × seq × vocab) and is built only
+//! from candle ops that carry gradients (SPEC §7): RMSNorm, softmax and RoPE are written with
+//! basic ops here. It must never use `candle_nn::RmsNorm::forward`, `ops::softmax_last_dim` or
+//! `rotary_emb::rope`, which silently stop the gradient in candle 0.11.
+//!
+//! Weights are named exactly as in llama.cpp's GGUF files (`token_embd.weight`,
+//! `blk.N.attn_q.weight`, …) and stored row-major (`[out_features, in_features]`), so import,
+//! checkpoints and export need no renaming. Q/K are kept in the layout of the GGUF they came
+//! from: `llama` GGUFs hold llama.cpp's permuted Q/K, which the "normal" (adjacent pairs)
+//! rotation reproduces; `qwen2` uses the NeoX (half split) rotation.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+
+/// Named weights, row-major, any dtype/device (import and export use f32 on the CPU).
+pub type Weights = BTreeMap<String, Tensor>;
+
+/// Additive attention mask value: large enough to zero a probability, small enough that two
+/// of them add up without overflowing f32 (a fully masked row stays finite).
+const MASK_VALUE: f64 = -1e9;
+
+/// Decoder architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// `llama` (SmolLM2): no attention biases, "normal" RoPE on GGUF weights.
+    Llama,
+    /// `qwen2` (Qwen2.5): q/k/v biases, NeoX RoPE.
+    Qwen2,
+}
+
+impl Arch {
+    /// The `general.architecture` string.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Parses a `general.architecture` string; `origin` names the file for the error.
+    pub fn parse(s: &str, origin: &str) -> Result<Arch> {
+        match s {
+            "llama" => Ok(Arch::Llama),
+            "qwen2" => Ok(Arch::Qwen2),
+            other => Err(Error::UnknownArch {
+                arch: other.to_string(),
+                origin: origin.to_string(),
+            }),
+        }
+    }
+
+    /// The rotation llama.cpp applies to this architecture's GGUF Q/K weights.
+    pub fn rope_style(self) -> RopeStyle {
+        match self {
+            Arch::Llama => RopeStyle::Normal,
+            Arch::Qwen2 => RopeStyle::Neox,
+        }
+    }
+}
+
+/// How RoPE pairs up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): llama.cpp's `LLAMA_ROPE_TYPE_NORM`.
+    Normal,
+    /// Half split (i, i + d/2): llama.cpp's `LLAMA_ROPE_TYPE_NEOX`, HF's `rotate_half`.
+    Neox,
+}
+
+/// Shape and hyper-parameters of a draft; serialised as the checkpoint's `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Per-head size (usually hidden_size / num_attention_heads); RoPE covers all of it.
+    pub head_dim: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    /// `{arch}.context_length` written back on export.
+    pub max_position_embeddings: usize,
+    /// q/k/v projections have biases (qwen2).
+    pub attention_bias: bool,
+    pub rope_style: RopeStyle,
+    /// The LM head is the token embedding matrix (no `output.weight`).
+    pub tie_word_embeddings: bool,
+}
+
+impl Config {
+    /// Checks the head arithmetic; `origin` names the file or caller for the error.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let bad = |reason: String| {
+            Err(Error::Config {
+                origin: origin.to_string(),
+                reason,
+            })
+        };
+        if self.vocab_size == 0
+            || self.hidden_size == 0
+            || self.intermediate_size == 0
+            || self.num_hidden_layers == 0
+            || self.head_dim == 0
+        {
+            return bad(format!("all sizes must be > 0, got {self:?}"));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!(
+                "head_dim must be even for RoPE, got {}",
+                self.head_dim
+            ));
+        }
+        if self.num_attention_heads == 0
+            || self.num_key_value_heads == 0
+            || self.num_attention_heads % self.num_key_value_heads != 0
+        {
+            return bad(format!(
+                "num_key_value_heads ({}) must divide num_attention_heads ({})",
+                self.num_key_value_heads, self.num_attention_heads
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(format!(
+                "rms_norm_eps must be >= 0, got {}",
+                self.rms_norm_eps
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every tensor this config needs, with its row-major shape, in GGUF file order.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, hd) = (self.hidden_size, self.head_dim);
+        let q_dim = self.num_attention_heads * hd;
+        let kv_dim = self.num_key_value_heads * hd;
+        let mut t = vec![("token_embd.weight".to_string(), vec![self.vocab_size, d])];
+        for i in 0..self.num_hidden_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            t.push((p("attn_norm.weight"), vec![d]));
+            t.push((p("attn_q.weight"), vec![q_dim, d]));
+            t.push((p("attn_k.weight"), vec![kv_dim, d]));
+            t.push((p("attn_v.weight"), vec![kv_dim, d]));
+            if self.attention_bias {
+                t.push((p("attn_q.bias"), vec![q_dim]));
+                t.push((p("attn_k.bias"), vec![kv_dim]));
+                t.push((p("attn_v.bias"), vec![kv_dim]));
+            }
+            t.push((p("attn_output.weight"), vec![d, q_dim]));
+            t.push((p("ffn_norm.weight"), vec![d]));
+            t.push((p("ffn_gate.weight"), vec![self.intermediate_size, d]));
+            t.push((p("ffn_up.weight"), vec![self.intermediate_size, d]));
+            t.push((p("ffn_down.weight"), vec![d, self.intermediate_size]));
+        }
+        t.push(("output_norm.weight".to_string(), vec![d]));
+        if !self.tie_word_embeddings {
+            t.push(("output.weight".to_string(), vec![self.vocab_size, d]));
+        }
+        t
+    }
+
+    /// Number of parameters (a tied head counted once).
+    pub fn n_params(&self) -> usize {
+        self.tensor_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+/// Checks that `weights` holds exactly the tensors `cfg` needs, with the right shapes.
+pub fn check_weights(cfg: &Config, weights: &Weights, origin: &str) -> Result<()> {
+    cfg.validate(origin)?;
+    let expected = cfg.tensor_shapes();
+    for (name, shape) in &expected {
+        match weights.get(name) {
+            None => {
+                return Err(Error::Tensor {
+                    origin: origin.to_string(),
+                    reason: format!("missing tensor {name} (expected shape {shape:?})"),
+                })
+            }
+            Some(t) if t.dims() != shape.as_slice() => {
+                return Err(Error::Tensor {
+                    origin: origin.to_string(),
+                    reason: format!("tensor {name} has shape {:?}, expected {shape:?}", t.dims()),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    if weights.len() != expected.len() {
+        let known: std::collections::BTreeSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        let extra: Vec<&str> = weights
+            .keys()
+            .map(|k| k.as_str())
+            .filter(|k| !known.contains(k))
+            .collect();
+        return Err(Error::Tensor {
+            origin: origin.to_string(),
+            reason: format!("unexpected tensors for this config: {extra:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Makes the LM head the embedding matrix: drops `output.weight`.
+pub fn tie_head(cfg: &mut Config, weights: &mut Weights) {
+    weights.remove("output.weight");
+    cfg.tie_word_embeddings = true;
+}
+
+/// Gives the model its own LM head, initialised as a copy of the embeddings when tied.
+pub fn untie_head(cfg: &mut Config, weights: &mut Weights) -> Result<()> {
+    if cfg.tie_word_embeddings || !weights.contains_key("output.weight") {
+        let emb = weights
+            .get("token_embd.weight")
+            .ok_or_else(|| Error::Tensor {
+                origin: "untie_head".into(),
+                reason: "missing tensor token_embd.weight".into(),
+            })?
+            .copy()?;
+        weights.insert("output.weight".to_string(), emb);
+    }
+    cfg.tie_word_embeddings = false;
+    Ok(())
+}
+
+/// Which parameters an optimizer may update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trainable {
+    /// Token embeddings. A tied embedding/head matrix is trainable only when both
+    /// `embeddings` and `lm_head` are true (freezing either freezes the shared matrix).
+    pub embeddings: bool,
+    /// The untied LM head (`output.weight`).
+    pub lm_head: bool,
+    /// The final norm (`output_norm.weight`).
+    pub final_norm: bool,
+    /// Blocks to train (`None` = all).
+    pub blocks: Option<Vec<usize>>,
+}
+
+impl Default for Trainable {
+    fn default() -> Self {
+        Trainable {
+            embeddings: true,
+            lm_head: true,
+            final_norm: true,
+            blocks: None,
+        }
+    }
+}
+
+impl Trainable {
+    /// Whether the parameter called `name` (a GGUF tensor name) is trainable.
+    pub fn allows(&self, name: &str, tied: bool) -> bool {
+        if name == "token_embd.weight" {
+            return self.embeddings && (!tied || self.lm_head);
+        }
+        if name == "output.weight" {
+            return self.lm_head;
+        }
+        if name == "output_norm.weight" {
+            return self.final_norm;
+        }
+        if let Some(rest) = name.strip_prefix("blk.") {
+            let idx = rest.split('.').next().and_then(|s| s.parse::<usize>().ok());
+            return match (&self.blocks, idx) {
+                (None, _) => true,
+                (Some(list), Some(i)) => list.contains(&i),
+                (Some(_), None) => false,
+            };
+        }
+        false
+    }
+}
+
+struct Attention {
+    q: Var,
+    k: Var,
+    v: Var,
+    o: Var,
+    q_b: Option<Var>,
+    k_b: Option<Var>,
+    v_b: Option<Var>,
+}
+
+struct Block {
+    attn_norm: Var,
+    attn: Attention,
+    ffn_norm: Var,
+    gate: Var,
+    up: Var,
+    down: Var,
+}
+
+/// The draft decoder. Its parameters are candle [`Var`]s, so `loss.backward()` yields a
+/// gradient for each of them.
+pub struct DraftModel {
+    cfg: Config,
+    dtype: DType,
+    device: Device,
+    vars: BTreeMap<String, Var>,
+    embed: Var,
+    blocks: Vec<Block>,
+    norm: Var,
+    lm_head: Option<Var>,
+}
+
+impl DraftModel {
+    /// Builds the model from `weights` (checked against `cfg`), converted to `dtype` on
+    /// `device`. F32 for training and parity, F64 for gradient checks.
+    pub fn from_weights(
+        cfg: &Config,
+        mut weights: Weights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        check_weights(cfg, &weights, "DraftModel::from_weights")?;
+        let mut vars = BTreeMap::new();
+        for (name, _) in cfg.tensor_shapes() {
+            let t = weights.remove(&name).ok_or_else(|| Error::Tensor {
+                origin: "DraftModel::from_weights".into(),
+                reason: format!("missing tensor {name}"),
+            })?;
+            let t = t.to_device(device)?.to_dtype(dtype)?;
+            // Drop the source before the next one: import peaks at one model plus one tensor.
+            let var = Var::from_tensor(&t)?;
+            drop(t);
+            vars.insert(name, var);
+        }
+        let get = |name: &str| -> Result<Var> {
+            vars.get(name).cloned().ok_or_else(|| Error::Tensor {
+                origin: "DraftModel::from_weights".into(),
+                reason: format!("missing tensor {name}"),
+            })
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let bias = |s: &str| -> Result<Option<Var>> {
+                if cfg.attention_bias {
+                    get(&p(s)).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            blocks.push(Block {
+                attn_norm: get(&p("attn_norm.weight"))?,
+                attn: Attention {
+                    q: get(&p("attn_q.weight"))?,
+                    k: get(&p("attn_k.weight"))?,
+                    v: get(&p("attn_v.weight"))?,
+                    o: get(&p("attn_output.weight"))?,
+                    q_b: bias("attn_q.bias")?,
+                    k_b: bias("attn_k.bias")?,
+                    v_b: bias("attn_v.bias")?,
+                },
+                ffn_norm: get(&p("ffn_norm.weight"))?,
+                gate: get(&p("ffn_gate.weight"))?,
+                up: get(&p("ffn_up.weight"))?,
+                down: get(&p("ffn_down.weight"))?,
+            });
+        }
+        let embed = get("token_embd.weight")?;
+        let norm = get("output_norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(get("output.weight")?)
+        };
+        Ok(DraftModel {
+            cfg: cfg.clone(),
+            dtype,
+            device: device.clone(),
+            vars,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// All parameters by GGUF tensor name.
+    pub fn named_vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    /// The parameters `spec` lets an optimizer update (frozen ones are left out).
+    pub fn trainable_vars(&self, spec: &Trainable) -> Vec<Var> {
+        self.vars
+            .iter()
+            .filter(|(name, _)| spec.allows(name, self.cfg.tie_word_embeddings))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// A detached f32 CPU copy of the current weights (for checkpoints and export).
+    pub fn to_weights(&self) -> Result<Weights> {
+        let mut w = Weights::new();
+        for (name, var) in &self.vars {
+            let t = var
+                .as_tensor()
+                .detach()
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .copy()?;
+            w.insert(name.clone(), t);
+        }
+        Ok(w)
+    }
+
+    /// Logits at every position.
+    ///
+    /// `input_ids`: (batch, seq) integer token ids. `attention_mask`: optional (batch, seq),
+    /// 1 for real tokens and 0 for padding (any dtype); padded keys are never attended to.
+    /// Positions are 0..seq for every row, so pad on the right. Returns (batch, seq, vocab)
+    /// in the model's dtype.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, attention_mask)?; // (batch, seq, hidden)
+        let (b, s, h) = hidden.dims3()?;
+        let head = match &self.lm_head {
+            Some(v) => v.as_tensor(),
+            None => self.embed.as_tensor(),
+        };
+        let logits = hidden.reshape((b * s, h))?.matmul(&head.t()?)?; // (batch*seq, vocab)
+        Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
+    }
+
+    /// Hidden states after the final norm, (batch, seq, hidden).
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let h = self.cfg.hidden_size;
+        let ids = input_ids.flatten_all()?.to_dtype(DType::U32)?;
+        let mut x = self
+            .embed
+            .as_tensor()
+            .index_select(&ids, 0)?
+            .reshape((b, s, h))?; // (batch, seq, hidden)
+        let mask = self.attention_bias_mask(b, s, attention_mask)?; // (batch, 1, seq, seq)
+        let (cos, sin) = self.rope_tables(s)?;
+        for block in &self.blocks {
+            let r = rms_norm(&x, block.attn_norm.as_tensor(), self.cfg.rms_norm_eps)?;
+            let a = self.attention(&block.attn, &r, &mask, &cos, &sin)?;
+            x = (x + a)?;
+            let r = rms_norm(&x, block.ffn_norm.as_tensor(), self.cfg.rms_norm_eps)?;
+            let m = mlp(block, &r)?;
+            x = (x + m)?;
+        }
+        rms_norm(&x, self.norm.as_tensor(), self.cfg.rms_norm_eps)
+    }
+
+    /// Causal + key-padding additive mask, (batch, 1, seq, seq).
+    fn attention_bias_mask(
+        &self,
+        b: usize,
+        s: usize,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let causal: Vec<f64> = (0..s)
+            .flat_map(|i| (0..s).map(move |j| if j <= i { 0.0 } else { MASK_VALUE }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, s, s), &self.device)?.to_dtype(self.dtype)?;
+        let Some(m) = attention_mask else {
+            return Ok(causal.broadcast_as((b, 1, s, s))?.contiguous()?);
+        };
+        if m.dims() != [b, s] {
+            return Err(Error::InvalidArg {
+                name: "attention_mask",
+                reason: format!("shape {:?}, expected [{b}, {s}] like input_ids", m.dims()),
+            });
+        }
+        // 0 where the key is a real token, MASK_VALUE where it is padding.
+        let keep = m.to_dtype(self.dtype)?.to_device(&self.device)?.detach();
+        let pad = (keep.affine(-1.0, 1.0)? * MASK_VALUE)?;
+        let pad = pad.reshape((b, 1, 1, s))?;
+        Ok(pad.broadcast_add(&causal)?.contiguous()?)
+    }
+
+    /// cos/sin of position × frequency, (seq, head_dim/2), in the model's dtype.
+    fn rope_tables(&self, s: usize) -> Result<(Tensor, Tensor)> {
+        let hd = self.cfg.head_dim;
+        let half = hd / 2;
+        let inv: Vec<f64> = (0..half)
+            .map(|i| self.cfg.rope_theta.powf(-2.0 * i as f64 / hd as f64))
+            .collect();
+        let mut cos = Vec::with_capacity(s * half);
+        let mut sin = Vec::with_capacity(s * half);
+        for p in 0..s {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (s, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (s, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn attention(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        mask: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let x2 = x.reshape((b * s, h))?; // (batch*seq, hidden)
+        let heads = |w: &Var, bias: &Option<Var>, n: usize| -> Result<Tensor> {
+            let y = linear(&x2, w, bias.as_ref())?; // (batch*seq, n*hd)
+            Ok(y.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?) // (batch, n, seq, hd)
+        };
+        let q = heads(&a.q, &a.q_b, nh)?;
+        let k = heads(&a.k, &a.k_b, nkv)?;
+        let v = heads(&a.v, &a.v_b, nkv)?;
+        let q = rope(&q, cos, sin, self.cfg.rope_style)?;
+        let k = rope(&k, cos, sin, self.cfg.rope_style)?;
+        let k = repeat_kv(&k, nh / nkv)?; // (batch, nh, seq, hd)
+        let v = repeat_kv(&v, nh / nkv)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // (batch, nh, seq, seq)
+        let att = att.broadcast_add(mask)?;
+        let att = softmax_last(&att)?;
+        let o = att.matmul(&v)?; // (batch, nh, seq, hd)
+        let o = o.transpose(1, 2)?.contiguous()?.reshape((b * s, nh * hd))?;
+        let o = linear(&o, &a.o, None)?; // (batch*seq, hidden)
+        Ok(o.reshape((b, s, h))?)
+    }
+}
+
+/// SwiGLU MLP: down(silu(gate(x)) * up(x)).
+fn mlp(block: &Block, x: &Tensor) -> Result<Tensor> {
+    let (b, s, h) = x.dims3()?;
+    let x2 = x.reshape((b * s, h))?;
+    let g = linear(&x2, &block.gate, None)?;
+    let u = linear(&x2, &block.up, None)?;
+    let act = (g.silu()? * u)?; // (batch*seq, ffn)
+    let y = linear(&act, &block.down, None)?;
+    Ok(y.reshape((b, s, h))?)
+}
+
+/// x · wᵀ (+ b) for x (rows, in) and w (out, in).
+fn linear(x: &Tensor, w: &Var, b: Option<&Var>) -> Result<Tensor> {
+    let y = x.matmul(&w.as_tensor().t()?)?;
+    match b {
+        Some(b) => Ok(y.broadcast_add(b.as_tensor())?),
+        None => Ok(y),
+    }
+}
+
+/// RMSNorm from basic ops (gradient-carrying): x / sqrt(mean(x²) + eps) * w.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dim from basic ops; the max shift is detached (softmax is
+/// shift-invariant, so this changes no gradient).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// Rotary embedding for x (batch, heads, seq, head_dim) with cos/sin (seq, head_dim/2).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
+    let (b, nh, s, hd) = x.dims4()?;
+    let half = hd / 2;
+    match style {
+        RopeStyle::Neox => {
+            let x1 = x.narrow(3, 0, half)?;
+            let x2 = x.narrow(3, half, half)?;
+            let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+            let r2 = (x1.broadcast_mul(sin)? + x2.broadcast_mul(cos)?)?;
+            Ok(Tensor::cat(&[r1, r2], 3)?)
+        }
+        RopeStyle::Normal => {
+            let xp = x.reshape((b, nh, s, half, 2))?;
+            let x0 = xp.narrow(4, 0, 1)?;
+            let x1 = xp.narrow(4, 1, 1)?;
+            let cos = cos.reshape((s, half, 1))?;
+            let sin = sin.reshape((s, half, 1))?;
+            let r0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+            let r1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+            Ok(Tensor::cat(&[r0, r1], 4)?.reshape((b, nh, s, hd))?)
+        }
+    }
+}
+
+/// (batch, n_kv, seq, hd) → (batch, n_kv*rep, seq, hd), each KV head repeated `rep` times.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, nkv, s, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, nkv, rep, s, hd))?
+        .contiguous()?
+        .reshape((b, nkv * rep, s, hd))?)
+}
