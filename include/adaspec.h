@@ -231,7 +231,7 @@ typedef struct adaspec_generate_params {
     int32_t top_k;
     // Nucleus sampling mass in (0, 1] (1 = off, the default).
     float top_p;
-    // Drop tokens below min_p times the top probability, in [0, 1) (0 = off, the default).
+    // Drop tokens below min_p times the top probability, in [0, 1] (0 = off, the default).
     float min_p;
     // Sampling seed (default `ADASPEC_SEED_FROM_SESSION`: the session's seed).
     uint64_t seed;

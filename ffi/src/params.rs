@@ -118,7 +118,7 @@ pub struct adaspec_generate_params {
     pub top_k: i32,
     /// Nucleus sampling mass in (0, 1] (1 = off, the default).
     pub top_p: f32,
-    /// Drop tokens below min_p times the top probability, in [0, 1) (0 = off, the default).
+    /// Drop tokens below min_p times the top probability, in [0, 1] (0 = off, the default).
     pub min_p: f32,
     /// Sampling seed (default `ADASPEC_SEED_FROM_SESSION`: the session's seed).
     pub seed: u64,

@@ -1,0 +1,1450 @@
+//! The C ABI exercised through libloading, as a C host sees it: every export, its results on
+//! tiny generated models against the engine's own output, and every misuse case (NULL
+//! pointers, bad files, wrong struct sizes, out-of-range params, short buffers, re-entry from
+//! a callback, concurrent use of one session).
+
+mod common;
+
+use std::ffi::{c_char, c_void, CStr};
+use std::ptr::{null, null_mut};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use common::*;
+use engine::tiny_model::TinyArch;
+
+fn sentinel_model() -> *mut Model {
+    0x1234 as *mut Model
+}
+
+#[test]
+fn every_export_resolves_and_version_agrees() {
+    let api = api();
+    // SAFETY: libloading resolution of each documented name.
+    let lib = unsafe { libloading::Library::new(lib_path()) }.expect("dlopen");
+    for name in EXPORTS {
+        // SAFETY: only checks presence.
+        let sym: Result<libloading::Symbol<*const c_void>, _> = unsafe { lib.get(name.as_bytes()) };
+        assert!(sym.is_ok(), "{name} not exported");
+    }
+    // SAFETY: static strings.
+    let v = unsafe { CStr::from_ptr((api.version)()) }
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(v, env!("CARGO_PKG_VERSION"));
+    let header = std::fs::read_to_string(root().join("include/adaspec.h")).unwrap();
+    assert!(header.contains(&format!("#define ADASPEC_VERSION \"{v}\"")));
+    // SAFETY: plain call.
+    let abi = unsafe { (api.abi_version)() };
+    assert!(header.contains(&format!("#define ADASPEC_ABI_VERSION {abi}")));
+    let cargo = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    assert!(
+        cargo.contains(&format!("version = \"{v}\"")),
+        "root Cargo.toml version differs"
+    );
+    // Status names.
+    for (n, name) in [
+        (0, "ADASPEC_STATUS_OK"),
+        (8, "ADASPEC_STATUS_BUSY"),
+        (11, "ADASPEC_STATUS_PANIC"),
+        (12, "ADASPEC_STATUS_UNKNOWN"),
+    ] {
+        // SAFETY: never NULL, static.
+        let s = unsafe { CStr::from_ptr((api.status_name)(n)) }
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(s, name);
+        assert!(
+            n == 12 || header.contains(&format!("{name} = {n},")),
+            "{name} = {n} not in header"
+        );
+    }
+}
+
+#[test]
+fn default_params_have_struct_size_and_documented_defaults() {
+    let api = api();
+    // SAFETY: by-value returns.
+    let (mp, sp, gp, st) = unsafe {
+        (
+            (api.model_default_params)(),
+            (api.session_default_params)(),
+            (api.generate_default_params)(),
+            (api.stats_default)(),
+        )
+    };
+    assert_eq!(mp.struct_size as usize, std::mem::size_of::<ModelParams>());
+    assert_eq!(
+        sp.struct_size as usize,
+        std::mem::size_of::<SessionParams>()
+    );
+    assert_eq!(
+        gp.struct_size as usize,
+        std::mem::size_of::<GenerateParams>()
+    );
+    assert_eq!(st.struct_size as usize, std::mem::size_of::<Stats>());
+    assert!(mp.use_mmap && mp.repack && mp.n_gpu_layers == 0 && mp.n_threads == 0);
+    assert_eq!(
+        (sp.n_ctx, sp.strategy, sp.chain_length, sp.mode),
+        (0, STRATEGY_AUTO, 4, 0)
+    );
+    assert_eq!(
+        (gp.max_tokens, gp.temperature, gp.top_p, gp.seed),
+        (128, 0.0, 1.0, u64::MAX)
+    );
+    assert!(gp.stop_strings.is_null() && gp.n_stop_strings == 0 && !gp.ignore_eog);
+}
+
+#[test]
+fn last_error_is_thread_local_cleared_and_copyable() {
+    let api = api();
+    let mut m = sentinel_model();
+    // SAFETY: NULL path on purpose.
+    let st = unsafe { (api.model_load)(null(), null(), &mut m) };
+    assert_eq!(st, NULL_ARGUMENT);
+    assert_eq!(m, sentinel_model(), "out-param written on failure");
+    let msg = api.last_error_string();
+    assert!(
+        msg.contains("adaspec_model_load") && msg.contains("`path`"),
+        "{msg}"
+    );
+    // Copy: size query, truncation, full copy.
+    // SAFETY: NULL/0 size query, then buffers of the stated sizes.
+    let n = unsafe { (api.last_error_copy)(null_mut(), 0) };
+    assert_eq!(n, msg.len());
+    let mut small = [1 as c_char; 5];
+    // SAFETY: 5-byte buffer.
+    assert_eq!(
+        unsafe { (api.last_error_copy)(small.as_mut_ptr(), 5) },
+        msg.len()
+    );
+    // SAFETY: NUL-terminated within the buffer.
+    assert_eq!(
+        unsafe { CStr::from_ptr(small.as_ptr()) }.to_str().unwrap(),
+        &msg[..4]
+    );
+    // Another thread has its own (empty) message.
+    let other = std::thread::spawn(|| api.last_error_string())
+        .join()
+        .unwrap();
+    assert_eq!(other, "");
+    // A successful fallible call clears it.
+    let p = tiny(TinyArch::Llama);
+    let t = api.load(&p.target, None);
+    assert_eq!(api.last_error_string(), "");
+    // SAFETY: live handle.
+    unsafe { (api.model_free)(t) };
+}
+
+#[test]
+fn model_load_reports_bad_inputs() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let dir = p.dir.join("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_gguf = dir.join("not.gguf");
+    std::fs::write(&not_gguf, b"this is not a model at all").unwrap();
+    let truncated = dir.join("truncated.gguf");
+    let bytes = std::fs::read(&p.target).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let header_only = dir.join("header.gguf");
+    std::fs::write(&header_only, &bytes[..64]).unwrap();
+    for (path, want) in [
+        (dir.join("missing.gguf"), MODEL_FILE),
+        (dir.clone(), MODEL_FILE),
+        (not_gguf, MODEL_FILE),
+        (truncated, MODEL_FILE),
+        (header_only, MODEL_FILE),
+    ] {
+        let c = cstr(path.to_str().unwrap());
+        let mut m = sentinel_model();
+        // SAFETY: valid arguments; the file is bad.
+        let st = unsafe { (api.model_load)(c.as_ptr(), null(), &mut m) };
+        assert_eq!(st, want, "{}: {}", path.display(), api.last_error_string());
+        assert_eq!(m, sentinel_model());
+        assert!(
+            api.last_error_string()
+                .contains(path.file_name().unwrap().to_str().unwrap()),
+            "{}",
+            api.last_error_string()
+        );
+    }
+    let good = cstr(p.target.to_str().unwrap());
+    // NULL out-param.
+    // SAFETY: NULL out on purpose.
+    assert_eq!(
+        unsafe { (api.model_load)(good.as_ptr(), null(), null_mut()) },
+        NULL_ARGUMENT
+    );
+    // Invalid UTF-8 path.
+    let bad_utf8 = [0xffu8, 0xfe, b'x', 0];
+    let mut m = null_mut();
+    // SAFETY: NUL-terminated bytes.
+    assert_eq!(
+        unsafe { (api.model_load)(bad_utf8.as_ptr() as *const c_char, null(), &mut m) },
+        INVALID_UTF8
+    );
+    // Params: wrong struct_size (smaller, larger, zero), negative threads, bad gpu layers.
+    // SAFETY: by-value return.
+    let base = unsafe { (api.model_default_params)() };
+    let cases: Vec<(ModelParams, i32)> = vec![
+        (
+            ModelParams {
+                struct_size: 0,
+                ..base
+            },
+            STRUCT_SIZE,
+        ),
+        (
+            ModelParams {
+                struct_size: base.struct_size - 4,
+                ..base
+            },
+            STRUCT_SIZE,
+        ),
+        (
+            ModelParams {
+                struct_size: base.struct_size + 8,
+                ..base
+            },
+            STRUCT_SIZE,
+        ),
+        (
+            ModelParams {
+                n_threads: -1,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            ModelParams {
+                n_gpu_layers: -2,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+    ];
+    for (mp, want) in cases {
+        let mut m = sentinel_model();
+        // SAFETY: valid pointers; bad field values.
+        let st = unsafe { (api.model_load)(good.as_ptr(), &mp, &mut m) };
+        assert_eq!(st, want, "{mp:?}: {}", api.last_error_string());
+        assert_eq!(m, sentinel_model());
+    }
+    // Good load with explicit params, properties, free; NULL free.
+    let mp = ModelParams {
+        n_threads: 2,
+        use_mmap: false,
+        repack: false,
+        n_gpu_layers: -1,
+        ..base
+    };
+    let t = api.load(&p.target, Some(&mp));
+    // SAFETY: live handle and NULLs.
+    unsafe {
+        assert_eq!(
+            (api.model_n_vocab)(t),
+            engine::tiny_model::tiny_vocab().tokens.len() as i32
+        );
+        assert_eq!((api.model_n_ctx_train)(t), 4096);
+        assert_eq!((api.model_n_vocab)(null()), -1);
+        assert_eq!((api.model_n_ctx_train)(null()), -1);
+        let eos = engine::tiny_model::tiny_vocab().eos;
+        assert!((api.model_token_is_eog)(t, eos as i32));
+        assert!(!(api.model_token_is_eog)(t, 5));
+        assert!(!(api.model_token_is_eog)(t, -1));
+        assert!(!(api.model_token_is_eog)(t, 1 << 30));
+        assert!(!(api.model_token_is_eog)(null(), 0));
+        (api.model_free)(t);
+        (api.model_free)(null_mut());
+    }
+}
+
+#[test]
+fn vocab_check_without_a_session() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let bad_path = incompatible_copy(&p.target, &p.dir);
+    let (t, d, bad) = (
+        api.load(&p.target, None),
+        api.load(&p.draft, None),
+        api.load(&bad_path, None),
+    );
+    let q = tiny(TinyArch::Qwen2);
+    let qd = api.load(&q.draft, None);
+    // SAFETY: live handles and NULLs.
+    unsafe {
+        assert_eq!((api.model_check_vocab)(t, d), OK);
+        assert_eq!(
+            (api.model_check_vocab)(t, qd),
+            OK,
+            "same tokenizer across tiny archs"
+        );
+        assert_eq!((api.model_check_vocab)(t, bad), INCOMPATIBLE_VOCAB);
+        let msg = api.last_error_string();
+        assert!(msg.contains("differs") && msg.contains("im_fin"), "{msg}");
+        assert_eq!((api.model_check_vocab)(null(), d), NULL_ARGUMENT);
+        assert_eq!((api.model_check_vocab)(t, null()), NULL_ARGUMENT);
+        // A session with an incompatible draft fails the same way.
+        let sp = api.session_params(STRATEGY_CHAIN);
+        let mut s = null_mut();
+        assert_eq!((api.session_new)(t, bad, &sp, &mut s), INCOMPATIBLE_VOCAB);
+        assert!(s.is_null());
+        for m in [t, d, bad, qd] {
+            (api.model_free)(m);
+        }
+    }
+}
+
+#[test]
+fn tokenize_and_detokenize_follow_the_buffer_convention() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let t = api.load(&p.target, None);
+    let reference = engine::Model::load(&p.target, &engine::ModelParams::default()).unwrap();
+    let text = "def add(a, b):\n    return a + b<|im_end|>";
+    let ids = api.tokenize_str(t, text, true);
+    assert_eq!(ids, reference.tokenize(text, true, true).unwrap());
+    // SAFETY: every call below passes buffers of the stated sizes (or NULL with 0).
+    unsafe {
+        // Short buffer: needed size reported, nothing else.
+        let mut n = 0usize;
+        let mut small = [7i32; 2];
+        let st = (api.tokenize)(
+            t,
+            text.as_ptr() as *const c_char,
+            text.len(),
+            true,
+            true,
+            small.as_mut_ptr(),
+            2,
+            &mut n,
+        );
+        assert_eq!((st, n), (BUFFER_TOO_SMALL, ids.len()));
+        assert_eq!(small, [7, 7]);
+        // Empty text: zero tokens, OK with a NULL buffer.
+        let st = (api.tokenize)(t, null(), 0, false, false, null_mut(), 0, &mut n);
+        assert_eq!((st, n), (OK, 0));
+        // Misuse.
+        assert_eq!(
+            (api.tokenize)(
+                null(),
+                text.as_ptr() as *const c_char,
+                text.len(),
+                true,
+                true,
+                null_mut(),
+                0,
+                &mut n
+            ),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            (api.tokenize)(t, null(), 3, true, true, null_mut(), 0, &mut n),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            (api.tokenize)(
+                t,
+                text.as_ptr() as *const c_char,
+                text.len(),
+                true,
+                true,
+                null_mut(),
+                0,
+                null_mut()
+            ),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            (api.tokenize)(
+                t,
+                text.as_ptr() as *const c_char,
+                text.len(),
+                true,
+                true,
+                null_mut(),
+                100,
+                &mut n
+            ),
+            NULL_ARGUMENT
+        );
+        let bad = [b'a', 0xc3];
+        assert_eq!(
+            (api.tokenize)(
+                t,
+                bad.as_ptr() as *const c_char,
+                2,
+                true,
+                true,
+                null_mut(),
+                0,
+                &mut n
+            ),
+            INVALID_UTF8
+        );
+
+        // Detokenize: size query, short buffer, exact buffer, special rendering.
+        let body_vec = api.tokenize_str(t, text, false);
+        let body = &body_vec[..];
+        let st = (api.detokenize)(t, body.as_ptr(), body.len(), false, null_mut(), 0, &mut n);
+        let plain = reference.detokenize(body);
+        assert_eq!((st, n), (BUFFER_TOO_SMALL, plain.len()));
+        let mut buf = vec![b'x' as c_char; n];
+        let st = (api.detokenize)(
+            t,
+            body.as_ptr(),
+            body.len(),
+            false,
+            buf.as_mut_ptr(),
+            n,
+            &mut n,
+        );
+        assert_eq!(
+            (st, n),
+            (BUFFER_TOO_SMALL, plain.len()),
+            "no room for the NUL"
+        );
+        assert!(
+            buf.iter().all(|&c| c == b'x' as c_char),
+            "buffer written on failure"
+        );
+        let mut buf = vec![0 as c_char; n + 1];
+        let st = (api.detokenize)(
+            t,
+            body.as_ptr(),
+            body.len(),
+            false,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut n,
+        );
+        assert_eq!(st, OK);
+        assert_eq!(CStr::from_ptr(buf.as_ptr()).to_str().unwrap(), plain);
+        assert_eq!(plain, "def add(a, b):\n    return a + b");
+        let mut buf = vec![0 as c_char; 256];
+        let st = (api.detokenize)(
+            t,
+            body.as_ptr(),
+            body.len(),
+            true,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut n,
+        );
+        assert_eq!(st, OK);
+        assert_eq!(CStr::from_ptr(buf.as_ptr()).to_str().unwrap(), text);
+        // Misuse.
+        let bad_ids = [1, -3];
+        assert_eq!(
+            (api.detokenize)(t, bad_ids.as_ptr(), 2, false, buf.as_mut_ptr(), 256, &mut n),
+            INVALID_PARAM
+        );
+        assert!(api.last_error_string().contains("-3"));
+        let bad_ids = [1, 1 << 20];
+        assert_eq!(
+            (api.detokenize)(t, bad_ids.as_ptr(), 2, false, buf.as_mut_ptr(), 256, &mut n),
+            INVALID_PARAM
+        );
+        assert_eq!(
+            (api.detokenize)(t, null(), 2, false, buf.as_mut_ptr(), 256, &mut n),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            (api.detokenize)(
+                null(),
+                body.as_ptr(),
+                1,
+                false,
+                buf.as_mut_ptr(),
+                256,
+                &mut n
+            ),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            (api.detokenize)(
+                t,
+                body.as_ptr(),
+                1,
+                false,
+                buf.as_mut_ptr(),
+                256,
+                null_mut()
+            ),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            (api.detokenize)(t, body.as_ptr(), body.len(), false, null_mut(), 256, &mut n),
+            NULL_ARGUMENT
+        );
+        let st = (api.detokenize)(t, null(), 0, false, buf.as_mut_ptr(), 1, &mut n);
+        assert_eq!((st, n, buf[0]), (OK, 0, 0));
+        (api.model_free)(t);
+    }
+}
+
+#[test]
+fn session_new_rejects_bad_params() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
+    let base = api.session_params(STRATEGY_CHAIN);
+    let cases: Vec<(SessionParams, i32)> = vec![
+        (
+            SessionParams {
+                struct_size: 4,
+                ..base
+            },
+            STRUCT_SIZE,
+        ),
+        (
+            SessionParams {
+                struct_size: base.struct_size + 4,
+                ..base
+            },
+            STRUCT_SIZE,
+        ),
+        (SessionParams { n_ctx: -1, ..base }, INVALID_PARAM),
+        (SessionParams { n_ctx: 8, ..base }, INVALID_PARAM),
+        (
+            SessionParams {
+                n_threads: -4,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            SessionParams {
+                strategy: 9,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            SessionParams {
+                strategy: -1,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            SessionParams {
+                chain_length: 0,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            SessionParams {
+                chain_length: -5,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            SessionParams {
+                chain_length: 65,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            SessionParams {
+                strategy: STRATEGY_TREE,
+                tree_top_k: 0,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            SessionParams {
+                strategy: STRATEGY_TREE,
+                tree_depth: 17,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            SessionParams {
+                strategy: STRATEGY_TREE,
+                tree_nodes: 255,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (SessionParams { mode: 2, ..base }, INVALID_PARAM),
+        // Exact mode needs the target loaded with repack = false.
+        (SessionParams { mode: 1, ..base }, INVALID_PARAM),
+    ];
+    for (sp, want) in cases {
+        let mut s = 0x99 as *mut Session;
+        // SAFETY: live handles; bad params on purpose.
+        let st = unsafe { (api.session_new)(t, d, &sp, &mut s) };
+        assert_eq!(st, want, "{sp:?}: {}", api.last_error_string());
+        assert_eq!(s, 0x99 as *mut Session, "out-param written on failure");
+        assert!(!api.last_error_string().is_empty());
+    }
+    // SAFETY: NULL arguments on purpose; then valid calls.
+    unsafe {
+        let mut s = null_mut();
+        assert_eq!((api.session_new)(null(), d, &base, &mut s), NULL_ARGUMENT);
+        assert_eq!((api.session_new)(t, d, &base, null_mut()), NULL_ARGUMENT);
+        // NULL params = defaults; NULL draft = plain decoding.
+        assert_eq!(
+            (api.session_new)(t, null(), null(), &mut s),
+            OK,
+            "{}",
+            api.last_error_string()
+        );
+        (api.session_free)(s);
+        (api.session_free)(null_mut());
+        // The same model may serve several sessions, and may be freed before them.
+        let s1 = api.new_session(t, d, &base);
+        let s2 = api.new_session(t, d, &api.session_params(STRATEGY_TREE));
+        let s3 = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+        (api.model_free)(t);
+        (api.model_free)(d);
+        let gp = api.greedy(24);
+        let a = api.generate_text(s1, "Once upon a time", &gp).unwrap().0;
+        let b = api.generate_text(s2, "Once upon a time", &gp).unwrap().0;
+        let c = api.generate_text(s3, "Once upon a time", &gp).unwrap().0;
+        assert_eq!(a.tokens, c.tokens);
+        assert_eq!(b.tokens, c.tokens);
+        for s in [s1, s2, s3] {
+            (api.session_free)(s);
+        }
+    }
+}
+
+/// Streamed tokens and text through the C API equal the engine's own output, and greedy
+/// speculative output equals target-alone output, for every strategy and both tiny archs.
+#[test]
+fn generation_matches_engine_and_is_lossless() {
+    let api = api();
+    let prompts = [
+        "def fibonacci(n):\n    return",
+        "The quick brown fox jumps over",
+        "Once upon a time,",
+    ];
+    for arch in [TinyArch::Llama, TinyArch::Qwen2] {
+        let p = tiny(arch);
+        let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
+        let plain = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+        let mut tree = api.session_params(STRATEGY_TREE);
+        (tree.tree_top_k, tree.tree_depth, tree.tree_nodes) = (3, 4, 12);
+        let mut chain = api.session_params(STRATEGY_CHAIN);
+        chain.chain_length = 3;
+        let spec: Vec<*mut Session> = [chain, tree, api.session_params(STRATEGY_AUTO)]
+            .iter()
+            .map(|sp| api.new_session(t, d, sp))
+            .collect();
+        let gp = api.greedy(96);
+        let engine_ref = engine_generate(
+            &p.target,
+            None,
+            engine::Strategy::None,
+            &[engine::Prompt::Text(prompts[0].to_string())],
+            &engine::GenerateParams {
+                max_tokens: 96,
+                ignore_eog: true,
+                ..Default::default()
+            },
+        );
+        for (i, prompt) in prompts.iter().enumerate() {
+            // SAFETY: live sessions.
+            unsafe {
+                assert_eq!((api.session_reset)(plain), OK);
+                for &s in &spec {
+                    assert_eq!((api.session_reset)(s), OK);
+                }
+            }
+            let (want, want_stats) = api.generate_text(plain, prompt, &gp).unwrap();
+            assert_eq!(want.tokens.len(), 96);
+            assert_eq!(want_stats.n_tokens, 96);
+            assert_eq!(want_stats.stop_reason, STOP_MAX_TOKENS);
+            assert_eq!(
+                want_stats.n_rounds, 96,
+                "plain decoding: one pass per token"
+            );
+            if i == 0 {
+                assert_eq!(
+                    want.tokens, engine_ref[0].tokens,
+                    "{arch:?}: C API differs from the engine"
+                );
+                assert_eq!(want.text(), engine_ref[0].text);
+            }
+            for &s in &spec {
+                let (got, stats) = api.generate_text(s, prompt, &gp).unwrap();
+                assert_eq!(
+                    got.tokens, want.tokens,
+                    "{arch:?} {prompt:?}: speculative output differs"
+                );
+                assert_eq!(got.text, want.text);
+                assert_eq!(stats.n_tokens, 96);
+                assert!(stats.n_rounds <= 96 && stats.n_rounds > 0);
+                assert!(stats.n_draft_accepted <= stats.n_draft_proposed);
+                assert!((0.0..=1.0).contains(&stats.acceptance_rate));
+                assert!(
+                    stats.tokens_per_pass >= 1.0
+                        && stats.total_ms > 0.0
+                        && stats.tokens_per_second > 0.0
+                );
+                // last_text: the whole streamed text.
+                let mut n = 0usize;
+                // SAFETY: size query then a buffer of n + 1.
+                unsafe {
+                    assert_eq!(
+                        (api.session_last_text)(s, null_mut(), 0, &mut n),
+                        BUFFER_TOO_SMALL
+                    );
+                    assert_eq!(n, got.text.len());
+                    let mut buf = vec![0 as c_char; n + 1];
+                    assert_eq!(
+                        (api.session_last_text)(s, buf.as_mut_ptr(), n + 1, &mut n),
+                        OK
+                    );
+                    assert_eq!(buf[n], 0);
+                    let bytes: Vec<u8> = buf[..n].iter().map(|&c| c as u8).collect();
+                    assert_eq!(bytes, got.text);
+                }
+            }
+        }
+        // SAFETY: live handles.
+        unsafe {
+            for s in spec.into_iter().chain([plain]) {
+                (api.session_free)(s);
+            }
+            (api.model_free)(t);
+            (api.model_free)(d);
+        }
+    }
+}
+
+#[test]
+fn token_prompts_chat_and_multi_turn_keep_the_kv_cache() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
+    let s = api.new_session(t, d, &api.session_params(STRATEGY_CHAIN));
+    let mut gp = api.greedy(20);
+    // Two text turns against the engine doing the same two turns.
+    let turns = ["def add(a, b):", "\n# and now subtract\n"];
+    let want = engine_generate(
+        &p.target,
+        Some(&p.draft),
+        engine::Strategy::Chain(4),
+        &turns
+            .iter()
+            .map(|s| engine::Prompt::Text(s.to_string()))
+            .collect::<Vec<_>>(),
+        &engine::GenerateParams {
+            max_tokens: 20,
+            ignore_eog: true,
+            ..Default::default()
+        },
+    );
+    let (a, sa) = api.generate_text(s, turns[0], &gp).unwrap();
+    let (b, sb) = api.generate_text(s, turns[1], &gp).unwrap();
+    assert_eq!(a.tokens, want[0].tokens);
+    assert_eq!(b.tokens, want[1].tokens);
+    assert_eq!(b.text(), want[1].text);
+    let turn2_tokens = api.tokenize_str(t, turns[1], false);
+    assert_eq!(
+        sa.n_prompt_tokens as usize,
+        api.tokenize_str(t, turns[0], true).len()
+    );
+    assert_eq!(
+        sb.n_prompt_tokens as usize,
+        turn2_tokens.len(),
+        "turn 2 re-processed earlier turns"
+    );
+    // History holds both turns.
+    let mut n = 0usize;
+    // SAFETY: size query and a sized buffer; NULL misuse.
+    let history = unsafe {
+        assert_eq!(
+            (api.session_history)(s, null_mut(), 0, &mut n),
+            BUFFER_TOO_SMALL
+        );
+        let mut h = vec![0i32; n];
+        assert_eq!((api.session_history)(s, h.as_mut_ptr(), n, &mut n), OK);
+        assert_eq!(
+            (api.session_history)(null_mut(), h.as_mut_ptr(), n, &mut n),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            (api.session_history)(s, h.as_mut_ptr(), n, null_mut()),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            (api.session_history)(s, null_mut(), n, &mut n),
+            NULL_ARGUMENT
+        );
+        h
+    };
+    assert_eq!(
+        n,
+        sa.n_prompt_tokens as usize + 20 + turn2_tokens.len() + 20
+    );
+    assert_eq!(&history[history.len() - 20..], &b.tokens[..]);
+    // An empty prompt continues the conversation.
+    let (c, sc) = api.generate_text(s, "", &gp).unwrap();
+    assert_eq!((c.tokens.len(), sc.n_prompt_tokens), (20, 0));
+
+    // Reset, then token-id prompt equals the same text prompt.
+    // SAFETY: live session; token buffer of the stated size.
+    unsafe {
+        assert_eq!((api.session_reset)(s), OK);
+        assert_eq!((api.session_history)(s, null_mut(), 0, &mut n), OK);
+        assert_eq!(n, 0);
+        assert_eq!((api.session_reset)(null_mut()), NULL_ARGUMENT);
+        let ids = api.tokenize_str(t, turns[0], true);
+        let mut out = Streamed::default();
+        let mut st = (api.stats_default)();
+        let r = (api.session_generate_tokens)(
+            s,
+            ids.as_ptr(),
+            ids.len(),
+            &gp,
+            Some(collect),
+            &mut out as *mut _ as *mut c_void,
+            &mut st,
+        );
+        assert_eq!(r, OK, "{}", api.last_error_string());
+        assert_eq!(out.tokens, a.tokens);
+        // Bad ids, NULL with a count.
+        let bad = [1, 99999];
+        assert_eq!(
+            (api.session_generate_tokens)(s, bad.as_ptr(), 2, &gp, None, null_mut(), null_mut()),
+            INVALID_PARAM
+        );
+        assert_eq!(
+            (api.session_generate_tokens)(s, null(), 2, &gp, None, null_mut(), null_mut()),
+            NULL_ARGUMENT
+        );
+        // A fresh session with no history and no prompt.
+        let s2 = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+        assert_eq!(
+            (api.session_generate_tokens)(s2, null(), 0, &gp, None, null_mut(), null_mut()),
+            INVALID_PARAM
+        );
+        (api.session_free)(s2);
+    }
+
+    // Chat: the engine's chat output, two turns, with the KV cache kept.
+    gp.max_tokens = 16;
+    let msgs1 = [("system", "You are terse."), ("user", "Say hi.")];
+    let msgs2 = [("user", "Again.")];
+    let want = engine_generate(
+        &p.target,
+        Some(&p.draft),
+        engine::Strategy::Chain(4),
+        &[
+            engine::Prompt::Chat(
+                msgs1
+                    .iter()
+                    .map(|(r, c)| engine::ChatMessage::new(*r, *c))
+                    .collect(),
+            ),
+            engine::Prompt::Chat(
+                msgs2
+                    .iter()
+                    .map(|(r, c)| engine::ChatMessage::new(*r, *c))
+                    .collect(),
+            ),
+        ],
+        &engine::GenerateParams {
+            max_tokens: 16,
+            ignore_eog: true,
+            ..Default::default()
+        },
+    );
+    // SAFETY: live session, message arrays valid for the calls.
+    unsafe {
+        assert_eq!((api.session_reset)(s), OK);
+        for (msgs, want) in [(&msgs1[..], &want[0]), (&msgs2[..], &want[1])] {
+            let owned: Vec<_> = msgs.iter().map(|(r, c)| (cstr(r), cstr(c))).collect();
+            let cm: Vec<ChatMessage> = owned
+                .iter()
+                .map(|(r, c)| ChatMessage {
+                    role: r.as_ptr(),
+                    content: c.as_ptr(),
+                })
+                .collect();
+            let mut out = Streamed::default();
+            let mut st = (api.stats_default)();
+            let r = (api.session_chat)(
+                s,
+                cm.as_ptr(),
+                cm.len(),
+                &gp,
+                Some(collect),
+                &mut out as *mut _ as *mut c_void,
+                &mut st,
+            );
+            assert_eq!(r, OK, "{}", api.last_error_string());
+            assert_eq!(out.tokens, want.tokens);
+            assert_eq!(out.text(), want.text);
+        }
+        // Chat misuse.
+        let role = cstr("user");
+        let bad = [ChatMessage {
+            role: role.as_ptr(),
+            content: null(),
+        }];
+        assert_eq!(
+            (api.session_chat)(s, bad.as_ptr(), 1, &gp, None, null_mut(), null_mut()),
+            NULL_ARGUMENT
+        );
+        assert!(api.last_error_string().contains("messages[0].content"));
+        assert_eq!(
+            (api.session_chat)(s, bad.as_ptr(), 0, &gp, None, null_mut(), null_mut()),
+            INVALID_PARAM
+        );
+        assert_eq!(
+            (api.session_chat)(s, null(), 1, &gp, None, null_mut(), null_mut()),
+            NULL_ARGUMENT
+        );
+        let bad_utf8 = [0xffu8, 0];
+        let bad = [ChatMessage {
+            role: role.as_ptr(),
+            content: bad_utf8.as_ptr() as *const c_char,
+        }];
+        assert_eq!(
+            (api.session_chat)(s, bad.as_ptr(), 1, &gp, None, null_mut(), null_mut()),
+            INVALID_UTF8
+        );
+        (api.session_free)(s);
+        (api.model_free)(t);
+        (api.model_free)(d);
+    }
+}
+
+#[test]
+fn generate_rejects_bad_arguments_without_touching_the_session() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let t = api.load(&p.target, None);
+    let s = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+    let base = api.greedy(8);
+    let prompt = cstr("hello");
+    let empty = cstr("");
+    let stop_ptrs = [empty.as_ptr()];
+    let null_ptrs: [*const c_char; 1] = [null()];
+    let cases: Vec<(GenerateParams, i32)> = vec![
+        (
+            GenerateParams {
+                struct_size: 0,
+                ..base
+            },
+            STRUCT_SIZE,
+        ),
+        (
+            GenerateParams {
+                struct_size: base.struct_size * 2,
+                ..base
+            },
+            STRUCT_SIZE,
+        ),
+        (
+            GenerateParams {
+                max_tokens: -1,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (GenerateParams { top_k: -2, ..base }, INVALID_PARAM),
+        (
+            GenerateParams {
+                temperature: -0.5,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            GenerateParams {
+                temperature: f32::NAN,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (GenerateParams { top_p: 1.5, ..base }, INVALID_PARAM),
+        (GenerateParams { top_p: 0.0, ..base }, INVALID_PARAM),
+        (
+            GenerateParams {
+                min_p: -1.0,
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            GenerateParams {
+                n_stop_strings: 2,
+                ..base
+            },
+            NULL_ARGUMENT,
+        ),
+        (
+            GenerateParams {
+                n_stop_strings: 65,
+                stop_strings: stop_ptrs.as_ptr(),
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+        (
+            GenerateParams {
+                n_stop_strings: 1,
+                stop_strings: null_ptrs.as_ptr(),
+                ..base
+            },
+            NULL_ARGUMENT,
+        ),
+        (
+            GenerateParams {
+                n_stop_strings: 1,
+                stop_strings: stop_ptrs.as_ptr(),
+                ..base
+            },
+            INVALID_PARAM,
+        ),
+    ];
+    for (gp, want) in cases {
+        // SAFETY: by-value return.
+        let mut stats = unsafe { (api.stats_default)() };
+        stats.n_tokens = 777;
+        // SAFETY: valid session/prompt; bad params on purpose (array pointers valid).
+        let st = unsafe {
+            (api.session_generate)(s, prompt.as_ptr(), &gp, None, null_mut(), &mut stats)
+        };
+        assert_eq!(st, want, "{gp:?}: {}", api.last_error_string());
+        assert_eq!(stats.n_tokens, 777, "stats written on failure");
+    }
+    // SAFETY: NULLs and bad sizes on purpose.
+    unsafe {
+        assert_eq!(
+            (api.session_generate)(
+                null_mut(),
+                prompt.as_ptr(),
+                &base,
+                None,
+                null_mut(),
+                null_mut()
+            ),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            (api.session_generate)(s, null(), &base, None, null_mut(), null_mut()),
+            NULL_ARGUMENT
+        );
+        let bad = [b'h', 0xc0, 0];
+        assert_eq!(
+            (api.session_generate)(
+                s,
+                bad.as_ptr() as *const c_char,
+                &base,
+                None,
+                null_mut(),
+                null_mut()
+            ),
+            INVALID_UTF8
+        );
+        let mut stats = Stats {
+            struct_size: 8,
+            ..Default::default()
+        };
+        assert_eq!(
+            (api.session_generate)(s, prompt.as_ptr(), &base, None, null_mut(), &mut stats),
+            STRUCT_SIZE
+        );
+        let mut n = 1usize;
+        assert_eq!((api.session_history)(s, null_mut(), 0, &mut n), OK);
+        assert_eq!(n, 0, "a rejected call changed the session");
+        // NULL params (defaults) and NULL callback and stats are fine.
+        assert_eq!(
+            (api.session_generate)(s, prompt.as_ptr(), null(), None, null_mut(), null_mut()),
+            OK,
+            "{}",
+            api.last_error_string()
+        );
+        // max_tokens 0 generates nothing.
+        let mut stats = (api.stats_default)();
+        let zero = GenerateParams {
+            max_tokens: 0,
+            ..base
+        };
+        assert_eq!(
+            (api.session_generate)(s, prompt.as_ptr(), &zero, None, null_mut(), &mut stats),
+            OK
+        );
+        assert_eq!(stats.n_tokens, 0);
+        (api.session_free)(s);
+    }
+    // Context full: a small context and a long prompt.
+    let mut sp = api.session_params(STRATEGY_NONE);
+    sp.n_ctx = 32;
+    let small = api.new_session(t, null(), &sp);
+    let long = "word ".repeat(200);
+    let r = api.generate_text(small, &long, &base);
+    assert_eq!(r.as_ref().err().map(|e| e.0), Some(CONTEXT_FULL), "{r:?}");
+    assert!(r.unwrap_err().1.contains("context"));
+    // SAFETY: live handles.
+    unsafe {
+        (api.session_free)(small);
+        (api.model_free)(t);
+    }
+}
+
+#[test]
+fn stop_strings_callback_stop_and_seeded_sampling() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
+    let s = api.new_session(t, d, &api.session_params(STRATEGY_CHAIN));
+    let prompt = "The quick brown fox";
+    let (full, _) = api.generate_text(s, prompt, &api.greedy(64)).unwrap();
+    let text = full.text();
+    // A stop string from the middle of the greedy text.
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let cut = text.find(&stop).unwrap();
+    let stop_c = cstr(&stop);
+    let stops = [stop_c.as_ptr()];
+    let mut gp = api.greedy(64);
+    gp.stop_strings = stops.as_ptr();
+    gp.n_stop_strings = 1;
+    // SAFETY: live session.
+    unsafe { assert_eq!((api.session_reset)(s), OK) };
+    let (got, st) = api.generate_text(s, prompt, &gp).unwrap();
+    assert_eq!(st.stop_reason, STOP_STRING);
+    assert_eq!(got.text(), text[..cut], "stop string {stop:?}");
+
+    // A callback returning false stops after its first call.
+    unsafe extern "C" fn stop_now(
+        _: *const i32,
+        n: usize,
+        _: *const c_char,
+        _: usize,
+        ud: *mut c_void,
+    ) -> bool {
+        // SAFETY: ud is the counter the test passed.
+        unsafe { (*(ud as *mut usize)) += n };
+        false
+    }
+    let mut count = 0usize;
+    let pc = cstr(prompt);
+    // SAFETY: live handles; ud is a usize counter.
+    unsafe {
+        assert_eq!((api.session_reset)(s), OK);
+        let mut stats = (api.stats_default)();
+        let g = api.greedy(64);
+        let r = (api.session_generate)(
+            s,
+            pc.as_ptr(),
+            &g,
+            Some(stop_now),
+            &mut count as *mut usize as *mut c_void,
+            &mut stats,
+        );
+        assert_eq!(r, OK);
+        assert_eq!(stats.stop_reason, STOP_CALLBACK);
+        assert_eq!(stats.n_tokens as usize, count);
+        assert!(count >= 1 && count < 64);
+    }
+
+    // Sampling: same seed, same output; equals the engine with the same seed and chain.
+    let mut sg = api.greedy(40);
+    (sg.temperature, sg.top_k, sg.top_p, sg.seed) = (0.9, 40, 0.95, 1234);
+    let mut outs = Vec::new();
+    for _ in 0..2 {
+        // SAFETY: live session.
+        unsafe { assert_eq!((api.session_reset)(s), OK) };
+        outs.push(api.generate_text(s, prompt, &sg).unwrap().0);
+    }
+    assert_eq!(outs[0], outs[1]);
+    let want = engine_generate(
+        &p.target,
+        Some(&p.draft),
+        engine::Strategy::Chain(4),
+        &[engine::Prompt::Text(prompt.into())],
+        &engine::GenerateParams {
+            max_tokens: 40,
+            ignore_eog: true,
+            sampling: engine::SamplingParams {
+                temperature: 0.9,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.0,
+                seed: 1234,
+            },
+            ..Default::default()
+        },
+    );
+    assert_eq!(outs[0].tokens, want[0].tokens);
+    // The session seed is used when the request says ADASPEC_SEED_FROM_SESSION.
+    let mut sp = api.session_params(STRATEGY_CHAIN);
+    sp.seed = 1234;
+    let s2 = api.new_session(t, d, &sp);
+    sg.seed = u64::MAX;
+    assert_eq!(
+        api.generate_text(s2, prompt, &sg).unwrap().0.tokens,
+        want[0].tokens
+    );
+    // SAFETY: live handles.
+    unsafe {
+        (api.session_free)(s2);
+        (api.session_free)(s);
+        (api.model_free)(t);
+        (api.model_free)(d);
+    }
+}
+
+struct Reentry {
+    session: *mut Session,
+    prompt: *const c_char,
+    statuses: Vec<i32>,
+    freed_message: String,
+}
+
+unsafe extern "C" fn reenter(
+    _: *const i32,
+    _: usize,
+    _: *const c_char,
+    _: usize,
+    ud: *mut c_void,
+) -> bool {
+    let api = api();
+    // SAFETY: ud is the Reentry the test passed.
+    let r = unsafe { &mut *(ud as *mut Reentry) };
+    let mut n = 0usize;
+    // SAFETY: the session is live (it is generating); each call must return BUSY.
+    unsafe {
+        r.statuses.push((api.session_generate)(
+            r.session,
+            r.prompt,
+            null(),
+            None,
+            null_mut(),
+            null_mut(),
+        ));
+        r.statuses.push((api.session_generate_tokens)(
+            r.session,
+            null(),
+            0,
+            null(),
+            None,
+            null_mut(),
+            null_mut(),
+        ));
+        r.statuses.push((api.session_reset)(r.session));
+        r.statuses
+            .push((api.session_history)(r.session, null_mut(), 0, &mut n));
+        r.statuses
+            .push((api.session_last_text)(r.session, null_mut(), 0, &mut n));
+        (api.session_free)(r.session); // must not free a busy session
+    }
+    r.freed_message = api.last_error_string();
+    true
+}
+
+#[test]
+fn reentry_from_the_callback_is_busy_not_a_crash() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
+    let s = api.new_session(t, d, &api.session_params(STRATEGY_CHAIN));
+    let prompt = cstr("Once upon a time");
+    let mut r = Reentry {
+        session: s,
+        prompt: prompt.as_ptr(),
+        statuses: Vec::new(),
+        freed_message: String::new(),
+    };
+    let gp = api.greedy(12);
+    // SAFETY: live session; ud is the Reentry.
+    let st = unsafe {
+        (api.session_generate)(
+            s,
+            prompt.as_ptr(),
+            &gp,
+            Some(reenter),
+            &mut r as *mut Reentry as *mut c_void,
+            null_mut(),
+        )
+    };
+    assert_eq!(st, OK, "{}", api.last_error_string());
+    assert!(!r.statuses.is_empty());
+    assert!(r.statuses.iter().all(|&x| x == BUSY), "{:?}", r.statuses);
+    assert!(r.freed_message.contains("not freed"), "{}", r.freed_message);
+    // The session still works, and gives the same output as a fresh one.
+    // SAFETY: live session.
+    unsafe { assert_eq!((api.session_reset)(s), OK) };
+    let (a, _) = api.generate_text(s, "Once upon a time", &gp).unwrap();
+    let fresh = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+    let (b, _) = api.generate_text(fresh, "Once upon a time", &gp).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    // SAFETY: live handles.
+    unsafe {
+        (api.session_free)(fresh);
+        (api.session_free)(s);
+        (api.model_free)(t);
+        (api.model_free)(d);
+    }
+}
+
+static STARTED: AtomicBool = AtomicBool::new(false);
+static TRIED: AtomicBool = AtomicBool::new(false);
+static OTHER_STATUS: AtomicI32 = AtomicI32::new(-1);
+
+unsafe extern "C" fn wait_for_other(
+    _: *const i32,
+    _: usize,
+    _: *const c_char,
+    _: usize,
+    _: *mut c_void,
+) -> bool {
+    STARTED.store(true, Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    while !TRIED.load(Ordering::SeqCst) && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
+}
+
+#[test]
+fn one_session_one_thread_at_a_time() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let t = api.load(&p.target, None);
+    let s = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+    let addr = s as usize;
+    let other = std::thread::spawn(move || {
+        while !STARTED.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let prompt = cstr("hi");
+        // SAFETY: the session is live; it is busy generating on the main thread.
+        let st = unsafe {
+            (api.session_generate)(
+                addr as *mut Session,
+                prompt.as_ptr(),
+                null(),
+                None,
+                null_mut(),
+                null_mut(),
+            )
+        };
+        OTHER_STATUS.store(st, Ordering::SeqCst);
+        let msg = api.last_error_string();
+        TRIED.store(true, Ordering::SeqCst);
+        msg
+    });
+    let prompt = cstr("Once upon a time");
+    let gp = api.greedy(4);
+    // SAFETY: live session.
+    let st = unsafe {
+        (api.session_generate)(
+            s,
+            prompt.as_ptr(),
+            &gp,
+            Some(wait_for_other),
+            null_mut(),
+            null_mut(),
+        )
+    };
+    let msg = other.join().unwrap();
+    assert_eq!(st, OK);
+    assert_eq!(OTHER_STATUS.load(Ordering::SeqCst), BUSY, "{msg}");
+    assert!(msg.contains("in use"), "{msg}");
+    // Afterwards another thread may use it.
+    let st = std::thread::spawn(move || {
+        let prompt = cstr(" more");
+        // SAFETY: live, idle session.
+        unsafe {
+            (api.session_generate)(
+                addr as *mut Session,
+                prompt.as_ptr(),
+                null(),
+                None,
+                null_mut(),
+                null_mut(),
+            )
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(st, OK);
+    // Models are shared read-only across threads: tokenize concurrently.
+    let ta = t as usize;
+    let hs: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                api.tokenize_str(ta as *const Model, &format!("thread {i} text"), true)
+            })
+        })
+        .collect();
+    for h in hs {
+        assert!(!h.join().unwrap().is_empty());
+    }
+    // SAFETY: live handles.
+    unsafe {
+        (api.session_free)(s);
+        (api.model_free)(t);
+    }
+}
+
+/// The real pair: greedy speculative output through the C API equals target-alone output
+/// (exact numeric mode), ~32 tokens.
+#[test]
+fn real_pair_greedy_is_lossless_through_the_c_api() {
+    let Some((tp, dp)) = real_pair() else {
+        eprintln!("real model pair not found (run scripts/fetch-models.sh); skipping the real-pair C API test");
+        return;
+    };
+    let api = api();
+    // SAFETY: by-value return.
+    let mut mp = unsafe { (api.model_default_params)() };
+    mp.repack = false;
+    let (t, d) = (api.load(&tp, Some(&mp)), api.load(&dp, Some(&mp)));
+    // SAFETY: live handles.
+    assert_eq!(
+        unsafe { (api.model_check_vocab)(t, d) },
+        OK,
+        "{}",
+        api.last_error_string()
+    );
+    let mut sp = api.session_params(STRATEGY_NONE);
+    sp.mode = 1;
+    sp.n_ctx = 512;
+    let plain = api.new_session(t, null(), &sp);
+    sp.strategy = STRATEGY_CHAIN;
+    let spec = api.new_session(t, d, &sp);
+    let prompt = "def quicksort(arr):\n";
+    let gp = api.greedy(32);
+    let (want, _) = api.generate_text(plain, prompt, &gp).unwrap();
+    let (got, stats) = api.generate_text(spec, prompt, &gp).unwrap();
+    assert_eq!(
+        got.tokens,
+        want.tokens,
+        "{:?} vs {:?}",
+        got.text(),
+        want.text()
+    );
+    assert!(
+        stats.n_draft_accepted > 0,
+        "the 0.5B draft accepted nothing: {stats:?}"
+    );
+    eprintln!(
+        "real pair: {:.2} tokens/pass, acceptance {:.2}",
+        stats.tokens_per_pass, stats.acceptance_rate
+    );
+    // SAFETY: live handles.
+    unsafe {
+        (api.session_free)(plain);
+        (api.session_free)(spec);
+        (api.model_free)(t);
+        (api.model_free)(d);
+    }
+}
