@@ -135,8 +135,8 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
         .ok_or_else(|| gguf_err(path, "path is not valid UTF-8"))?;
     let mut container = gguf_rs::get_gguf_container_array_size(path_str, u64::MAX)
         .map_err(|e| gguf_err(path, e))?;
-    let gguf_version = container.get_version();
     let model = container.decode().map_err(|e| gguf_err(path, e))?;
+    let gguf_version = model.get_version();
     let md = model.metadata();
     let architecture = md
         .get("general.architecture")
@@ -406,5 +406,27 @@ mod tests {
         assert!(c.compatible, "{:?}", c.problems);
         assert!(inspect(dir.join("missing.gguf")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn real_pair_is_compatible_and_smollm2_is_not() {
+        let dir = crate::models::models_dir();
+        let t = dir.join(crate::models::DEFAULT_TARGET);
+        let d = dir.join(crate::models::DEFAULT_DRAFT);
+        let s = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !t.exists() || !d.exists() || !s.exists() {
+            eprintln!("real models not found in {}; skipping", dir.display());
+            return;
+        }
+        let r = inspect(&d).unwrap();
+        eprintln!("{}", serde_json::to_string(&r).unwrap());
+        assert_eq!(r.architecture, "qwen2");
+        assert_eq!(r.block_count, Some(24));
+        assert_eq!(r.tokenizer.n_tokens, 151_936);
+        let c = compat(&t, &d).unwrap();
+        assert!(c.compatible, "{:?}", c.problems);
+        let c = compat(&t, &s).unwrap();
+        eprintln!("{:?}", c.problems);
+        assert!(!c.compatible);
     }
 }

@@ -882,3 +882,65 @@ fn real_pruned_draft_exports_and_drafts_losslessly() {
     eprintln!("real 0.5B pruned to blocks {layers:?}: acceptance {acc:.2}, output identical to target alone");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn export_binary_writes_and_refuses_cleanly() {
+    let dir = tmp_dir("bin");
+    let src = dir.join("t.gguf");
+    write_tiny_model(&src, &TinyModelConfig::default()).unwrap();
+    let (cfg, w) = load_gguf(&src).unwrap();
+    let ck = dir.join("draft.safetensors");
+    save_checkpoint(&ck, &cfg, &w).unwrap();
+    let bin = env!("CARGO_BIN_EXE_adaspec-export");
+    let out = dir.join("draft.gguf");
+    let run =
+        |args: &[&std::ffi::OsStr]| std::process::Command::new(bin).args(args).output().unwrap();
+    let o = run(&[
+        "--gguf".as_ref(),
+        "-i".as_ref(),
+        ck.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        "--tokenizer-from".as_ref(),
+        src.as_os_str(),
+        "--type".as_ref(),
+        "q8_0".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Model::load(&out, &ModelParams::default()).unwrap();
+    for bad in [
+        vec![
+            "--gguf",
+            "-i",
+            "/no/such.safetensors",
+            "-o",
+            "/tmp/x.gguf",
+            "--tokenizer-from",
+            "/no/t.gguf",
+        ],
+        vec![
+            "--gguf",
+            "-i",
+            ck.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--tokenizer-from",
+            src.to_str().unwrap(),
+            "--type",
+            "q3_k",
+        ],
+    ] {
+        let args: Vec<&std::ffi::OsStr> = bad.iter().map(|s| s.as_ref()).collect();
+        let o = run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(
+            err.starts_with("error:")
+                && err.trim().lines().count() == 1
+                && !err.contains("panicked"),
+            "{err}"
+        );
+        eprintln!("{}", err.trim());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

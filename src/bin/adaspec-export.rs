@@ -2,6 +2,7 @@
 //! turns a trained draft into a GGUF that llama.cpp runs as a draft for TARGET.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
@@ -29,8 +30,18 @@ struct Cli {
     ty: String,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match export(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn export(cli: &Cli) -> anyhow::Result<()> {
     let _ = cli.gguf;
     let ty: ExportType = cli.ty.parse()?;
     adaspec::train::export_gguf(&cli.input, &cli.output, &cli.tokenizer_from, ty).with_context(

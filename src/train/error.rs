@@ -10,12 +10,8 @@ pub enum Error {
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
     /// I/O with the path that failed.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A GGUF file could not be read or written.
     #[error("GGUF {path}: {reason}")]
     Gguf { path: PathBuf, reason: String },
@@ -53,7 +49,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }

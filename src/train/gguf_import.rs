@@ -93,7 +93,7 @@ pub fn config_from_gguf(content: &Content, path: &Path) -> Result<Config> {
     let head_dim = md
         .get(&key("attention.key_length"))
         .and_then(meta_usize)
-        .unwrap_or(if n_head > 0 { hidden / n_head } else { 0 });
+        .unwrap_or(hidden.checked_div(n_head).unwrap_or(0));
     if let Some(rd) = md.get(&key("rope.dimension_count")).and_then(meta_usize) {
         if rd != head_dim {
             return Err(Error::Config {
@@ -238,7 +238,7 @@ pub fn load_any(path: &Path) -> Result<(Config, Weights)> {
     } else if !path.exists() {
         Err(Error::io(
             path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
         ))
     } else {
         load_checkpoint(path)
