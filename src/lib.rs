@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cost;
 pub mod dataset;
 pub mod error;
+pub mod inspect;
 pub mod models;
 pub mod sampling;
 pub mod session;

@@ -32,6 +32,11 @@ enum Command {
     Generate(GenerateArgs),
     /// Compare target alone and drafting strategies on a data set, interleaved in one run.
     Bench(BenchArgs),
+    /// Describe a GGUF file (architecture, sizes, tensor types, tokenizer); check a draft/target pair.
+    Inspect(adaspec::inspect::InspectArgs),
+    /// Make drafts: `draft init` prunes a bigger model's blocks into a cheap draft (train feature).
+    #[cfg(feature = "train")]
+    Draft(adaspec::train::cli::DraftArgs),
 }
 
 #[derive(Args, Clone)]
@@ -259,6 +264,9 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => bench(a),
+        Command::Inspect(a) => adaspec::inspect::run(&a),
+        #[cfg(feature = "train")]
+        Command::Draft(a) => adaspec::train::cli::run(&a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
