@@ -101,8 +101,7 @@ pub struct ChatMessage {
     pub content: *const c_char,
 }
 
-pub type Callback =
-    Option<unsafe extern "C" fn(*const i32, usize, *const c_char, usize, *mut c_void) -> bool>;
+pub type Callback = Option<unsafe extern "C" fn(*const i32, usize, *const c_char, usize, *mut c_void) -> bool>;
 
 /// Every export, resolved by name from the shared library.
 pub struct Api {
@@ -122,36 +121,14 @@ pub struct Api {
     pub model_n_ctx_train: unsafe extern "C" fn(*const Model) -> i32,
     pub model_token_is_eog: unsafe extern "C" fn(*const Model, i32) -> bool,
     pub model_check_vocab: unsafe extern "C" fn(*const Model, *const Model) -> i32,
-    pub tokenize: unsafe extern "C" fn(
-        *const Model,
-        *const c_char,
-        usize,
-        bool,
-        bool,
-        *mut i32,
-        usize,
-        *mut usize,
-    ) -> i32,
-    pub detokenize: unsafe extern "C" fn(
-        *const Model,
-        *const i32,
-        usize,
-        bool,
-        *mut c_char,
-        usize,
-        *mut usize,
-    ) -> i32,
-    pub session_new: unsafe extern "C" fn(
-        *const Model,
-        *const Model,
-        *const SessionParams,
-        *mut *mut Session,
-    ) -> i32,
+    pub tokenize:
+        unsafe extern "C" fn(*const Model, *const c_char, usize, bool, bool, *mut i32, usize, *mut usize) -> i32,
+    pub detokenize: unsafe extern "C" fn(*const Model, *const i32, usize, bool, *mut c_char, usize, *mut usize) -> i32,
+    pub session_new: unsafe extern "C" fn(*const Model, *const Model, *const SessionParams, *mut *mut Session) -> i32,
     pub session_free: unsafe extern "C" fn(*mut Session),
     pub session_reset: unsafe extern "C" fn(*mut Session) -> i32,
     pub session_history: unsafe extern "C" fn(*mut Session, *mut i32, usize, *mut usize) -> i32,
-    pub session_last_text:
-        unsafe extern "C" fn(*mut Session, *mut c_char, usize, *mut usize) -> i32,
+    pub session_last_text: unsafe extern "C" fn(*mut Session, *mut c_char, usize, *mut usize) -> i32,
     pub session_generate: unsafe extern "C" fn(
         *mut Session,
         *const c_char,
@@ -216,10 +193,7 @@ pub const EXPORTS: &[&str] = &[
 
 /// Workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("root").to_path_buf()
 }
 
 /// The directory holding the built libadaspec.so (target/release), found from the test
@@ -232,10 +206,7 @@ pub fn lib_dir() -> PathBuf {
             return dir.to_path_buf();
         }
     }
-    panic!(
-        "libadaspec.so not found next to {}; build with cargo build --release -p adaspec-ffi",
-        exe.display()
-    );
+    panic!("libadaspec.so not found next to {}; build with cargo build --release -p adaspec-ffi", exe.display());
 }
 
 pub fn lib_path() -> PathBuf {
@@ -245,8 +216,7 @@ pub fn lib_path() -> PathBuf {
 macro_rules! sym {
     ($lib:expr, $name:literal) => {
         // SAFETY: the symbol has the signature declared in include/adaspec.h, mirrored in Api.
-        *unsafe { $lib.get(concat!($name, "\0").as_bytes()) }
-            .unwrap_or_else(|e| panic!("dlsym {}: {e}", $name))
+        *unsafe { $lib.get(concat!($name, "\0").as_bytes()) }.unwrap_or_else(|e| panic!("dlsym {}: {e}", $name))
     };
 }
 
@@ -290,9 +260,7 @@ pub fn api() -> &'static Api {
 impl Api {
     pub fn last_error_string(&self) -> String {
         // SAFETY: never NULL, NUL-terminated, valid until the next call on this thread.
-        unsafe { CStr::from_ptr((self.last_error)()) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr((self.last_error)()) }.to_string_lossy().into_owned()
     }
 
     /// Loads a model, panicking with the library's message on failure.
@@ -302,13 +270,7 @@ impl Api {
         let p = params.map_or(std::ptr::null(), |p| p as *const ModelParams);
         // SAFETY: valid string, params NULL or valid, out pointer valid.
         let s = unsafe { (self.model_load)(c.as_ptr(), p, &mut m) };
-        assert_eq!(
-            s,
-            OK,
-            "load {}: {}",
-            path.display(),
-            self.last_error_string()
-        );
+        assert_eq!(s, OK, "load {}: {}", path.display(), self.last_error_string());
         m
     }
 
@@ -385,16 +347,7 @@ impl Api {
         let mut v = vec![0i32; n];
         // SAFETY: buffer of n slots.
         let st = unsafe {
-            (self.tokenize)(
-                m,
-                text.as_ptr() as *const c_char,
-                text.len(),
-                add_special,
-                true,
-                v.as_mut_ptr(),
-                n,
-                &mut n,
-            )
+            (self.tokenize)(m, text.as_ptr() as *const c_char, text.len(), add_special, true, v.as_mut_ptr(), n, &mut n)
         };
         assert_eq!(st, OK);
         v
@@ -427,8 +380,7 @@ pub unsafe extern "C" fn collect(
     let out = unsafe { &mut *(ud as *mut Streamed) };
     if n > 0 {
         // SAFETY: n readable ids.
-        out.tokens
-            .extend_from_slice(unsafe { std::slice::from_raw_parts(tokens, n) });
+        out.tokens.extend_from_slice(unsafe { std::slice::from_raw_parts(tokens, n) });
     }
     // SAFETY: len readable bytes followed by a NUL.
     let bytes = unsafe { std::slice::from_raw_parts(piece as *const u8, len + 1) };
@@ -457,13 +409,10 @@ pub fn tiny(arch: TinyArch) -> &'static TinyPair {
         TinyArch::Qwen2 => &QWEN,
     };
     cell.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!(
-            "adaspec-ffi-{}-{}",
-            arch.name(),
-            std::process::id()
-        ));
-        let (target, draft) =
-            write_tiny_pair(&dir, arch, DEFAULT_DRAFT_NOISE, 11).expect("write tiny pair");
+        // One folder per architecture, shared by test processes: the files are deterministic
+        // and written to temporary names then renamed, so concurrent writers agree.
+        let dir = std::env::temp_dir().join("adaspec-ffi-tests").join(arch.name());
+        let (target, draft) = write_tiny_pair(&dir, arch, DEFAULT_DRAFT_NOISE, 11).expect("write tiny pair");
         TinyPair { target, draft, dir }
     })
 }
@@ -496,28 +445,17 @@ pub fn engine_generate(
     gp: &engine::GenerateParams,
 ) -> Vec<engine::Generation> {
     let t = Arc::new(engine::Model::load(target, &engine::ModelParams::default()).expect("load"));
-    let d = draft
-        .map(|d| Arc::new(engine::Model::load(d, &engine::ModelParams::default()).expect("load")));
-    let sp = engine::SessionParams {
-        n_ctx: 1024,
-        n_threads: 2,
-        strategy,
-        mode: engine::NumericMode::Fast,
-    };
+    let d = draft.map(|d| Arc::new(engine::Model::load(d, &engine::ModelParams::default()).expect("load")));
+    let sp = engine::SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: engine::NumericMode::Fast };
     let mut s = engine::Session::new(t, d, sp).expect("session");
-    prompts
-        .iter()
-        .map(|p| s.generate(p, gp, &mut |_, _| true).expect("generate"))
-        .collect()
+    prompts.iter().map(|p| s.generate(p, gp, &mut |_, _| true).expect("generate")).collect()
 }
 
 /// The real model pair, if present.
 pub fn real_pair() -> Option<(PathBuf, PathBuf)> {
     let dir = std::env::var_os("ADASPEC_MODELS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adaspec/models")
-        });
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adaspec/models"));
     let t = dir.join("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf");
     let d = dir.join("qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf");
     (t.exists() && d.exists()).then_some((t, d))

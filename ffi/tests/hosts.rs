@@ -1,0 +1,373 @@
+//! The example hosts, built and run from Rust: the C host (dlopen + dlsym) and the C++ host
+//! (linked), compiled with -Wall -Wextra -Werror; their streamed stdout must equal the
+//! engine's output for the same inputs. The C host also runs under a memory checker
+//! (valgrind memcheck where it can execute this build, AddressSanitizer + LeakSanitizer
+//! otherwise), and both hosts build against an installed copy through pkg-config.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use engine::tiny_model::TinyArch;
+
+/// A scratch folder removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("adaspec-ffi-hosts-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+const C_FLAGS: &[&str] = &["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic"];
+const CXX_FLAGS: &[&str] = &["-std=c++17", "-Wall", "-Wextra", "-Werror", "-pedantic"];
+
+fn build_c_host(out: &Path, extra: &[&str]) {
+    let src = root().join("examples/c/host_dlopen.c");
+    let inc = root().join("include");
+    run_ok(Command::new("cc").args(C_FLAGS).args(extra).arg("-I").arg(&inc).arg(&src).arg("-ldl").arg("-o").arg(out));
+}
+
+fn build_cpp_host(out: &Path) {
+    let src = root().join("examples/cpp/host_link.cpp");
+    let inc = root().join("include");
+    let lib = lib_dir();
+    run_ok(
+        Command::new("c++")
+            .args(CXX_FLAGS)
+            .arg("-I")
+            .arg(&inc)
+            .arg(&src)
+            .arg(format!("-L{}", lib.display()))
+            .arg("-ladaspec")
+            .arg(format!("-Wl,-rpath,{}", lib.display()))
+            .arg("-o")
+            .arg(out),
+    );
+}
+
+fn engine_text(
+    p: &TinyPair,
+    draft: bool,
+    strategy: engine::Strategy,
+    prompts: Vec<engine::Prompt>,
+    max_tokens: usize,
+) -> String {
+    let gp = engine::GenerateParams { max_tokens, ignore_eog: true, ..Default::default() };
+    engine_generate(&p.target, draft.then_some(p.draft.as_path()), strategy, &prompts, &gp)
+        .into_iter()
+        .map(|g| g.text)
+        .collect()
+}
+
+fn c_host(bin: &Path, lib: &Path, p: &TinyPair, args: &[&str], draft: bool) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--lib").arg(lib).args(["--threads", "2", "--ctx", "1024", "--ignore-eog"]).args(args).arg(&p.target);
+    if draft {
+        cmd.arg(&p.draft);
+    }
+    cmd
+}
+
+#[test]
+fn c_host_builds_warning_free_and_streams_the_engine_output() {
+    let s = Scratch::new("c");
+    let bin = s.0.join("host_dlopen");
+    build_c_host(&bin, &[]);
+    let p = tiny(TinyArch::Llama);
+    let lib = lib_path();
+    let prompt = "def fibonacci(n):\n    return";
+
+    // Speculative chain, text prompt.
+    let out = run_ok(&mut c_host(&bin, &lib, p, &["--strategy", "chain", "-n", "48", "--prompt", prompt], true));
+    let want = engine_text(p, true, engine::Strategy::Chain(4), vec![engine::Prompt::Text(prompt.into())], 48);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokens 48") && err.contains("tokens/pass") && err.contains("libadaspec 0.1.0"), "{err}");
+
+    // Target alone through the same host: the same text (lossless).
+    let plain = run_ok(&mut c_host(&bin, &lib, p, &["-n", "48", "--prompt", prompt], false));
+    assert_eq!(plain.stdout, out.stdout);
+
+    // Chat template, two turns, dynamic tree and auto.
+    let q = tiny(TinyArch::Qwen2);
+    let msgs = || vec![engine::ChatMessage::new("user", "Write a loop.")];
+    let want = engine_text(
+        q,
+        true,
+        engine::Strategy::Tree { top_k: 4, depth: 5, nodes: 16 },
+        vec![engine::Prompt::Chat(msgs()), engine::Prompt::Chat(msgs())],
+        24,
+    );
+    for strategy in ["tree", "auto"] {
+        let out = run_ok(&mut c_host(
+            &bin,
+            &lib,
+            q,
+            &["--strategy", strategy, "--chat", "--turns", "2", "-n", "24", "--prompt", "Write a loop."],
+            true,
+        ));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{strategy}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("[turn 2]"));
+    }
+
+    // Errors reach the host as statuses and messages, never as a crash.
+    let missing = s.0.join("missing.gguf");
+    let out = Command::new(&bin).arg("--lib").arg(&lib).arg(&missing).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ADASPEC_STATUS_MODEL_FILE") && err.contains("missing.gguf"), "{err}");
+    let out = Command::new(&bin).arg("--lib").arg(s.0.join("nope.so")).arg(&p.target).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = c_host(&bin, &lib, p, &["--strategy", "chain", "--draft-len", "0"], true).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chain_length"));
+}
+
+#[test]
+fn cpp_host_links_and_streams_the_engine_output() {
+    let s = Scratch::new("cpp");
+    let bin = s.0.join("host_link");
+    build_cpp_host(&bin);
+    let p = tiny(TinyArch::Llama);
+    let prompt = "Once upon a time";
+    let out = run_ok(
+        Command::new(&bin)
+            .args(["--turns", "2", "-n", "20", "--threads", "2", "--ctx", "1024", "--strategy", "chain"])
+            .args(["--prompt", prompt])
+            .arg(&p.target)
+            .arg(&p.draft),
+    );
+    let want = engine_text(
+        p,
+        true,
+        engine::Strategy::Chain(4),
+        vec![engine::Prompt::Text(prompt.into()), engine::Prompt::Text(prompt.into())],
+        20,
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[turn 2]") && err.contains("conversation:"), "{err}");
+    // Bad input: a clean error and exit status, not an abort.
+    let out = Command::new(&bin).arg(s.0.join("missing.gguf")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ADASPEC_STATUS_MODEL_FILE"));
+}
+
+/// valgrind cannot decode AVX-512, which this build uses when the CPU has it
+/// (`-C target-cpu=native`); probe instead of guessing.
+fn valgrind_runs(bin: &Path, lib: &Path, p: &TinyPair) -> bool {
+    let Ok(out) = Command::new("valgrind").arg("--version").output() else {
+        eprintln!("valgrind not installed");
+        return false;
+    };
+    if !out.status.success() {
+        return false;
+    }
+    let probe = Command::new("valgrind")
+        .args(["-q", "--error-exitcode=0"])
+        .arg(bin)
+        .arg("--lib")
+        .arg(lib)
+        .args(["-n", "1", "--threads", "1", "--ctx", "64"])
+        .arg(&p.target)
+        .output();
+    match probe {
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            if err.contains("unhandled instruction") || err.contains("SIGILL") {
+                eprintln!(
+                    "valgrind cannot execute this build of libadaspec (instructions it does not decode, \
+                     e.g. AVX-512 from -C target-cpu=native); set ADASPEC_VALGRIND_LIB to a library built \
+                     with RUSTFLAGS='-C target-cpu=x86-64-v3' to run memcheck; using AddressSanitizer"
+                );
+                false
+            } else {
+                true
+            }
+        }
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn c_host_is_clean_under_a_memory_checker() {
+    let s = Scratch::new("memcheck");
+    let p = tiny(TinyArch::Llama);
+    let args =
+        ["--ignore-eog", "--strategy", "chain", "-n", "6", "--threads", "2", "--ctx", "256", "--prompt", "def f(x):"];
+    let want = engine_text(p, true, engine::Strategy::Chain(4), vec![engine::Prompt::Text("def f(x):".into())], 6);
+
+    // valgrind memcheck, when it can run the library.
+    let bin = s.0.join("host_dlopen");
+    build_c_host(&bin, &["-g"]);
+    let lib = std::env::var_os("ADASPEC_VALGRIND_LIB").map(PathBuf::from).unwrap_or_else(lib_path);
+    let mut checked = false;
+    if valgrind_runs(&bin, &lib, p) {
+        let log = s.0.join("valgrind.log");
+        let out = Command::new("valgrind")
+            .args(["--tool=memcheck", "--leak-check=full", "--errors-for-leak-kinds=definite"])
+            .args(["--error-exitcode=99", "--track-origins=no"])
+            .arg(format!("--log-file={}", log.display()))
+            .arg(&bin)
+            .arg("--lib")
+            .arg(&lib)
+            .args(args)
+            .arg(&p.target)
+            .arg(&p.draft)
+            .env("ADASPEC_NO_DLCLOSE", "1")
+            .output()
+            .expect("run valgrind");
+        let report = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(out.status.success(), "valgrind found errors ({}):\n{report}", out.status);
+        assert!(report.contains("ERROR SUMMARY: 0 errors"), "{report}");
+        assert!(!report.contains("Invalid read") && !report.contains("Invalid write"), "{report}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+        eprintln!("valgrind memcheck: clean");
+        checked = true;
+    }
+
+    // AddressSanitizer + LeakSanitizer: the host instrumented, every malloc/free of the
+    // process (Rust and llama.cpp included) tracked; leaks reported at exit.
+    let asan = s.0.join("host_dlopen_asan");
+    let cc_has_asan = Command::new("cc")
+        .args(C_FLAGS)
+        .args(["-g", "-fsanitize=address", "-fno-omit-frame-pointer"])
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join("examples/c/host_dlopen.c"))
+        .arg("-ldl")
+        .arg("-o")
+        .arg(&asan)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if cc_has_asan {
+        let out = Command::new(&asan)
+            .arg("--lib")
+            .arg(lib_path())
+            .args(args)
+            .arg(&p.target)
+            .arg(&p.draft)
+            .env("ADASPEC_NO_DLCLOSE", "1")
+            .env("ASAN_OPTIONS", "detect_leaks=1:exitcode=98:abort_on_error=0")
+            .output()
+            .expect("run asan host");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "AddressSanitizer/LeakSanitizer report ({}):\n{err}", out.status);
+        assert!(!err.contains("ERROR: AddressSanitizer") && !err.contains("ERROR: LeakSanitizer"), "{err}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+        eprintln!("AddressSanitizer + LeakSanitizer: clean");
+        checked = true;
+    }
+    assert!(checked, "neither valgrind nor AddressSanitizer could run");
+}
+
+#[test]
+fn install_script_and_pkg_config() {
+    let s = Scratch::new("install");
+    let prefix = s.0.join("prefix");
+    let target_dir = lib_dir().parent().expect("target dir").to_path_buf();
+    run_ok(
+        Command::new("bash")
+            .arg(root().join("scripts/install.sh"))
+            .arg("--no-build")
+            .arg("--prefix")
+            .arg(&prefix)
+            .arg("--target-dir")
+            .arg(&target_dir),
+    );
+    for f in ["lib/libadaspec.so", "lib/libadaspec.a", "include/adaspec.h", "lib/pkgconfig/adaspec.pc"] {
+        assert!(prefix.join(f).is_file(), "{f} not installed");
+    }
+    let pc_path = prefix.join("lib/pkgconfig");
+    let pkg = |args: &[&str]| -> Vec<String> {
+        let out = run_ok(Command::new("pkg-config").args(args).arg("adaspec").env("PKG_CONFIG_PATH", &pc_path));
+        String::from_utf8(out.stdout).expect("utf-8").split_whitespace().map(str::to_string).collect()
+    };
+    assert_eq!(pkg(&["--modversion"]), vec![env!("CARGO_PKG_VERSION").to_string()]);
+    let flags = pkg(&["--cflags", "--libs"]);
+    assert!(flags.iter().any(|f| f == "-ladaspec"), "{flags:?}");
+
+    let p = tiny(TinyArch::Llama);
+    let prompt = "The quick brown fox";
+    let want = engine_text(p, true, engine::Strategy::Chain(4), vec![engine::Prompt::Text(prompt.into())], 16);
+    let run_args = ["--strategy", "chain", "-n", "16", "--threads", "2", "--ctx", "1024", "--prompt", prompt];
+
+    // The C host against the installed header/library, flags from pkg-config.
+    let c_bin = s.0.join("host_dlopen");
+    run_ok(
+        Command::new("cc")
+            .args(C_FLAGS)
+            .arg(root().join("examples/c/host_dlopen.c"))
+            .args(&flags)
+            .arg("-ldl")
+            .arg("-o")
+            .arg(&c_bin),
+    );
+    let out = run_ok(
+        Command::new(&c_bin)
+            .arg("--lib")
+            .arg(prefix.join("lib/libadaspec.so"))
+            .arg("--ignore-eog")
+            .args(run_args)
+            .arg(&p.target)
+            .arg(&p.draft),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+
+    // The C++ host linked against the installed shared library.
+    let cpp_bin = s.0.join("host_link");
+    run_ok(
+        Command::new("c++")
+            .args(CXX_FLAGS)
+            .arg(root().join("examples/cpp/host_link.cpp"))
+            .args(&flags)
+            .arg(format!("-Wl,-rpath,{}", prefix.join("lib").display()))
+            .arg("-o")
+            .arg(&cpp_bin),
+    );
+    let out = run_ok(Command::new(&cpp_bin).args(run_args).arg(&p.target).arg(&p.draft));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+
+    // And statically, against libadaspec.a with pkg-config's --static flags.
+    let static_libs: Vec<String> = pkg(&["--static", "--libs"])
+        .into_iter()
+        .map(|f| if f == "-ladaspec" { prefix.join("lib/libadaspec.a").display().to_string() } else { f })
+        .collect();
+    let static_bin = s.0.join("host_link_static");
+    run_ok(
+        Command::new("c++")
+            .args(CXX_FLAGS)
+            .arg(root().join("examples/cpp/host_link.cpp"))
+            .args(pkg(&["--cflags"]))
+            .args(&static_libs)
+            .arg("-o")
+            .arg(&static_bin),
+    );
+    let out = run_ok(Command::new(&static_bin).args(run_args).arg(&p.target).arg(&p.draft));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+}
