@@ -35,10 +35,7 @@ pub(crate) fn model_into_raw(m: Arc<ModelHandle>) -> *mut adaspec_model {
 ///
 /// # Safety
 /// `p` must be NULL or a live handle from [`model_into_raw`].
-pub(crate) unsafe fn model_clone(
-    p: *const adaspec_model,
-    arg: &str,
-) -> FfiResult<Arc<ModelHandle>> {
+pub(crate) unsafe fn model_clone(p: *const adaspec_model, arg: &str) -> FfiResult<Arc<ModelHandle>> {
     if p.is_null() {
         return Err(FfiError::null(arg));
     }
@@ -71,10 +68,7 @@ pub(crate) fn session_into_raw(s: Box<SessionHandle>) -> *mut adaspec_session {
 ///
 /// # Safety
 /// `p` must be NULL or a live handle from [`session_into_raw`].
-pub(crate) unsafe fn session_ref<'a>(
-    p: *mut adaspec_session,
-    arg: &str,
-) -> FfiResult<&'a SessionHandle> {
+pub(crate) unsafe fn session_ref<'a>(p: *mut adaspec_session, arg: &str) -> FfiResult<&'a SessionHandle> {
     if p.is_null() {
         return Err(FfiError::null(arg));
     }

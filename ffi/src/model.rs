@@ -31,10 +31,7 @@ pub extern "C" fn adaspec_model_load(
         // SAFETY: NULL or a host-owned struct, size-checked inside.
         let p = unsafe { read_params(params, "params") }?;
         if p.n_threads < 0 {
-            return Err(FfiError::param(
-                "params->n_threads",
-                format!("{} is negative", p.n_threads),
-            ));
+            return Err(FfiError::param("params->n_threads", format!("{} is negative", p.n_threads)));
         }
         if p.n_gpu_layers < -1 {
             return Err(FfiError::param(
@@ -43,19 +40,12 @@ pub extern "C" fn adaspec_model_load(
             ));
         }
         let mp = engine::ModelParams {
-            n_gpu_layers: if p.n_gpu_layers == -1 {
-                i32::MAX as u32
-            } else {
-                p.n_gpu_layers as u32
-            },
+            n_gpu_layers: if p.n_gpu_layers == -1 { i32::MAX as u32 } else { p.n_gpu_layers as u32 },
             use_mmap: p.use_mmap,
             repack: p.repack,
         };
         let model = engine::Model::load(path, &mp)?;
-        let handle = Arc::new(ModelHandle {
-            model: Arc::new(model),
-            n_threads: p.n_threads,
-        });
+        let handle = Arc::new(ModelHandle { model: Arc::new(model), n_threads: p.n_threads });
         // SAFETY: NULL-checked above; written only on success.
         unsafe { *out_model = model_into_raw(handle) };
         Ok(())

@@ -291,12 +291,8 @@ pub(crate) unsafe fn read_str<'a>(p: *const c_char, arg: &str) -> FfiResult<&'a 
     }
     // SAFETY: non-NULL, NUL-terminated (caller contract).
     let c = unsafe { CStr::from_ptr(p) };
-    c.to_str().map_err(|e| {
-        FfiError::new(
-            adaspec_status::InvalidUtf8,
-            format!("argument `{arg}` is not valid UTF-8: {e}"),
-        )
-    })
+    c.to_str()
+        .map_err(|e| FfiError::new(adaspec_status::InvalidUtf8, format!("argument `{arg}` is not valid UTF-8: {e}")))
 }
 
 /// Builds a slice from a C pointer + length; NULL is allowed only for length 0.
@@ -356,7 +352,7 @@ pub extern "C" fn adaspec_model_default_params() -> adaspec_model_params {
     crate::status::boundary_value(
         "adaspec_model_default_params",
         adaspec_model_params::default(),
-        || adaspec_model_params::default(),
+        adaspec_model_params::default,
     )
 }
 
@@ -366,7 +362,7 @@ pub extern "C" fn adaspec_session_default_params() -> adaspec_session_params {
     crate::status::boundary_value(
         "adaspec_session_default_params",
         adaspec_session_params::default(),
-        || adaspec_session_params::default(),
+        adaspec_session_params::default,
     )
 }
 
@@ -376,16 +372,12 @@ pub extern "C" fn adaspec_generate_default_params() -> adaspec_generate_params {
     crate::status::boundary_value(
         "adaspec_generate_default_params",
         adaspec_generate_params::default(),
-        || adaspec_generate_params::default(),
+        adaspec_generate_params::default,
     )
 }
 
 /// A zeroed `adaspec_stats` with `struct_size` set, ready to pass to a generate function.
 #[no_mangle]
 pub extern "C" fn adaspec_stats_default() -> adaspec_stats {
-    crate::status::boundary_value(
-        "adaspec_stats_default",
-        adaspec_stats::default(),
-        adaspec_stats::default,
-    )
+    crate::status::boundary_value("adaspec_stats_default", adaspec_stats::default(), adaspec_stats::default)
 }

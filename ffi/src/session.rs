@@ -10,21 +10,15 @@ use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use engine::{
-    ChatMessage, GenerateParams, Prompt, SamplingParams, SessionParams, StopReason, Strategy,
-};
+use engine::{ChatMessage, GenerateParams, Prompt, SamplingParams, SessionParams, StopReason, Strategy};
 
-use crate::handles::{
-    adaspec_model, adaspec_session, model_clone, session_into_raw, session_ref, session_take,
-};
+use crate::handles::{adaspec_model, adaspec_session, model_clone, session_into_raw, session_ref, session_take};
 use crate::params::{
-    adaspec_chat_message, adaspec_generate_params, adaspec_numeric_mode, adaspec_session_params,
-    adaspec_stats, adaspec_stop_reason, adaspec_strategy, check_struct_size, read_params,
-    read_slice, read_str, write_buffer, ADASPEC_SEED_FROM_SESSION,
+    adaspec_chat_message, adaspec_generate_params, adaspec_numeric_mode, adaspec_session_params, adaspec_stats,
+    adaspec_stop_reason, adaspec_strategy, check_struct_size, read_params, read_slice, read_str, write_buffer,
+    ADASPEC_SEED_FROM_SESSION,
 };
-use crate::status::{
-    adaspec_status, boundary, boundary_value, set_last_error, FfiError, FfiResult,
-};
+use crate::status::{adaspec_status, boundary, boundary_value, set_last_error, FfiError, FfiResult};
 
 /// Streaming callback, called on the generating thread each time tokens are committed.
 /// `tokens`/`n_tokens`: the committed token ids (may be NULL with `n_tokens` 0 for a final
@@ -70,15 +64,14 @@ struct InUse<'a>(&'a SessionHandle);
 
 impl SessionHandle {
     fn acquire(&self) -> FfiResult<InUse<'_>> {
-        self.in_use
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .map(|_| InUse(self))
-            .map_err(|_| {
+        self.in_use.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).map(|_| InUse(self)).map_err(
+            |_| {
                 FfiError::new(
                     adaspec_status::Busy,
                     "the session is in use (by another thread, or this is a call from its own streaming callback)",
                 )
-            })
+            },
+        )
     }
 }
 
@@ -98,16 +91,10 @@ impl Drop for InUse<'_> {
 
 fn session_params(p: &adaspec_session_params) -> FfiResult<(SessionParams, u64)> {
     if p.n_ctx < 0 {
-        return Err(FfiError::param(
-            "params->n_ctx",
-            format!("{} is negative", p.n_ctx),
-        ));
+        return Err(FfiError::param("params->n_ctx", format!("{} is negative", p.n_ctx)));
     }
     if p.n_threads < 0 {
-        return Err(FfiError::param(
-            "params->n_threads",
-            format!("{} is negative", p.n_threads),
-        ));
+        return Err(FfiError::param("params->n_threads", format!("{} is negative", p.n_threads)));
     }
     let in_range = |name: &str, v: i32, lo: i32, hi: i32| -> FfiResult<usize> {
         if v < lo || v > hi {
@@ -128,32 +115,18 @@ fn session_params(p: &adaspec_session_params) -> FfiResult<(SessionParams, u64)>
             nodes: in_range("params->tree_nodes", p.tree_nodes, 1, 254)?,
         },
         other => {
-            return Err(FfiError::param(
-                "params->strategy",
-                format!("{other} is not an adaspec_strategy (0..=3)"),
-            ));
+            return Err(FfiError::param("params->strategy", format!("{other} is not an adaspec_strategy (0..=3)")));
         }
     };
     let mode = match p.mode {
         x if x == adaspec_numeric_mode::Fast as i32 => engine::NumericMode::Fast,
         x if x == adaspec_numeric_mode::Exact as i32 => engine::NumericMode::Exact,
         other => {
-            return Err(FfiError::param(
-                "params->mode",
-                format!("{other} is not an adaspec_numeric_mode (0 or 1)"),
-            ));
+            return Err(FfiError::param("params->mode", format!("{other} is not an adaspec_numeric_mode (0 or 1)")));
         }
     };
     let n_ctx = if p.n_ctx == 0 { 4096 } else { p.n_ctx as u32 };
-    Ok((
-        SessionParams {
-            n_ctx,
-            n_threads: p.n_threads,
-            strategy,
-            mode,
-        },
-        p.seed,
-    ))
+    Ok((SessionParams { n_ctx, n_threads: p.n_threads, strategy, mode }, p.seed))
 }
 
 /// Creates a session on `target`, speculating with `draft` (NULL: plain decoding with the
@@ -187,12 +160,7 @@ pub extern "C" fn adaspec_session_new(
         }
         let session = engine::Session::new(t.model.clone(), d.map(|d| d.model.clone()), sp)?;
         let handle = Box::new(SessionHandle {
-            inner: UnsafeCell::new(Inner {
-                session,
-                seed,
-                last_text: Vec::new(),
-                poisoned: false,
-            }),
+            inner: UnsafeCell::new(Inner { session, seed, last_text: Vec::new(), poisoned: false }),
             in_use: AtomicBool::new(false),
         });
         // SAFETY: NULL-checked above; written only on success.
@@ -222,10 +190,7 @@ pub extern "C" fn adaspec_session_free(session: *mut adaspec_session) {
                 // the host gives the handle up with this call.
                 drop(unsafe { session_take(session) });
             }
-            Err(e) => set_last_error(&format!(
-                "adaspec_session_free: {}; the session was not freed",
-                e.message
-            )),
+            Err(e) => set_last_error(&format!("adaspec_session_free: {}; the session was not freed", e.message)),
         }
     })
 }
@@ -297,22 +262,13 @@ pub extern "C" fn adaspec_session_last_text(
 
 fn generate_params(p: &adaspec_generate_params, session_seed: u64) -> FfiResult<GenerateParams> {
     if p.max_tokens < 0 {
-        return Err(FfiError::param(
-            "params->max_tokens",
-            format!("{} is negative", p.max_tokens),
-        ));
+        return Err(FfiError::param("params->max_tokens", format!("{} is negative", p.max_tokens)));
     }
     if p.top_k < 0 {
-        return Err(FfiError::param(
-            "params->top_k",
-            format!("{} is negative", p.top_k),
-        ));
+        return Err(FfiError::param("params->top_k", format!("{} is negative", p.top_k)));
     }
     if !(p.temperature.is_finite() && p.temperature >= 0.0) {
-        return Err(FfiError::param(
-            "params->temperature",
-            format!("{} is not a finite value >= 0", p.temperature),
-        ));
+        return Err(FfiError::param("params->temperature", format!("{} is not a finite value >= 0", p.temperature)));
     }
     if p.n_stop_strings > MAX_STOP_STRINGS {
         return Err(FfiError::param(
@@ -332,11 +288,7 @@ fn generate_params(p: &adaspec_generate_params, session_seed: u64) -> FfiResult<
         }
         stop.push(s.to_string());
     }
-    let seed = if p.seed == ADASPEC_SEED_FROM_SESSION {
-        session_seed
-    } else {
-        p.seed
-    };
+    let seed = if p.seed == ADASPEC_SEED_FROM_SESSION { session_seed } else { p.seed };
     Ok(GenerateParams {
         max_tokens: p.max_tokens as usize,
         sampling: SamplingParams {
@@ -412,22 +364,10 @@ fn generate(
         let mut text = Vec::with_capacity(piece.len() + 1);
         text.extend_from_slice(piece.as_bytes());
         text.push(0);
-        let tok_ptr = if tokens.is_empty() {
-            std::ptr::null()
-        } else {
-            tokens.as_ptr()
-        };
+        let tok_ptr = if tokens.is_empty() { std::ptr::null() } else { tokens.as_ptr() };
         // SAFETY: the host's callback with pointers valid for the duration of the call, as
         // documented on adaspec_token_callback.
-        unsafe {
-            cb(
-                tok_ptr,
-                tokens.len(),
-                text.as_ptr() as *const c_char,
-                piece.len(),
-                user_data,
-            )
-        }
+        unsafe { cb(tok_ptr, tokens.len(), text.as_ptr() as *const c_char, piece.len(), user_data) }
     };
     inner.poisoned = true;
     let result = inner.session.generate(&prompt, &gp, &mut on_commit);

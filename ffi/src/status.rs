@@ -82,22 +82,13 @@ pub(crate) struct FfiError {
 
 impl FfiError {
     pub(crate) fn new(status: adaspec_status, message: impl Into<String>) -> Self {
-        FfiError {
-            status,
-            message: message.into(),
-        }
+        FfiError { status, message: message.into() }
     }
     pub(crate) fn null(arg: &str) -> Self {
-        FfiError::new(
-            adaspec_status::NullArgument,
-            format!("argument `{arg}` is NULL"),
-        )
+        FfiError::new(adaspec_status::NullArgument, format!("argument `{arg}` is NULL"))
     }
     pub(crate) fn param(arg: &str, why: impl std::fmt::Display) -> Self {
-        FfiError::new(
-            adaspec_status::InvalidParam,
-            format!("invalid parameter `{arg}`: {why}"),
-        )
+        FfiError::new(adaspec_status::InvalidParam, format!("invalid parameter `{arg}`: {why}"))
     }
 }
 
@@ -105,9 +96,7 @@ impl From<engine::Error> for FfiError {
     fn from(e: engine::Error) -> Self {
         use engine::Error as E;
         let status = match &e {
-            E::ModelFile { .. } | E::InvalidGguf { .. } | E::ModelLoad { .. } => {
-                adaspec_status::ModelFile
-            }
+            E::ModelFile { .. } | E::InvalidGguf { .. } | E::ModelLoad { .. } => adaspec_status::ModelFile,
             E::IncompatibleVocab(_) => adaspec_status::IncompatibleVocab,
             E::InvalidParam { .. } => adaspec_status::InvalidParam,
             E::ContextFull { .. } => adaspec_status::ContextFull,
@@ -168,10 +157,7 @@ where
             e.status
         }
         Err(payload) => {
-            set_last_error(&format!(
-                "{fn_name}: internal panic: {}",
-                panic_message(payload.as_ref())
-            ));
+            set_last_error(&format!("{fn_name}: internal panic: {}", panic_message(payload.as_ref())));
             adaspec_status::Panic
         }
     }
@@ -186,10 +172,7 @@ where
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(v) => v,
         Err(payload) => {
-            set_last_error(&format!(
-                "{fn_name}: internal panic: {}",
-                panic_message(payload.as_ref())
-            ));
+            set_last_error(&format!("{fn_name}: internal panic: {}", panic_message(payload.as_ref())));
             fallback
         }
     }
@@ -226,19 +209,11 @@ pub extern "C" fn adaspec_status_name(status: i32) -> *const c_char {
 #[no_mangle]
 pub extern "C" fn adaspec_last_error() -> *const c_char {
     static EMPTY: [u8; 1] = [0];
-    boundary_value(
-        "adaspec_last_error",
-        EMPTY.as_ptr() as *const c_char,
-        || {
-            LAST_ERROR
-                .try_with(|cell| {
-                    cell.try_borrow()
-                        .map(|s| s.as_ptr())
-                        .unwrap_or(EMPTY.as_ptr() as *const c_char)
-                })
-                .unwrap_or(EMPTY.as_ptr() as *const c_char)
-        },
-    )
+    boundary_value("adaspec_last_error", EMPTY.as_ptr() as *const c_char, || {
+        LAST_ERROR
+            .try_with(|cell| cell.try_borrow().map(|s| s.as_ptr()).unwrap_or(EMPTY.as_ptr() as *const c_char))
+            .unwrap_or(EMPTY.as_ptr() as *const c_char)
+    })
 }
 
 /// Copies the last error message of this thread into `buf` (NUL-terminated, truncated to
@@ -248,11 +223,7 @@ pub extern "C" fn adaspec_last_error() -> *const c_char {
 pub extern "C" fn adaspec_last_error_copy(buf: *mut c_char, buf_len: usize) -> usize {
     boundary_value("adaspec_last_error_copy", 0, || {
         let msg: Vec<u8> = LAST_ERROR
-            .try_with(|cell| {
-                cell.try_borrow()
-                    .map(|s| s.as_bytes().to_vec())
-                    .unwrap_or_default()
-            })
+            .try_with(|cell| cell.try_borrow().map(|s| s.as_bytes().to_vec()).unwrap_or_default())
             .unwrap_or_default();
         if !buf.is_null() && buf_len > 0 {
             let n = msg.len().min(buf_len - 1);
@@ -273,9 +244,7 @@ mod tests {
 
     fn last() -> String {
         // SAFETY: adaspec_last_error never returns NULL and the string is NUL-terminated.
-        unsafe { CStr::from_ptr(adaspec_last_error()) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(adaspec_last_error()) }.to_string_lossy().into_owned()
     }
 
     #[test]
@@ -297,14 +266,8 @@ mod tests {
         let n = adaspec_last_error_copy(buf.as_mut_ptr(), buf.len());
         assert_eq!(n, last().len());
         // SAFETY: the copy is NUL-terminated within buf.
-        assert_eq!(
-            unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap(),
-            "f: "
-        );
-        assert_eq!(
-            adaspec_last_error_copy(std::ptr::null_mut(), 0),
-            last().len()
-        );
+        assert_eq!(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap(), "f: ");
+        assert_eq!(adaspec_last_error_copy(std::ptr::null_mut(), 0), last().len());
         assert_eq!(boundary("f", || Ok(())), adaspec_status::Ok);
         assert_eq!(last(), "");
     }
@@ -315,12 +278,7 @@ mod tests {
             assert_eq!(*s as i32, i as i32);
         }
         // SAFETY: static NUL-terminated strings.
-        let name = |x| {
-            unsafe { CStr::from_ptr(adaspec_status_name(x)) }
-                .to_str()
-                .unwrap()
-                .to_string()
-        };
+        let name = |x| unsafe { CStr::from_ptr(adaspec_status_name(x)) }.to_str().unwrap().to_string();
         assert_eq!(name(8), "ADASPEC_STATUS_BUSY");
         assert_eq!(name(99), "ADASPEC_STATUS_UNKNOWN");
         assert_eq!(name(-1), "ADASPEC_STATUS_UNKNOWN");

@@ -32,10 +32,7 @@ pub extern "C" fn adaspec_tokenize(
         // SAFETY: NULL only with length 0, else `text_len` readable bytes (host contract).
         let bytes = unsafe { read_slice(text as *const u8, text_len, "text") }?;
         let text = std::str::from_utf8(bytes).map_err(|e| {
-            FfiError::new(
-                adaspec_status::InvalidUtf8,
-                format!("argument `text` is not valid UTF-8: {e}"),
-            )
+            FfiError::new(adaspec_status::InvalidUtf8, format!("argument `text` is not valid UTF-8: {e}"))
         })?;
         let ids = m.model.tokenize(text, add_special, parse_special)?;
         // SAFETY: `tokens` has `n_tokens_max` writable slots; `n_tokens_out` checked non-NULL.
@@ -67,15 +64,9 @@ pub extern "C" fn adaspec_detokenize(
         let ids = unsafe { read_slice(tokens, n_tokens, "tokens") }?;
         let n_vocab = m.model.n_vocab();
         if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
-            return Err(FfiError::param(
-                "tokens",
-                format!("token id {bad} outside the vocabulary (0..{n_vocab})"),
-            ));
+            return Err(FfiError::param("tokens", format!("token id {bad} outside the vocabulary (0..{n_vocab})")));
         }
-        let mut bytes: Vec<u8> = ids
-            .iter()
-            .flat_map(|&t| m.model.token_to_piece_ext(t, render_special))
-            .collect();
+        let mut bytes: Vec<u8> = ids.iter().flat_map(|&t| m.model.token_to_piece_ext(t, render_special)).collect();
         let text_len = bytes.len();
         bytes.push(0);
         let mut needed = 0usize;

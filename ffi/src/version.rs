@@ -14,20 +14,14 @@ const VERSION_C: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
 /// was built as, e.g. "0.1.0"). Never NULL.
 #[no_mangle]
 pub extern "C" fn adaspec_version() -> *const c_char {
-    boundary_value(
-        "adaspec_version",
-        VERSION_C.as_ptr() as *const c_char,
-        || VERSION_C.as_ptr() as *const c_char,
-    )
+    boundary_value("adaspec_version", VERSION_C.as_ptr() as *const c_char, || VERSION_C.as_ptr() as *const c_char)
 }
 
 /// The ABI version of the library. A host compiled against this header should check
 /// `adaspec_abi_version() == ADASPEC_ABI_VERSION` before calling anything else.
 #[no_mangle]
 pub extern "C" fn adaspec_abi_version() -> u32 {
-    boundary_value("adaspec_abi_version", ADASPEC_ABI_VERSION, || {
-        ADASPEC_ABI_VERSION
-    })
+    boundary_value("adaspec_abi_version", ADASPEC_ABI_VERSION, || ADASPEC_ABI_VERSION)
 }
 
 #[cfg(test)]

@@ -27,10 +27,7 @@ fn every_export_resolves_and_version_agrees() {
         assert!(sym.is_ok(), "{name} not exported");
     }
     // SAFETY: static strings.
-    let v = unsafe { CStr::from_ptr((api.version)()) }
-        .to_str()
-        .unwrap()
-        .to_string();
+    let v = unsafe { CStr::from_ptr((api.version)()) }.to_str().unwrap().to_string();
     assert_eq!(v, env!("CARGO_PKG_VERSION"));
     let header = std::fs::read_to_string(root().join("include/adaspec.h")).unwrap();
     assert!(header.contains(&format!("#define ADASPEC_VERSION \"{v}\"")));
@@ -38,10 +35,7 @@ fn every_export_resolves_and_version_agrees() {
     let abi = unsafe { (api.abi_version)() };
     assert!(header.contains(&format!("#define ADASPEC_ABI_VERSION {abi}")));
     let cargo = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
-    assert!(
-        cargo.contains(&format!("version = \"{v}\"")),
-        "root Cargo.toml version differs"
-    );
+    assert!(cargo.contains(&format!("version = \"{v}\"")), "root Cargo.toml version differs");
     // Status names.
     for (n, name) in [
         (0, "ADASPEC_STATUS_OK"),
@@ -50,15 +44,9 @@ fn every_export_resolves_and_version_agrees() {
         (12, "ADASPEC_STATUS_UNKNOWN"),
     ] {
         // SAFETY: never NULL, static.
-        let s = unsafe { CStr::from_ptr((api.status_name)(n)) }
-            .to_str()
-            .unwrap()
-            .to_string();
+        let s = unsafe { CStr::from_ptr((api.status_name)(n)) }.to_str().unwrap().to_string();
         assert_eq!(s, name);
-        assert!(
-            n == 12 || header.contains(&format!("{name} = {n},")),
-            "{name} = {n} not in header"
-        );
+        assert!(n == 12 || header.contains(&format!("{name} = {n},")), "{name} = {n} not in header");
     }
 }
 
@@ -75,24 +63,12 @@ fn default_params_have_struct_size_and_documented_defaults() {
         )
     };
     assert_eq!(mp.struct_size as usize, std::mem::size_of::<ModelParams>());
-    assert_eq!(
-        sp.struct_size as usize,
-        std::mem::size_of::<SessionParams>()
-    );
-    assert_eq!(
-        gp.struct_size as usize,
-        std::mem::size_of::<GenerateParams>()
-    );
+    assert_eq!(sp.struct_size as usize, std::mem::size_of::<SessionParams>());
+    assert_eq!(gp.struct_size as usize, std::mem::size_of::<GenerateParams>());
     assert_eq!(st.struct_size as usize, std::mem::size_of::<Stats>());
     assert!(mp.use_mmap && mp.repack && mp.n_gpu_layers == 0 && mp.n_threads == 0);
-    assert_eq!(
-        (sp.n_ctx, sp.strategy, sp.chain_length, sp.mode),
-        (0, STRATEGY_AUTO, 4, 0)
-    );
-    assert_eq!(
-        (gp.max_tokens, gp.temperature, gp.top_p, gp.seed),
-        (128, 0.0, 1.0, u64::MAX)
-    );
+    assert_eq!((sp.n_ctx, sp.strategy, sp.chain_length, sp.mode), (0, STRATEGY_AUTO, 4, 0));
+    assert_eq!((gp.max_tokens, gp.temperature, gp.top_p, gp.seed), (128, 0.0, 1.0, u64::MAX));
     assert!(gp.stop_strings.is_null() && gp.n_stop_strings == 0 && !gp.ignore_eog);
 }
 
@@ -105,29 +81,18 @@ fn last_error_is_thread_local_cleared_and_copyable() {
     assert_eq!(st, NULL_ARGUMENT);
     assert_eq!(m, sentinel_model(), "out-param written on failure");
     let msg = api.last_error_string();
-    assert!(
-        msg.contains("adaspec_model_load") && msg.contains("`path`"),
-        "{msg}"
-    );
+    assert!(msg.contains("adaspec_model_load") && msg.contains("`path`"), "{msg}");
     // Copy: size query, truncation, full copy.
     // SAFETY: NULL/0 size query, then buffers of the stated sizes.
     let n = unsafe { (api.last_error_copy)(null_mut(), 0) };
     assert_eq!(n, msg.len());
     let mut small = [1 as c_char; 5];
     // SAFETY: 5-byte buffer.
-    assert_eq!(
-        unsafe { (api.last_error_copy)(small.as_mut_ptr(), 5) },
-        msg.len()
-    );
+    assert_eq!(unsafe { (api.last_error_copy)(small.as_mut_ptr(), 5) }, msg.len());
     // SAFETY: NUL-terminated within the buffer.
-    assert_eq!(
-        unsafe { CStr::from_ptr(small.as_ptr()) }.to_str().unwrap(),
-        &msg[..4]
-    );
+    assert_eq!(unsafe { CStr::from_ptr(small.as_ptr()) }.to_str().unwrap(), &msg[..4]);
     // Another thread has its own (empty) message.
-    let other = std::thread::spawn(|| api.last_error_string())
-        .join()
-        .unwrap();
+    let other = std::thread::spawn(|| api.last_error_string()).join().unwrap();
     assert_eq!(other, "");
     // A successful fallible call clears it.
     let p = tiny(TinyArch::Llama);
@@ -164,8 +129,7 @@ fn model_load_reports_bad_inputs() {
         assert_eq!(st, want, "{}: {}", path.display(), api.last_error_string());
         assert_eq!(m, sentinel_model());
         assert!(
-            api.last_error_string()
-                .contains(path.file_name().unwrap().to_str().unwrap()),
+            api.last_error_string().contains(path.file_name().unwrap().to_str().unwrap()),
             "{}",
             api.last_error_string()
         );
@@ -173,57 +137,21 @@ fn model_load_reports_bad_inputs() {
     let good = cstr(p.target.to_str().unwrap());
     // NULL out-param.
     // SAFETY: NULL out on purpose.
-    assert_eq!(
-        unsafe { (api.model_load)(good.as_ptr(), null(), null_mut()) },
-        NULL_ARGUMENT
-    );
+    assert_eq!(unsafe { (api.model_load)(good.as_ptr(), null(), null_mut()) }, NULL_ARGUMENT);
     // Invalid UTF-8 path.
     let bad_utf8 = [0xffu8, 0xfe, b'x', 0];
     let mut m = null_mut();
     // SAFETY: NUL-terminated bytes.
-    assert_eq!(
-        unsafe { (api.model_load)(bad_utf8.as_ptr() as *const c_char, null(), &mut m) },
-        INVALID_UTF8
-    );
+    assert_eq!(unsafe { (api.model_load)(bad_utf8.as_ptr() as *const c_char, null(), &mut m) }, INVALID_UTF8);
     // Params: wrong struct_size (smaller, larger, zero), negative threads, bad gpu layers.
     // SAFETY: by-value return.
     let base = unsafe { (api.model_default_params)() };
     let cases: Vec<(ModelParams, i32)> = vec![
-        (
-            ModelParams {
-                struct_size: 0,
-                ..base
-            },
-            STRUCT_SIZE,
-        ),
-        (
-            ModelParams {
-                struct_size: base.struct_size - 4,
-                ..base
-            },
-            STRUCT_SIZE,
-        ),
-        (
-            ModelParams {
-                struct_size: base.struct_size + 8,
-                ..base
-            },
-            STRUCT_SIZE,
-        ),
-        (
-            ModelParams {
-                n_threads: -1,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            ModelParams {
-                n_gpu_layers: -2,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
+        (ModelParams { struct_size: 0, ..base }, STRUCT_SIZE),
+        (ModelParams { struct_size: base.struct_size - 4, ..base }, STRUCT_SIZE),
+        (ModelParams { struct_size: base.struct_size + 8, ..base }, STRUCT_SIZE),
+        (ModelParams { n_threads: -1, ..base }, INVALID_PARAM),
+        (ModelParams { n_gpu_layers: -2, ..base }, INVALID_PARAM),
     ];
     for (mp, want) in cases {
         let mut m = sentinel_model();
@@ -233,20 +161,11 @@ fn model_load_reports_bad_inputs() {
         assert_eq!(m, sentinel_model());
     }
     // Good load with explicit params, properties, free; NULL free.
-    let mp = ModelParams {
-        n_threads: 2,
-        use_mmap: false,
-        repack: false,
-        n_gpu_layers: -1,
-        ..base
-    };
+    let mp = ModelParams { n_threads: 2, use_mmap: false, repack: false, n_gpu_layers: -1, ..base };
     let t = api.load(&p.target, Some(&mp));
     // SAFETY: live handle and NULLs.
     unsafe {
-        assert_eq!(
-            (api.model_n_vocab)(t),
-            engine::tiny_model::tiny_vocab().tokens.len() as i32
-        );
+        assert_eq!((api.model_n_vocab)(t), engine::tiny_model::tiny_vocab().tokens.len() as i32);
         assert_eq!((api.model_n_ctx_train)(t), 4096);
         assert_eq!((api.model_n_vocab)(null()), -1);
         assert_eq!((api.model_n_ctx_train)(null()), -1);
@@ -266,21 +185,13 @@ fn vocab_check_without_a_session() {
     let api = api();
     let p = tiny(TinyArch::Llama);
     let bad_path = incompatible_copy(&p.target, &p.dir);
-    let (t, d, bad) = (
-        api.load(&p.target, None),
-        api.load(&p.draft, None),
-        api.load(&bad_path, None),
-    );
+    let (t, d, bad) = (api.load(&p.target, None), api.load(&p.draft, None), api.load(&bad_path, None));
     let q = tiny(TinyArch::Qwen2);
     let qd = api.load(&q.draft, None);
     // SAFETY: live handles and NULLs.
     unsafe {
         assert_eq!((api.model_check_vocab)(t, d), OK);
-        assert_eq!(
-            (api.model_check_vocab)(t, qd),
-            OK,
-            "same tokenizer across tiny archs"
-        );
+        assert_eq!((api.model_check_vocab)(t, qd), OK, "same tokenizer across tiny archs");
         assert_eq!((api.model_check_vocab)(t, bad), INCOMPATIBLE_VOCAB);
         let msg = api.last_error_string();
         assert!(msg.contains("differs") && msg.contains("im_fin"), "{msg}");
@@ -311,16 +222,8 @@ fn tokenize_and_detokenize_follow_the_buffer_convention() {
         // Short buffer: needed size reported, nothing else.
         let mut n = 0usize;
         let mut small = [7i32; 2];
-        let st = (api.tokenize)(
-            t,
-            text.as_ptr() as *const c_char,
-            text.len(),
-            true,
-            true,
-            small.as_mut_ptr(),
-            2,
-            &mut n,
-        );
+        let st =
+            (api.tokenize)(t, text.as_ptr() as *const c_char, text.len(), true, true, small.as_mut_ptr(), 2, &mut n);
         assert_eq!((st, n), (BUFFER_TOO_SMALL, ids.len()));
         assert_eq!(small, [7, 7]);
         // Empty text: zero tokens, OK with a NULL buffer.
@@ -328,60 +231,21 @@ fn tokenize_and_detokenize_follow_the_buffer_convention() {
         assert_eq!((st, n), (OK, 0));
         // Misuse.
         assert_eq!(
-            (api.tokenize)(
-                null(),
-                text.as_ptr() as *const c_char,
-                text.len(),
-                true,
-                true,
-                null_mut(),
-                0,
-                &mut n
-            ),
+            (api.tokenize)(null(), text.as_ptr() as *const c_char, text.len(), true, true, null_mut(), 0, &mut n),
+            NULL_ARGUMENT
+        );
+        assert_eq!((api.tokenize)(t, null(), 3, true, true, null_mut(), 0, &mut n), NULL_ARGUMENT);
+        assert_eq!(
+            (api.tokenize)(t, text.as_ptr() as *const c_char, text.len(), true, true, null_mut(), 0, null_mut()),
             NULL_ARGUMENT
         );
         assert_eq!(
-            (api.tokenize)(t, null(), 3, true, true, null_mut(), 0, &mut n),
-            NULL_ARGUMENT
-        );
-        assert_eq!(
-            (api.tokenize)(
-                t,
-                text.as_ptr() as *const c_char,
-                text.len(),
-                true,
-                true,
-                null_mut(),
-                0,
-                null_mut()
-            ),
-            NULL_ARGUMENT
-        );
-        assert_eq!(
-            (api.tokenize)(
-                t,
-                text.as_ptr() as *const c_char,
-                text.len(),
-                true,
-                true,
-                null_mut(),
-                100,
-                &mut n
-            ),
+            (api.tokenize)(t, text.as_ptr() as *const c_char, text.len(), true, true, null_mut(), 100, &mut n),
             NULL_ARGUMENT
         );
         let bad = [b'a', 0xc3];
         assert_eq!(
-            (api.tokenize)(
-                t,
-                bad.as_ptr() as *const c_char,
-                2,
-                true,
-                true,
-                null_mut(),
-                0,
-                &mut n
-            ),
+            (api.tokenize)(t, bad.as_ptr() as *const c_char, 2, true, true, null_mut(), 0, &mut n),
             INVALID_UTF8
         );
 
@@ -392,93 +256,28 @@ fn tokenize_and_detokenize_follow_the_buffer_convention() {
         let plain = reference.detokenize(body);
         assert_eq!((st, n), (BUFFER_TOO_SMALL, plain.len()));
         let mut buf = vec![b'x' as c_char; n];
-        let st = (api.detokenize)(
-            t,
-            body.as_ptr(),
-            body.len(),
-            false,
-            buf.as_mut_ptr(),
-            n,
-            &mut n,
-        );
-        assert_eq!(
-            (st, n),
-            (BUFFER_TOO_SMALL, plain.len()),
-            "no room for the NUL"
-        );
-        assert!(
-            buf.iter().all(|&c| c == b'x' as c_char),
-            "buffer written on failure"
-        );
+        let st = (api.detokenize)(t, body.as_ptr(), body.len(), false, buf.as_mut_ptr(), n, &mut n);
+        assert_eq!((st, n), (BUFFER_TOO_SMALL, plain.len()), "no room for the NUL");
+        assert!(buf.iter().all(|&c| c == b'x' as c_char), "buffer written on failure");
         let mut buf = vec![0 as c_char; n + 1];
-        let st = (api.detokenize)(
-            t,
-            body.as_ptr(),
-            body.len(),
-            false,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut n,
-        );
+        let st = (api.detokenize)(t, body.as_ptr(), body.len(), false, buf.as_mut_ptr(), buf.len(), &mut n);
         assert_eq!(st, OK);
         assert_eq!(CStr::from_ptr(buf.as_ptr()).to_str().unwrap(), plain);
         assert_eq!(plain, "def add(a, b):\n    return a + b");
         let mut buf = vec![0 as c_char; 256];
-        let st = (api.detokenize)(
-            t,
-            body.as_ptr(),
-            body.len(),
-            true,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut n,
-        );
+        let st = (api.detokenize)(t, body.as_ptr(), body.len(), true, buf.as_mut_ptr(), buf.len(), &mut n);
         assert_eq!(st, OK);
         assert_eq!(CStr::from_ptr(buf.as_ptr()).to_str().unwrap(), text);
         // Misuse.
         let bad_ids = [1, -3];
-        assert_eq!(
-            (api.detokenize)(t, bad_ids.as_ptr(), 2, false, buf.as_mut_ptr(), 256, &mut n),
-            INVALID_PARAM
-        );
+        assert_eq!((api.detokenize)(t, bad_ids.as_ptr(), 2, false, buf.as_mut_ptr(), 256, &mut n), INVALID_PARAM);
         assert!(api.last_error_string().contains("-3"));
         let bad_ids = [1, 1 << 20];
-        assert_eq!(
-            (api.detokenize)(t, bad_ids.as_ptr(), 2, false, buf.as_mut_ptr(), 256, &mut n),
-            INVALID_PARAM
-        );
-        assert_eq!(
-            (api.detokenize)(t, null(), 2, false, buf.as_mut_ptr(), 256, &mut n),
-            NULL_ARGUMENT
-        );
-        assert_eq!(
-            (api.detokenize)(
-                null(),
-                body.as_ptr(),
-                1,
-                false,
-                buf.as_mut_ptr(),
-                256,
-                &mut n
-            ),
-            NULL_ARGUMENT
-        );
-        assert_eq!(
-            (api.detokenize)(
-                t,
-                body.as_ptr(),
-                1,
-                false,
-                buf.as_mut_ptr(),
-                256,
-                null_mut()
-            ),
-            NULL_ARGUMENT
-        );
-        assert_eq!(
-            (api.detokenize)(t, body.as_ptr(), body.len(), false, null_mut(), 256, &mut n),
-            NULL_ARGUMENT
-        );
+        assert_eq!((api.detokenize)(t, bad_ids.as_ptr(), 2, false, buf.as_mut_ptr(), 256, &mut n), INVALID_PARAM);
+        assert_eq!((api.detokenize)(t, null(), 2, false, buf.as_mut_ptr(), 256, &mut n), NULL_ARGUMENT);
+        assert_eq!((api.detokenize)(null(), body.as_ptr(), 1, false, buf.as_mut_ptr(), 256, &mut n), NULL_ARGUMENT);
+        assert_eq!((api.detokenize)(t, body.as_ptr(), 1, false, buf.as_mut_ptr(), 256, null_mut()), NULL_ARGUMENT);
+        assert_eq!((api.detokenize)(t, body.as_ptr(), body.len(), false, null_mut(), 256, &mut n), NULL_ARGUMENT);
         let st = (api.detokenize)(t, null(), 0, false, buf.as_mut_ptr(), 1, &mut n);
         assert_eq!((st, n, buf[0]), (OK, 0, 0));
         (api.model_free)(t);
@@ -492,88 +291,19 @@ fn session_new_rejects_bad_params() {
     let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
     let base = api.session_params(STRATEGY_CHAIN);
     let cases: Vec<(SessionParams, i32)> = vec![
-        (
-            SessionParams {
-                struct_size: 4,
-                ..base
-            },
-            STRUCT_SIZE,
-        ),
-        (
-            SessionParams {
-                struct_size: base.struct_size + 4,
-                ..base
-            },
-            STRUCT_SIZE,
-        ),
+        (SessionParams { struct_size: 4, ..base }, STRUCT_SIZE),
+        (SessionParams { struct_size: base.struct_size + 4, ..base }, STRUCT_SIZE),
         (SessionParams { n_ctx: -1, ..base }, INVALID_PARAM),
         (SessionParams { n_ctx: 8, ..base }, INVALID_PARAM),
-        (
-            SessionParams {
-                n_threads: -4,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            SessionParams {
-                strategy: 9,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            SessionParams {
-                strategy: -1,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            SessionParams {
-                chain_length: 0,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            SessionParams {
-                chain_length: -5,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            SessionParams {
-                chain_length: 65,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            SessionParams {
-                strategy: STRATEGY_TREE,
-                tree_top_k: 0,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            SessionParams {
-                strategy: STRATEGY_TREE,
-                tree_depth: 17,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            SessionParams {
-                strategy: STRATEGY_TREE,
-                tree_nodes: 255,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
+        (SessionParams { n_threads: -4, ..base }, INVALID_PARAM),
+        (SessionParams { strategy: 9, ..base }, INVALID_PARAM),
+        (SessionParams { strategy: -1, ..base }, INVALID_PARAM),
+        (SessionParams { chain_length: 0, ..base }, INVALID_PARAM),
+        (SessionParams { chain_length: -5, ..base }, INVALID_PARAM),
+        (SessionParams { chain_length: 65, ..base }, INVALID_PARAM),
+        (SessionParams { strategy: STRATEGY_TREE, tree_top_k: 0, ..base }, INVALID_PARAM),
+        (SessionParams { strategy: STRATEGY_TREE, tree_depth: 17, ..base }, INVALID_PARAM),
+        (SessionParams { strategy: STRATEGY_TREE, tree_nodes: 255, ..base }, INVALID_PARAM),
         (SessionParams { mode: 2, ..base }, INVALID_PARAM),
         // Exact mode needs the target loaded with repack = false.
         (SessionParams { mode: 1, ..base }, INVALID_PARAM),
@@ -592,12 +322,7 @@ fn session_new_rejects_bad_params() {
         assert_eq!((api.session_new)(null(), d, &base, &mut s), NULL_ARGUMENT);
         assert_eq!((api.session_new)(t, d, &base, null_mut()), NULL_ARGUMENT);
         // NULL params = defaults; NULL draft = plain decoding.
-        assert_eq!(
-            (api.session_new)(t, null(), null(), &mut s),
-            OK,
-            "{}",
-            api.last_error_string()
-        );
+        assert_eq!((api.session_new)(t, null(), null(), &mut s), OK, "{}", api.last_error_string());
         (api.session_free)(s);
         (api.session_free)(null_mut());
         // The same model may serve several sessions, and may be freed before them.
@@ -623,11 +348,7 @@ fn session_new_rejects_bad_params() {
 #[test]
 fn generation_matches_engine_and_is_lossless() {
     let api = api();
-    let prompts = [
-        "def fibonacci(n):\n    return",
-        "The quick brown fox jumps over",
-        "Once upon a time,",
-    ];
+    let prompts = ["def fibonacci(n):\n    return", "The quick brown fox jumps over", "Once upon a time,"];
     for arch in [TinyArch::Llama, TinyArch::Qwen2] {
         let p = tiny(arch);
         let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
@@ -636,21 +357,15 @@ fn generation_matches_engine_and_is_lossless() {
         (tree.tree_top_k, tree.tree_depth, tree.tree_nodes) = (3, 4, 12);
         let mut chain = api.session_params(STRATEGY_CHAIN);
         chain.chain_length = 3;
-        let spec: Vec<*mut Session> = [chain, tree, api.session_params(STRATEGY_AUTO)]
-            .iter()
-            .map(|sp| api.new_session(t, d, sp))
-            .collect();
+        let spec: Vec<*mut Session> =
+            [chain, tree, api.session_params(STRATEGY_AUTO)].iter().map(|sp| api.new_session(t, d, sp)).collect();
         let gp = api.greedy(96);
         let engine_ref = engine_generate(
             &p.target,
             None,
             engine::Strategy::None,
             &[engine::Prompt::Text(prompts[0].to_string())],
-            &engine::GenerateParams {
-                max_tokens: 96,
-                ignore_eog: true,
-                ..Default::default()
-            },
+            &engine::GenerateParams { max_tokens: 96, ignore_eog: true, ..Default::default() },
         );
         for (i, prompt) in prompts.iter().enumerate() {
             // SAFETY: live sessions.
@@ -664,47 +379,28 @@ fn generation_matches_engine_and_is_lossless() {
             assert_eq!(want.tokens.len(), 96);
             assert_eq!(want_stats.n_tokens, 96);
             assert_eq!(want_stats.stop_reason, STOP_MAX_TOKENS);
-            assert_eq!(
-                want_stats.n_rounds, 96,
-                "plain decoding: one pass per token"
-            );
+            assert_eq!(want_stats.n_rounds, 96, "plain decoding: one pass per token");
             if i == 0 {
-                assert_eq!(
-                    want.tokens, engine_ref[0].tokens,
-                    "{arch:?}: C API differs from the engine"
-                );
+                assert_eq!(want.tokens, engine_ref[0].tokens, "{arch:?}: C API differs from the engine");
                 assert_eq!(want.text(), engine_ref[0].text);
             }
             for &s in &spec {
                 let (got, stats) = api.generate_text(s, prompt, &gp).unwrap();
-                assert_eq!(
-                    got.tokens, want.tokens,
-                    "{arch:?} {prompt:?}: speculative output differs"
-                );
+                assert_eq!(got.tokens, want.tokens, "{arch:?} {prompt:?}: speculative output differs");
                 assert_eq!(got.text, want.text);
                 assert_eq!(stats.n_tokens, 96);
                 assert!(stats.n_rounds <= 96 && stats.n_rounds > 0);
                 assert!(stats.n_draft_accepted <= stats.n_draft_proposed);
                 assert!((0.0..=1.0).contains(&stats.acceptance_rate));
-                assert!(
-                    stats.tokens_per_pass >= 1.0
-                        && stats.total_ms > 0.0
-                        && stats.tokens_per_second > 0.0
-                );
+                assert!(stats.tokens_per_pass >= 1.0 && stats.total_ms > 0.0 && stats.tokens_per_second > 0.0);
                 // last_text: the whole streamed text.
                 let mut n = 0usize;
                 // SAFETY: size query then a buffer of n + 1.
                 unsafe {
-                    assert_eq!(
-                        (api.session_last_text)(s, null_mut(), 0, &mut n),
-                        BUFFER_TOO_SMALL
-                    );
+                    assert_eq!((api.session_last_text)(s, null_mut(), 0, &mut n), BUFFER_TOO_SMALL);
                     assert_eq!(n, got.text.len());
                     let mut buf = vec![0 as c_char; n + 1];
-                    assert_eq!(
-                        (api.session_last_text)(s, buf.as_mut_ptr(), n + 1, &mut n),
-                        OK
-                    );
+                    assert_eq!((api.session_last_text)(s, buf.as_mut_ptr(), n + 1, &mut n), OK);
                     assert_eq!(buf[n], 0);
                     let bytes: Vec<u8> = buf[..n].iter().map(|&c| c as u8).collect();
                     assert_eq!(bytes, got.text);
@@ -735,15 +431,8 @@ fn token_prompts_chat_and_multi_turn_keep_the_kv_cache() {
         &p.target,
         Some(&p.draft),
         engine::Strategy::Chain(4),
-        &turns
-            .iter()
-            .map(|s| engine::Prompt::Text(s.to_string()))
-            .collect::<Vec<_>>(),
-        &engine::GenerateParams {
-            max_tokens: 20,
-            ignore_eog: true,
-            ..Default::default()
-        },
+        &turns.iter().map(|s| engine::Prompt::Text(s.to_string())).collect::<Vec<_>>(),
+        &engine::GenerateParams { max_tokens: 20, ignore_eog: true, ..Default::default() },
     );
     let (a, sa) = api.generate_text(s, turns[0], &gp).unwrap();
     let (b, sb) = api.generate_text(s, turns[1], &gp).unwrap();
@@ -751,43 +440,21 @@ fn token_prompts_chat_and_multi_turn_keep_the_kv_cache() {
     assert_eq!(b.tokens, want[1].tokens);
     assert_eq!(b.text(), want[1].text);
     let turn2_tokens = api.tokenize_str(t, turns[1], false);
-    assert_eq!(
-        sa.n_prompt_tokens as usize,
-        api.tokenize_str(t, turns[0], true).len()
-    );
-    assert_eq!(
-        sb.n_prompt_tokens as usize,
-        turn2_tokens.len(),
-        "turn 2 re-processed earlier turns"
-    );
+    assert_eq!(sa.n_prompt_tokens as usize, api.tokenize_str(t, turns[0], true).len());
+    assert_eq!(sb.n_prompt_tokens as usize, turn2_tokens.len(), "turn 2 re-processed earlier turns");
     // History holds both turns.
     let mut n = 0usize;
     // SAFETY: size query and a sized buffer; NULL misuse.
     let history = unsafe {
-        assert_eq!(
-            (api.session_history)(s, null_mut(), 0, &mut n),
-            BUFFER_TOO_SMALL
-        );
+        assert_eq!((api.session_history)(s, null_mut(), 0, &mut n), BUFFER_TOO_SMALL);
         let mut h = vec![0i32; n];
         assert_eq!((api.session_history)(s, h.as_mut_ptr(), n, &mut n), OK);
-        assert_eq!(
-            (api.session_history)(null_mut(), h.as_mut_ptr(), n, &mut n),
-            NULL_ARGUMENT
-        );
-        assert_eq!(
-            (api.session_history)(s, h.as_mut_ptr(), n, null_mut()),
-            NULL_ARGUMENT
-        );
-        assert_eq!(
-            (api.session_history)(s, null_mut(), n, &mut n),
-            NULL_ARGUMENT
-        );
+        assert_eq!((api.session_history)(null_mut(), h.as_mut_ptr(), n, &mut n), NULL_ARGUMENT);
+        assert_eq!((api.session_history)(s, h.as_mut_ptr(), n, null_mut()), NULL_ARGUMENT);
+        assert_eq!((api.session_history)(s, null_mut(), n, &mut n), NULL_ARGUMENT);
         h
     };
-    assert_eq!(
-        n,
-        sa.n_prompt_tokens as usize + 20 + turn2_tokens.len() + 20
-    );
+    assert_eq!(n, sa.n_prompt_tokens as usize + 20 + turn2_tokens.len() + 20);
     assert_eq!(&history[history.len() - 20..], &b.tokens[..]);
     // An empty prompt continues the conversation.
     let (c, sc) = api.generate_text(s, "", &gp).unwrap();
@@ -816,20 +483,11 @@ fn token_prompts_chat_and_multi_turn_keep_the_kv_cache() {
         assert_eq!(out.tokens, a.tokens);
         // Bad ids, NULL with a count.
         let bad = [1, 99999];
-        assert_eq!(
-            (api.session_generate_tokens)(s, bad.as_ptr(), 2, &gp, None, null_mut(), null_mut()),
-            INVALID_PARAM
-        );
-        assert_eq!(
-            (api.session_generate_tokens)(s, null(), 2, &gp, None, null_mut(), null_mut()),
-            NULL_ARGUMENT
-        );
+        assert_eq!((api.session_generate_tokens)(s, bad.as_ptr(), 2, &gp, None, null_mut(), null_mut()), INVALID_PARAM);
+        assert_eq!((api.session_generate_tokens)(s, null(), 2, &gp, None, null_mut(), null_mut()), NULL_ARGUMENT);
         // A fresh session with no history and no prompt.
         let s2 = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
-        assert_eq!(
-            (api.session_generate_tokens)(s2, null(), 0, &gp, None, null_mut(), null_mut()),
-            INVALID_PARAM
-        );
+        assert_eq!((api.session_generate_tokens)(s2, null(), 0, &gp, None, null_mut(), null_mut()), INVALID_PARAM);
         (api.session_free)(s2);
     }
 
@@ -842,37 +500,18 @@ fn token_prompts_chat_and_multi_turn_keep_the_kv_cache() {
         Some(&p.draft),
         engine::Strategy::Chain(4),
         &[
-            engine::Prompt::Chat(
-                msgs1
-                    .iter()
-                    .map(|(r, c)| engine::ChatMessage::new(*r, *c))
-                    .collect(),
-            ),
-            engine::Prompt::Chat(
-                msgs2
-                    .iter()
-                    .map(|(r, c)| engine::ChatMessage::new(*r, *c))
-                    .collect(),
-            ),
+            engine::Prompt::Chat(msgs1.iter().map(|(r, c)| engine::ChatMessage::new(*r, *c)).collect()),
+            engine::Prompt::Chat(msgs2.iter().map(|(r, c)| engine::ChatMessage::new(*r, *c)).collect()),
         ],
-        &engine::GenerateParams {
-            max_tokens: 16,
-            ignore_eog: true,
-            ..Default::default()
-        },
+        &engine::GenerateParams { max_tokens: 16, ignore_eog: true, ..Default::default() },
     );
     // SAFETY: live session, message arrays valid for the calls.
     unsafe {
         assert_eq!((api.session_reset)(s), OK);
         for (msgs, want) in [(&msgs1[..], &want[0]), (&msgs2[..], &want[1])] {
             let owned: Vec<_> = msgs.iter().map(|(r, c)| (cstr(r), cstr(c))).collect();
-            let cm: Vec<ChatMessage> = owned
-                .iter()
-                .map(|(r, c)| ChatMessage {
-                    role: r.as_ptr(),
-                    content: c.as_ptr(),
-                })
-                .collect();
+            let cm: Vec<ChatMessage> =
+                owned.iter().map(|(r, c)| ChatMessage { role: r.as_ptr(), content: c.as_ptr() }).collect();
             let mut out = Streamed::default();
             let mut st = (api.stats_default)();
             let r = (api.session_chat)(
@@ -890,32 +529,14 @@ fn token_prompts_chat_and_multi_turn_keep_the_kv_cache() {
         }
         // Chat misuse.
         let role = cstr("user");
-        let bad = [ChatMessage {
-            role: role.as_ptr(),
-            content: null(),
-        }];
-        assert_eq!(
-            (api.session_chat)(s, bad.as_ptr(), 1, &gp, None, null_mut(), null_mut()),
-            NULL_ARGUMENT
-        );
+        let bad = [ChatMessage { role: role.as_ptr(), content: null() }];
+        assert_eq!((api.session_chat)(s, bad.as_ptr(), 1, &gp, None, null_mut(), null_mut()), NULL_ARGUMENT);
         assert!(api.last_error_string().contains("messages[0].content"));
-        assert_eq!(
-            (api.session_chat)(s, bad.as_ptr(), 0, &gp, None, null_mut(), null_mut()),
-            INVALID_PARAM
-        );
-        assert_eq!(
-            (api.session_chat)(s, null(), 1, &gp, None, null_mut(), null_mut()),
-            NULL_ARGUMENT
-        );
+        assert_eq!((api.session_chat)(s, bad.as_ptr(), 0, &gp, None, null_mut(), null_mut()), INVALID_PARAM);
+        assert_eq!((api.session_chat)(s, null(), 1, &gp, None, null_mut(), null_mut()), NULL_ARGUMENT);
         let bad_utf8 = [0xffu8, 0];
-        let bad = [ChatMessage {
-            role: role.as_ptr(),
-            content: bad_utf8.as_ptr() as *const c_char,
-        }];
-        assert_eq!(
-            (api.session_chat)(s, bad.as_ptr(), 1, &gp, None, null_mut(), null_mut()),
-            INVALID_UTF8
-        );
+        let bad = [ChatMessage { role: role.as_ptr(), content: bad_utf8.as_ptr() as *const c_char }];
+        assert_eq!((api.session_chat)(s, bad.as_ptr(), 1, &gp, None, null_mut(), null_mut()), INVALID_UTF8);
         (api.session_free)(s);
         (api.model_free)(t);
         (api.model_free)(d);
@@ -934,131 +555,43 @@ fn generate_rejects_bad_arguments_without_touching_the_session() {
     let stop_ptrs = [empty.as_ptr()];
     let null_ptrs: [*const c_char; 1] = [null()];
     let cases: Vec<(GenerateParams, i32)> = vec![
-        (
-            GenerateParams {
-                struct_size: 0,
-                ..base
-            },
-            STRUCT_SIZE,
-        ),
-        (
-            GenerateParams {
-                struct_size: base.struct_size * 2,
-                ..base
-            },
-            STRUCT_SIZE,
-        ),
-        (
-            GenerateParams {
-                max_tokens: -1,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
+        (GenerateParams { struct_size: 0, ..base }, STRUCT_SIZE),
+        (GenerateParams { struct_size: base.struct_size * 2, ..base }, STRUCT_SIZE),
+        (GenerateParams { max_tokens: -1, ..base }, INVALID_PARAM),
         (GenerateParams { top_k: -2, ..base }, INVALID_PARAM),
-        (
-            GenerateParams {
-                temperature: -0.5,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            GenerateParams {
-                temperature: f32::NAN,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
+        (GenerateParams { temperature: -0.5, ..base }, INVALID_PARAM),
+        (GenerateParams { temperature: f32::NAN, ..base }, INVALID_PARAM),
         (GenerateParams { top_p: 1.5, ..base }, INVALID_PARAM),
         (GenerateParams { top_p: 0.0, ..base }, INVALID_PARAM),
-        (
-            GenerateParams {
-                min_p: -1.0,
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            GenerateParams {
-                n_stop_strings: 2,
-                ..base
-            },
-            NULL_ARGUMENT,
-        ),
-        (
-            GenerateParams {
-                n_stop_strings: 65,
-                stop_strings: stop_ptrs.as_ptr(),
-                ..base
-            },
-            INVALID_PARAM,
-        ),
-        (
-            GenerateParams {
-                n_stop_strings: 1,
-                stop_strings: null_ptrs.as_ptr(),
-                ..base
-            },
-            NULL_ARGUMENT,
-        ),
-        (
-            GenerateParams {
-                n_stop_strings: 1,
-                stop_strings: stop_ptrs.as_ptr(),
-                ..base
-            },
-            INVALID_PARAM,
-        ),
+        (GenerateParams { min_p: -1.0, ..base }, INVALID_PARAM),
+        (GenerateParams { n_stop_strings: 2, ..base }, NULL_ARGUMENT),
+        (GenerateParams { n_stop_strings: 65, stop_strings: stop_ptrs.as_ptr(), ..base }, INVALID_PARAM),
+        (GenerateParams { n_stop_strings: 1, stop_strings: null_ptrs.as_ptr(), ..base }, NULL_ARGUMENT),
+        (GenerateParams { n_stop_strings: 1, stop_strings: stop_ptrs.as_ptr(), ..base }, INVALID_PARAM),
     ];
     for (gp, want) in cases {
         // SAFETY: by-value return.
         let mut stats = unsafe { (api.stats_default)() };
         stats.n_tokens = 777;
         // SAFETY: valid session/prompt; bad params on purpose (array pointers valid).
-        let st = unsafe {
-            (api.session_generate)(s, prompt.as_ptr(), &gp, None, null_mut(), &mut stats)
-        };
+        let st = unsafe { (api.session_generate)(s, prompt.as_ptr(), &gp, None, null_mut(), &mut stats) };
         assert_eq!(st, want, "{gp:?}: {}", api.last_error_string());
         assert_eq!(stats.n_tokens, 777, "stats written on failure");
     }
     // SAFETY: NULLs and bad sizes on purpose.
     unsafe {
         assert_eq!(
-            (api.session_generate)(
-                null_mut(),
-                prompt.as_ptr(),
-                &base,
-                None,
-                null_mut(),
-                null_mut()
-            ),
+            (api.session_generate)(null_mut(), prompt.as_ptr(), &base, None, null_mut(), null_mut()),
             NULL_ARGUMENT
         );
-        assert_eq!(
-            (api.session_generate)(s, null(), &base, None, null_mut(), null_mut()),
-            NULL_ARGUMENT
-        );
+        assert_eq!((api.session_generate)(s, null(), &base, None, null_mut(), null_mut()), NULL_ARGUMENT);
         let bad = [b'h', 0xc0, 0];
         assert_eq!(
-            (api.session_generate)(
-                s,
-                bad.as_ptr() as *const c_char,
-                &base,
-                None,
-                null_mut(),
-                null_mut()
-            ),
+            (api.session_generate)(s, bad.as_ptr() as *const c_char, &base, None, null_mut(), null_mut()),
             INVALID_UTF8
         );
-        let mut stats = Stats {
-            struct_size: 8,
-            ..Default::default()
-        };
-        assert_eq!(
-            (api.session_generate)(s, prompt.as_ptr(), &base, None, null_mut(), &mut stats),
-            STRUCT_SIZE
-        );
+        let mut stats = Stats { struct_size: 8, ..Default::default() };
+        assert_eq!((api.session_generate)(s, prompt.as_ptr(), &base, None, null_mut(), &mut stats), STRUCT_SIZE);
         let mut n = 1usize;
         assert_eq!((api.session_history)(s, null_mut(), 0, &mut n), OK);
         assert_eq!(n, 0, "a rejected call changed the session");
@@ -1071,14 +604,8 @@ fn generate_rejects_bad_arguments_without_touching_the_session() {
         );
         // max_tokens 0 generates nothing.
         let mut stats = (api.stats_default)();
-        let zero = GenerateParams {
-            max_tokens: 0,
-            ..base
-        };
-        assert_eq!(
-            (api.session_generate)(s, prompt.as_ptr(), &zero, None, null_mut(), &mut stats),
-            OK
-        );
+        let zero = GenerateParams { max_tokens: 0, ..base };
+        assert_eq!((api.session_generate)(s, prompt.as_ptr(), &zero, None, null_mut(), &mut stats), OK);
         assert_eq!(stats.n_tokens, 0);
         (api.session_free)(s);
     }
@@ -1122,13 +649,7 @@ fn stop_strings_callback_stop_and_seeded_sampling() {
     assert_eq!(got.text(), text[..cut], "stop string {stop:?}");
 
     // A callback returning false stops after its first call.
-    unsafe extern "C" fn stop_now(
-        _: *const i32,
-        n: usize,
-        _: *const c_char,
-        _: usize,
-        ud: *mut c_void,
-    ) -> bool {
+    unsafe extern "C" fn stop_now(_: *const i32, n: usize, _: *const c_char, _: usize, ud: *mut c_void) -> bool {
         // SAFETY: ud is the counter the test passed.
         unsafe { (*(ud as *mut usize)) += n };
         false
@@ -1151,7 +672,7 @@ fn stop_strings_callback_stop_and_seeded_sampling() {
         assert_eq!(r, OK);
         assert_eq!(stats.stop_reason, STOP_CALLBACK);
         assert_eq!(stats.n_tokens as usize, count);
-        assert!(count >= 1 && count < 64);
+        assert!((1..64).contains(&count));
     }
 
     // Sampling: same seed, same output; equals the engine with the same seed and chain.
@@ -1172,13 +693,7 @@ fn stop_strings_callback_stop_and_seeded_sampling() {
         &engine::GenerateParams {
             max_tokens: 40,
             ignore_eog: true,
-            sampling: engine::SamplingParams {
-                temperature: 0.9,
-                top_k: 40,
-                top_p: 0.95,
-                min_p: 0.0,
-                seed: 1234,
-            },
+            sampling: engine::SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, min_p: 0.0, seed: 1234 },
             ..Default::default()
         },
     );
@@ -1188,10 +703,7 @@ fn stop_strings_callback_stop_and_seeded_sampling() {
     sp.seed = 1234;
     let s2 = api.new_session(t, d, &sp);
     sg.seed = u64::MAX;
-    assert_eq!(
-        api.generate_text(s2, prompt, &sg).unwrap().0.tokens,
-        want[0].tokens
-    );
+    assert_eq!(api.generate_text(s2, prompt, &sg).unwrap().0.tokens, want[0].tokens);
     // SAFETY: live handles.
     unsafe {
         (api.session_free)(s2);
@@ -1208,41 +720,18 @@ struct Reentry {
     freed_message: String,
 }
 
-unsafe extern "C" fn reenter(
-    _: *const i32,
-    _: usize,
-    _: *const c_char,
-    _: usize,
-    ud: *mut c_void,
-) -> bool {
+unsafe extern "C" fn reenter(_: *const i32, _: usize, _: *const c_char, _: usize, ud: *mut c_void) -> bool {
     let api = api();
     // SAFETY: ud is the Reentry the test passed.
     let r = unsafe { &mut *(ud as *mut Reentry) };
     let mut n = 0usize;
     // SAFETY: the session is live (it is generating); each call must return BUSY.
     unsafe {
-        r.statuses.push((api.session_generate)(
-            r.session,
-            r.prompt,
-            null(),
-            None,
-            null_mut(),
-            null_mut(),
-        ));
-        r.statuses.push((api.session_generate_tokens)(
-            r.session,
-            null(),
-            0,
-            null(),
-            None,
-            null_mut(),
-            null_mut(),
-        ));
+        r.statuses.push((api.session_generate)(r.session, r.prompt, null(), None, null_mut(), null_mut()));
+        r.statuses.push((api.session_generate_tokens)(r.session, null(), 0, null(), None, null_mut(), null_mut()));
         r.statuses.push((api.session_reset)(r.session));
-        r.statuses
-            .push((api.session_history)(r.session, null_mut(), 0, &mut n));
-        r.statuses
-            .push((api.session_last_text)(r.session, null_mut(), 0, &mut n));
+        r.statuses.push((api.session_history)(r.session, null_mut(), 0, &mut n));
+        r.statuses.push((api.session_last_text)(r.session, null_mut(), 0, &mut n));
         (api.session_free)(r.session); // must not free a busy session
     }
     r.freed_message = api.last_error_string();
@@ -1256,12 +745,7 @@ fn reentry_from_the_callback_is_busy_not_a_crash() {
     let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
     let s = api.new_session(t, d, &api.session_params(STRATEGY_CHAIN));
     let prompt = cstr("Once upon a time");
-    let mut r = Reentry {
-        session: s,
-        prompt: prompt.as_ptr(),
-        statuses: Vec::new(),
-        freed_message: String::new(),
-    };
+    let mut r = Reentry { session: s, prompt: prompt.as_ptr(), statuses: Vec::new(), freed_message: String::new() };
     let gp = api.greedy(12);
     // SAFETY: live session; ud is the Reentry.
     let st = unsafe {
@@ -1298,13 +782,7 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 static TRIED: AtomicBool = AtomicBool::new(false);
 static OTHER_STATUS: AtomicI32 = AtomicI32::new(-1);
 
-unsafe extern "C" fn wait_for_other(
-    _: *const i32,
-    _: usize,
-    _: *const c_char,
-    _: usize,
-    _: *mut c_void,
-) -> bool {
+unsafe extern "C" fn wait_for_other(_: *const i32, _: usize, _: *const c_char, _: usize, _: *mut c_void) -> bool {
     STARTED.store(true, Ordering::SeqCst);
     let t0 = std::time::Instant::now();
     while !TRIED.load(Ordering::SeqCst) && t0.elapsed().as_secs() < 60 {
@@ -1327,14 +805,7 @@ fn one_session_one_thread_at_a_time() {
         let prompt = cstr("hi");
         // SAFETY: the session is live; it is busy generating on the main thread.
         let st = unsafe {
-            (api.session_generate)(
-                addr as *mut Session,
-                prompt.as_ptr(),
-                null(),
-                None,
-                null_mut(),
-                null_mut(),
-            )
+            (api.session_generate)(addr as *mut Session, prompt.as_ptr(), null(), None, null_mut(), null_mut())
         };
         OTHER_STATUS.store(st, Ordering::SeqCst);
         let msg = api.last_error_string();
@@ -1344,16 +815,7 @@ fn one_session_one_thread_at_a_time() {
     let prompt = cstr("Once upon a time");
     let gp = api.greedy(4);
     // SAFETY: live session.
-    let st = unsafe {
-        (api.session_generate)(
-            s,
-            prompt.as_ptr(),
-            &gp,
-            Some(wait_for_other),
-            null_mut(),
-            null_mut(),
-        )
-    };
+    let st = unsafe { (api.session_generate)(s, prompt.as_ptr(), &gp, Some(wait_for_other), null_mut(), null_mut()) };
     let msg = other.join().unwrap();
     assert_eq!(st, OK);
     assert_eq!(OTHER_STATUS.load(Ordering::SeqCst), BUSY, "{msg}");
@@ -1362,16 +824,7 @@ fn one_session_one_thread_at_a_time() {
     let st = std::thread::spawn(move || {
         let prompt = cstr(" more");
         // SAFETY: live, idle session.
-        unsafe {
-            (api.session_generate)(
-                addr as *mut Session,
-                prompt.as_ptr(),
-                null(),
-                None,
-                null_mut(),
-                null_mut(),
-            )
-        }
+        unsafe { (api.session_generate)(addr as *mut Session, prompt.as_ptr(), null(), None, null_mut(), null_mut()) }
     })
     .join()
     .unwrap();
@@ -1379,11 +832,7 @@ fn one_session_one_thread_at_a_time() {
     // Models are shared read-only across threads: tokenize concurrently.
     let ta = t as usize;
     let hs: Vec<_> = (0..4)
-        .map(|i| {
-            std::thread::spawn(move || {
-                api.tokenize_str(ta as *const Model, &format!("thread {i} text"), true)
-            })
-        })
+        .map(|i| std::thread::spawn(move || api.tokenize_str(ta as *const Model, &format!("thread {i} text"), true)))
         .collect();
     for h in hs {
         assert!(!h.join().unwrap().is_empty());
@@ -1409,12 +858,7 @@ fn real_pair_greedy_is_lossless_through_the_c_api() {
     mp.repack = false;
     let (t, d) = (api.load(&tp, Some(&mp)), api.load(&dp, Some(&mp)));
     // SAFETY: live handles.
-    assert_eq!(
-        unsafe { (api.model_check_vocab)(t, d) },
-        OK,
-        "{}",
-        api.last_error_string()
-    );
+    assert_eq!(unsafe { (api.model_check_vocab)(t, d) }, OK, "{}", api.last_error_string());
     let mut sp = api.session_params(STRATEGY_NONE);
     sp.mode = 1;
     sp.n_ctx = 512;
@@ -1425,21 +869,9 @@ fn real_pair_greedy_is_lossless_through_the_c_api() {
     let gp = api.greedy(32);
     let (want, _) = api.generate_text(plain, prompt, &gp).unwrap();
     let (got, stats) = api.generate_text(spec, prompt, &gp).unwrap();
-    assert_eq!(
-        got.tokens,
-        want.tokens,
-        "{:?} vs {:?}",
-        got.text(),
-        want.text()
-    );
-    assert!(
-        stats.n_draft_accepted > 0,
-        "the 0.5B draft accepted nothing: {stats:?}"
-    );
-    eprintln!(
-        "real pair: {:.2} tokens/pass, acceptance {:.2}",
-        stats.tokens_per_pass, stats.acceptance_rate
-    );
+    assert_eq!(got.tokens, want.tokens, "{:?} vs {:?}", got.text(), want.text());
+    assert!(stats.n_draft_accepted > 0, "the 0.5B draft accepted nothing: {stats:?}");
+    eprintln!("real pair: {:.2} tokens/pass, acceptance {:.2}", stats.tokens_per_pass, stats.acceptance_rate);
     // SAFETY: live handles.
     unsafe {
         (api.session_free)(plain);

@@ -5,21 +5,14 @@
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 fn generate() -> String {
     let ffi = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config =
-        cbindgen::Config::from_file(ffi.join("cbindgen.toml")).expect("read cbindgen.toml");
-    let bindings = cbindgen::Builder::new()
-        .with_config(config)
-        .with_src(ffi.join("src/lib.rs"))
-        .generate()
-        .expect("cbindgen");
+    let config = cbindgen::Config::from_file(ffi.join("cbindgen.toml")).expect("read cbindgen.toml");
+    let bindings =
+        cbindgen::Builder::new().with_config(config).with_src(ffi.join("src/lib.rs")).generate().expect("cbindgen");
     let mut out = Vec::new();
     bindings.write(&mut out);
     String::from_utf8(out).expect("utf-8 header")
@@ -35,10 +28,7 @@ fn committed_header_is_up_to_date() {
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     if committed != fresh {
-        let first = committed
-            .lines()
-            .zip(fresh.lines())
-            .position(|(a, b)| a != b);
+        let first = committed.lines().zip(fresh.lines()).position(|(a, b)| a != b);
         panic!(
             "include/adaspec.h differs from what cbindgen generates (first differing line: {:?}); \
              run `ADASPEC_BLESS=1 cargo test --release -p adaspec-ffi --test header` and commit it",
@@ -65,10 +55,7 @@ fn header_declares_every_export_and_the_version() {
         for line in text.lines() {
             if let Some(rest) = line.trim().strip_prefix("pub extern \"C\" fn ") {
                 let name = rest.split('(').next().expect("name");
-                assert!(
-                    h.contains(&format!(" {name}(")),
-                    "{name} missing from header"
-                );
+                assert!(h.contains(&format!(" {name}(")), "{name} missing from header");
                 n += 1;
             }
         }

@@ -197,16 +197,33 @@ pub fn root() -> PathBuf {
 }
 
 /// The directory holding the built libadaspec.so (target/release), found from the test
-/// executable's location (target/release/deps/<test>).
+/// executable's location (target/release/deps/<test>). `cargo test` does not rebuild a
+/// cdylib-only library for integration tests, so this runs `cargo build --release -p
+/// adaspec-ffi` once per test process first (cargo does not hold its lock while tests run).
 pub fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let deps = exe.parent().expect("deps dir");
-    for dir in [deps.parent().expect("profile dir"), deps] {
-        if dir.join("libadaspec.so").exists() {
-            return dir.to_path_buf();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/release").to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir");
+        if std::env::var_os("ADASPEC_FFI_NO_BUILD").is_none() {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--release", "-p", "adaspec-ffi", "--target-dir"])
+                .arg(target_dir)
+                .current_dir(root())
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cargo build --release -p adaspec-ffi failed");
         }
-    }
-    panic!("libadaspec.so not found next to {}; build with cargo build --release -p adaspec-ffi", exe.display());
+        assert!(
+            profile_dir.join("libadaspec.so").exists(),
+            "libadaspec.so not found in {}; build with cargo build --release -p adaspec-ffi",
+            profile_dir.display()
+        );
+        profile_dir
+    })
+    .clone()
 }
 
 pub fn lib_path() -> PathBuf {
