@@ -57,28 +57,21 @@
  *         adaspec_model *target = NULL, *draft = NULL;
  *         adaspec_session *session = NULL;
  *         adaspec_model_params mp = adaspec_model_default_params();
- *         if (adaspec_model_load("target.gguf", &mp, &target) != ADASPEC_STATUS_OK ||
- *             adaspec_model_load("draft.gguf", &mp, &draft) != ADASPEC_STATUS_OK) {
- *             fprintf(stderr, "load: %s\n", adaspec_last_error());
- *             goto done;
- *         }
- *         adaspec_session_params sp = adaspec_session_default_params();  // strategy auto
- *         if (adaspec_session_new(target, draft, &sp, &session) != ADASPEC_STATUS_OK) {
- *             fprintf(stderr, "session: %s\n", adaspec_last_error());
- *             goto done;
- *         }
- *         adaspec_generate_params gp = adaspec_generate_default_params();
- *         gp.max_tokens = 64;
+ *         adaspec_session_params sp = adaspec_session_default_params();   // strategy: auto
+ *         adaspec_generate_params gp = adaspec_generate_default_params(); // greedy
  *         adaspec_stats stats = adaspec_stats_default();
  *         adaspec_chat_message msg = { "user", "Write a haiku about trees." };
- *         if (adaspec_session_chat(session, &msg, 1, &gp, on_piece, NULL, &stats)
- *                 != ADASPEC_STATUS_OK)
- *             fprintf(stderr, "generate: %s\n", adaspec_last_error());
- *         else
+ *         gp.max_tokens = 64;
+ *         if (adaspec_model_load("target.gguf", &mp, &target) == ADASPEC_STATUS_OK &&
+ *             adaspec_model_load("draft.gguf", &mp, &draft) == ADASPEC_STATUS_OK &&
+ *             adaspec_session_new(target, draft, &sp, &session) == ADASPEC_STATUS_OK &&
+ *             adaspec_session_chat(session, &msg, 1, &gp, on_piece, NULL, &stats)
+ *                 == ADASPEC_STATUS_OK)
  *             fprintf(stderr, "\n%.1f tok/s, %.2f tokens per target pass\n",
  *                     stats.tokens_per_second, stats.tokens_per_pass);
- *     done:
- *         adaspec_session_free(session);
+ *         else
+ *             fprintf(stderr, "error: %s\n", adaspec_last_error());
+ *         adaspec_session_free(session);   // all frees accept NULL
  *         adaspec_model_free(draft);
  *         adaspec_model_free(target);
  *         return 0;

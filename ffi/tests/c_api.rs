@@ -280,6 +280,26 @@ fn tokenize_and_detokenize_follow_the_buffer_convention() {
         assert_eq!((api.detokenize)(t, body.as_ptr(), body.len(), false, null_mut(), 256, &mut n), NULL_ARGUMENT);
         let st = (api.detokenize)(t, null(), 0, false, buf.as_mut_ptr(), 1, &mut n);
         assert_eq!((st, n, buf[0]), (OK, 0, 0));
+        // Oversized lengths are rejected before anything is read.
+        let st = (api.tokenize)(t, text.as_ptr() as *const c_char, usize::MAX, true, true, null_mut(), 0, &mut n);
+        assert_eq!(st, INVALID_PARAM);
+        let st = (api.detokenize)(t, body.as_ptr(), usize::MAX / 2, false, null_mut(), 0, &mut n);
+        assert_eq!(st, INVALID_PARAM);
+        assert!(api.last_error_string().contains("too large"));
+        // An oversized output buffer is fine.
+        let mut big = vec![0i32; 4096];
+        let st = (api.tokenize)(
+            t,
+            text.as_ptr() as *const c_char,
+            text.len(),
+            true,
+            true,
+            big.as_mut_ptr(),
+            big.len(),
+            &mut n,
+        );
+        assert_eq!((st, n), (OK, ids.len()));
+        assert_eq!(&big[..n], &ids[..]);
         (api.model_free)(t);
     }
 }

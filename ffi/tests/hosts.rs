@@ -371,3 +371,27 @@ fn install_script_and_pkg_config() {
     let out = run_ok(Command::new(&static_bin).args(run_args).arg(&p.target).arg(&p.draft));
     assert_eq!(String::from_utf8_lossy(&out.stdout), want);
 }
+
+/// The worked example in the header comment compiles as C99 and as C++.
+#[test]
+fn header_example_compiles() {
+    let s = Scratch::new("example");
+    let header = std::fs::read_to_string(root().join("include/adaspec.h")).expect("header");
+    let start = header.find(" * EXAMPLE").expect("EXAMPLE section");
+    let end = start + header[start..].find(" */").expect("end of comment");
+    let code: String = header[start..end]
+        .lines()
+        .skip(1)
+        .map(|l| l.strip_prefix(" *").unwrap_or(l))
+        .map(|l| l.strip_prefix("     ").unwrap_or(l.trim_start()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(code.contains("int main(void)"), "{code}");
+    let c = s.0.join("example.c");
+    std::fs::write(&c, &code).expect("write example");
+    let inc = root().join("include");
+    run_ok(Command::new("cc").args(C_FLAGS).arg("-fsyntax-only").arg("-I").arg(&inc).arg(&c));
+    let cpp = s.0.join("example.cpp");
+    std::fs::write(&cpp, &code).expect("write example");
+    run_ok(Command::new("c++").args(CXX_FLAGS).arg("-fsyntax-only").arg("-I").arg(&inc).arg(&cpp));
+}
