@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::gguf_import::{load_any, save_checkpoint};
+use super::gguf_import::{
+    config_from_gguf, is_gguf_file, load_any, load_gguf_blocks, read_gguf_content, save_checkpoint,
+};
 use super::model::{tie_head, untie_head};
 use super::prune::{even_layers, parse_layers, prune};
 
@@ -31,11 +33,7 @@ pub struct DraftInitArgs {
     #[arg(long)]
     pub from: PathBuf,
     /// Blocks to keep, comma separated and increasing, e.g. 0,1,2,23.
-    #[arg(
-        long,
-        conflicts_with = "keep_layers",
-        required_unless_present = "keep_layers"
-    )]
+    #[arg(long, conflicts_with = "keep_layers", required_unless_present = "keep_layers")]
     pub layers: Option<String>,
     /// Keep N blocks evenly spaced, always including the first and the last.
     #[arg(long)]
@@ -61,30 +59,44 @@ pub fn run(args: &DraftArgs) -> anyhow::Result<()> {
     }
 }
 
+fn pick_layers(args: &DraftInitArgs, n_layer: usize) -> anyhow::Result<Vec<usize>> {
+    Ok(match (&args.layers, args.keep_layers) {
+        (Some(s), _) => parse_layers(s)?,
+        (None, Some(n)) => even_layers(n_layer, n)?,
+        (None, None) => anyhow::bail!("give --layers LIST or --keep-layers N"),
+    })
+}
+
 /// Runs `adaspec draft init`.
 pub fn run_init(args: &DraftInitArgs) -> anyhow::Result<()> {
-    let (cfg, weights) =
-        load_any(&args.from).with_context(|| format!("loading {}", args.from.display()))?;
-    let layers = match (&args.layers, args.keep_layers) {
-        (Some(s), _) => parse_layers(s)?,
-        (None, Some(n)) => even_layers(cfg.num_hidden_layers, n)?,
-        (None, None) => anyhow::bail!("give --layers LIST or --keep-layers N"),
+    let is_gguf = is_gguf_file(&args.from);
+    // A GGUF source is read block-selectively: the blocks a draft drops are never loaded.
+    let (src_cfg, layers, mut dcfg, mut dw) = if is_gguf {
+        let (content, _) = read_gguf_content(&args.from)?;
+        let src_cfg = config_from_gguf(&content, &args.from)?;
+        drop(content);
+        let layers = pick_layers(args, src_cfg.num_hidden_layers)?;
+        let (c, w) =
+            load_gguf_blocks(&args.from, Some(&layers)).with_context(|| format!("loading {}", args.from.display()))?;
+        (src_cfg, layers, c, w)
+    } else {
+        let (cfg, weights) = load_any(&args.from).with_context(|| format!("loading {}", args.from.display()))?;
+        let layers = pick_layers(args, cfg.num_hidden_layers)?;
+        let (c, w) = prune(&cfg, &weights, &layers)?;
+        (cfg, layers, c, w)
     };
-    let (mut dcfg, mut dw) = prune(&cfg, &weights, &layers)?;
-    drop(weights);
     if args.tie_head {
         tie_head(&mut dcfg, &mut dw);
     } else if args.untie_head {
         untie_head(&mut dcfg, &mut dw)?;
     }
-    save_checkpoint(&args.output, &dcfg, &dw)
-        .with_context(|| format!("writing {}", args.output.display()))?;
+    save_checkpoint(&args.output, &dcfg, &dw).with_context(|| format!("writing {}", args.output.display()))?;
     if args.json {
         let v = serde_json::json!({
             "output": args.output,
             "from": args.from,
             "layers": layers,
-            "source_layers": cfg.num_hidden_layers,
+            "source_layers": src_cfg.num_hidden_layers,
             "n_params": dcfg.n_params(),
             "config": dcfg,
         });
@@ -95,13 +107,9 @@ pub fn run_init(args: &DraftInitArgs) -> anyhow::Result<()> {
             args.output.display(),
             dcfg.arch.name(),
             layers,
-            cfg.num_hidden_layers,
+            src_cfg.num_hidden_layers,
             dcfg.n_params() as f64 / 1e6,
-            if dcfg.tie_word_embeddings {
-                "tied"
-            } else {
-                "untied"
-            }
+            if dcfg.tie_word_embeddings { "tied" } else { "untied" }
         );
     }
     Ok(())

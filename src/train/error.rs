@@ -29,11 +29,7 @@ pub enum Error {
     Tensor { origin: String, reason: String },
     /// The draft's vocabulary does not match the tokenizer it is exported with.
     #[error("draft vocab size {draft} != tokenizer vocab size {tokenizer} in {tokenizer_path}")]
-    VocabMismatch {
-        draft: usize,
-        tokenizer: usize,
-        tokenizer_path: PathBuf,
-    },
+    VocabMismatch { draft: usize, tokenizer: usize, tokenizer_path: PathBuf },
     /// A parameter is out of range; the message names it and the accepted values.
     #[error("invalid argument {name}: {reason}")]
     InvalidArg { name: &'static str, reason: String },
@@ -47,9 +43,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            err: source,
-        }
+        Error::Io { path: path.into(), err: source }
     }
 }

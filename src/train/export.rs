@@ -94,21 +94,15 @@ impl FromStr for ExportType {
 
 /// Exports a checkpoint (safetensors + config.json, or a GGUF) as a llama.cpp GGUF at `out`
 /// with the tokenizer of `tokenizer_from`.
-pub fn export_gguf(
-    checkpoint: &Path,
-    out: &Path,
-    tokenizer_from: &Path,
-    ty: ExportType,
-) -> Result<()> {
+pub fn export_gguf(checkpoint: &Path, out: &Path, tokenizer_from: &Path, ty: ExportType) -> Result<()> {
     let (cfg, weights) = load_any(checkpoint)?;
     write_draft_gguf(&cfg, &weights, out, tokenizer_from, ty)
 }
 
 fn u32v(x: usize, what: &str) -> Result<Value> {
-    u32::try_from(x).map(Value::U32).map_err(|_| Error::Config {
-        origin: "export".into(),
-        reason: format!("{what} = {x} does not fit a u32"),
-    })
+    u32::try_from(x)
+        .map(Value::U32)
+        .map_err(|_| Error::Config { origin: "export".into(), reason: format!("{what} = {x} does not fit a u32") })
 }
 
 /// The architecture metadata llama.cpp reads for `cfg` (SPEC §6).
@@ -116,57 +110,24 @@ fn arch_metadata(cfg: &Config, ty: ExportType) -> Result<Vec<(String, Value)>> {
     let a = cfg.arch.name();
     let k = |s: &str| format!("{a}.{s}");
     let mut md = vec![
-        (
-            "general.architecture".to_string(),
-            Value::String(a.to_string()),
-        ),
-        (
-            "general.name".to_string(),
-            Value::String(format!("adaspec-draft-{a}")),
-        ),
+        ("general.architecture".to_string(), Value::String(a.to_string())),
+        ("general.name".to_string(), Value::String(format!("adaspec-draft-{a}"))),
         ("general.file_type".to_string(), Value::U32(ty.file_type())),
         ("general.quantization_version".to_string(), Value::U32(2)),
-        (
-            k("context_length"),
-            u32v(cfg.max_position_embeddings, "context_length")?,
-        ),
-        (
-            k("embedding_length"),
-            u32v(cfg.hidden_size, "embedding_length")?,
-        ),
-        (
-            k("block_count"),
-            u32v(cfg.num_hidden_layers, "block_count")?,
-        ),
-        (
-            k("feed_forward_length"),
-            u32v(cfg.intermediate_size, "feed_forward_length")?,
-        ),
-        (
-            k("attention.head_count"),
-            u32v(cfg.num_attention_heads, "head_count")?,
-        ),
-        (
-            k("attention.head_count_kv"),
-            u32v(cfg.num_key_value_heads, "head_count_kv")?,
-        ),
-        (
-            k("rope.dimension_count"),
-            u32v(cfg.head_dim, "rope.dimension_count")?,
-        ),
+        (k("context_length"), u32v(cfg.max_position_embeddings, "context_length")?),
+        (k("embedding_length"), u32v(cfg.hidden_size, "embedding_length")?),
+        (k("block_count"), u32v(cfg.num_hidden_layers, "block_count")?),
+        (k("feed_forward_length"), u32v(cfg.intermediate_size, "feed_forward_length")?),
+        (k("attention.head_count"), u32v(cfg.num_attention_heads, "head_count")?),
+        (k("attention.head_count_kv"), u32v(cfg.num_key_value_heads, "head_count_kv")?),
+        (k("rope.dimension_count"), u32v(cfg.head_dim, "rope.dimension_count")?),
         (k("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-        (
-            k("attention.layer_norm_rms_epsilon"),
-            Value::F32(cfg.rms_norm_eps as f32),
-        ),
+        (k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
         (k("vocab_size"), u32v(cfg.vocab_size, "vocab_size")?),
     ];
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size {
         md.push((k("attention.key_length"), u32v(cfg.head_dim, "key_length")?));
-        md.push((
-            k("attention.value_length"),
-            u32v(cfg.head_dim, "value_length")?,
-        ));
+        md.push((k("attention.value_length"), u32v(cfg.head_dim, "value_length")?));
     }
     Ok(md)
 }
@@ -194,10 +155,7 @@ fn check_destination(out: &Path, inputs: &[&Path]) -> Result<()> {
             if i.canonicalize().map(|c| c == o).unwrap_or(false) {
                 return Err(Error::InvalidArg {
                     name: "--output",
-                    reason: format!(
-                        "{} is also an input file; refusing to overwrite it",
-                        out.display()
-                    ),
+                    reason: format!("{} is also an input file; refusing to overwrite it", out.display()),
                 });
             }
         }
@@ -223,8 +181,7 @@ pub fn write_draft_gguf(
         _ => {
             return Err(Error::Gguf {
                 path: tokenizer_from.to_path_buf(),
-                reason: "no tokenizer.ggml.tokens array: not a llama.cpp model with a tokenizer"
-                    .into(),
+                reason: "no tokenizer.ggml.tokens array: not a llama.cpp model with a tokenizer".into(),
             })
         }
     };
@@ -236,11 +193,7 @@ pub fn write_draft_gguf(
         });
     }
     let mut md = arch_metadata(cfg, ty)?;
-    let mut tok_keys: Vec<&String> = tok_content
-        .metadata
-        .keys()
-        .filter(|k| k.starts_with("tokenizer."))
-        .collect();
+    let mut tok_keys: Vec<&String> = tok_content.metadata.keys().filter(|k| k.starts_with("tokenizer.")).collect();
     tok_keys.sort();
     for k in tok_keys {
         if let Some(v) = tok_content.metadata.get(k) {
@@ -252,14 +205,10 @@ pub fn write_draft_gguf(
     // Tensors in file order.
     let mut qtensors: Vec<(String, QTensor)> = Vec::new();
     for (name, shape) in cfg.tensor_shapes() {
-        let t = weights.get(&name).ok_or_else(|| Error::Tensor {
-            origin: "export".into(),
-            reason: format!("missing tensor {name}"),
-        })?;
-        let t = t
-            .to_device(&candle_core::Device::Cpu)?
-            .to_dtype(candle_core::DType::F32)?
-            .contiguous()?;
+        let t = weights
+            .get(&name)
+            .ok_or_else(|| Error::Tensor { origin: "export".into(), reason: format!("missing tensor {name}") })?;
+        let t = t.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?.contiguous()?;
         let vals = t.flatten_all()?.to_vec1::<f32>()?;
         if let Some(bad) = vals.iter().position(|v| !v.is_finite()) {
             return Err(Error::Tensor {
@@ -277,14 +226,10 @@ pub fn write_draft_gguf(
         let mut w = BufWriter::new(file);
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        gguf_file::write(&mut w, &md_refs, &t_refs).map_err(|e| Error::Gguf {
-            path: tmp.clone(),
-            reason: format!("write: {e}"),
-        })?;
+        gguf_file::write(&mut w, &md_refs, &t_refs)
+            .map_err(|e| Error::Gguf { path: tmp.clone(), reason: format!("write: {e}") })?;
         w.flush().map_err(|e| Error::io(&tmp, e))?;
-        let file = w
-            .into_inner()
-            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        let file = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&tmp, e))?;
         drop(file);
         // Re-read the header: the file we are about to publish must parse and be complete.
@@ -292,11 +237,7 @@ pub fn write_draft_gguf(
         if back.tensor_infos.len() != qtensors.len() {
             return Err(Error::Gguf {
                 path: tmp.clone(),
-                reason: format!(
-                    "re-read found {} tensors, wrote {}",
-                    back.tensor_infos.len(),
-                    qtensors.len()
-                ),
+                reason: format!("re-read found {} tensors, wrote {}", back.tensor_infos.len(), qtensors.len()),
             });
         }
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))

@@ -50,10 +50,7 @@ impl Arch {
         match s {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
-            other => Err(Error::UnknownArch {
-                arch: other.to_string(),
-                origin: origin.to_string(),
-            }),
+            other => Err(Error::UnknownArch { arch: other.to_string(), origin: origin.to_string() }),
         }
     }
 
@@ -102,12 +99,7 @@ pub struct Config {
 impl Config {
     /// Checks the head arithmetic; `origin` names the file or caller for the error.
     pub fn validate(&self, origin: &str) -> Result<()> {
-        let bad = |reason: String| {
-            Err(Error::Config {
-                origin: origin.to_string(),
-                reason,
-            })
-        };
+        let bad = |reason: String| Err(Error::Config { origin: origin.to_string(), reason });
         if self.vocab_size == 0
             || self.hidden_size == 0
             || self.intermediate_size == 0
@@ -117,10 +109,7 @@ impl Config {
             return bad(format!("all sizes must be > 0, got {self:?}"));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!(
-                "head_dim must be even for RoPE, got {}",
-                self.head_dim
-            ));
+            return bad(format!("head_dim must be even for RoPE, got {}", self.head_dim));
         }
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
@@ -135,10 +124,7 @@ impl Config {
             return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return bad(format!(
-                "rms_norm_eps must be >= 0, got {}",
-                self.rms_norm_eps
-            ));
+            return bad(format!("rms_norm_eps must be >= 0, got {}", self.rms_norm_eps));
         }
         Ok(())
     }
@@ -175,10 +161,7 @@ impl Config {
 
     /// Number of parameters (a tied head counted once).
     pub fn n_params(&self) -> usize {
-        self.tensor_shapes()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 }
 
@@ -204,13 +187,8 @@ pub fn check_weights(cfg: &Config, weights: &Weights, origin: &str) -> Result<()
         }
     }
     if weights.len() != expected.len() {
-        let known: std::collections::BTreeSet<&str> =
-            expected.iter().map(|(n, _)| n.as_str()).collect();
-        let extra: Vec<&str> = weights
-            .keys()
-            .map(|k| k.as_str())
-            .filter(|k| !known.contains(k))
-            .collect();
+        let known: std::collections::BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let extra: Vec<&str> = weights.keys().map(|k| k.as_str()).filter(|k| !known.contains(k)).collect();
         return Err(Error::Tensor {
             origin: origin.to_string(),
             reason: format!("unexpected tensors for this config: {extra:?}"),
@@ -257,12 +235,7 @@ pub struct Trainable {
 
 impl Default for Trainable {
     fn default() -> Self {
-        Trainable {
-            embeddings: true,
-            lm_head: true,
-            final_norm: true,
-            blocks: None,
-        }
+        Trainable { embeddings: true, lm_head: true, final_norm: true, blocks: None }
     }
 }
 
@@ -290,23 +263,25 @@ impl Trainable {
     }
 }
 
+// Parameters are plain tensors; in a trainable model each is the tensor of a `Var` (same id
+// and storage), so gradients and in-place updates reach them.
 struct Attention {
-    q: Var,
-    k: Var,
-    v: Var,
-    o: Var,
-    q_b: Option<Var>,
-    k_b: Option<Var>,
-    v_b: Option<Var>,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    q_b: Option<Tensor>,
+    k_b: Option<Tensor>,
+    v_b: Option<Tensor>,
 }
 
 struct Block {
-    attn_norm: Var,
+    attn_norm: Tensor,
     attn: Attention,
-    ffn_norm: Var,
-    gate: Var,
-    up: Var,
-    down: Var,
+    ffn_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
 }
 
 /// The draft decoder. Its parameters are candle [`Var`]s, so `loss.backward()` yields a
@@ -316,36 +291,50 @@ pub struct DraftModel {
     dtype: DType,
     device: Device,
     vars: BTreeMap<String, Var>,
-    embed: Var,
+    params: BTreeMap<String, Tensor>,
+    embed: Tensor,
     blocks: Vec<Block>,
-    norm: Var,
-    lm_head: Option<Var>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
 }
 
 impl DraftModel {
-    /// Builds the model from `weights` (checked against `cfg`), converted to `dtype` on
-    /// `device`. F32 for training and parity, F64 for gradient checks.
-    pub fn from_weights(
-        cfg: &Config,
-        mut weights: Weights,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    /// Builds a trainable model from `weights` (checked against `cfg`), converted to `dtype`
+    /// on `device`: every parameter is a [`Var`]. F32 for training, F64 for gradient checks.
+    pub fn from_weights(cfg: &Config, weights: Weights, dtype: DType, device: &Device) -> Result<Self> {
+        Self::build(cfg, weights, dtype, device, true)
+    }
+
+    /// Builds an inference-only model: parameters are plain tensors, so a forward pass records
+    /// no autograd graph (a fraction of the memory). For teachers, evaluation and parity.
+    pub fn inference(cfg: &Config, weights: Weights, dtype: DType, device: &Device) -> Result<Self> {
+        Self::build(cfg, weights, dtype, device, false)
+    }
+
+    fn build(cfg: &Config, mut weights: Weights, dtype: DType, device: &Device, trainable: bool) -> Result<Self> {
         check_weights(cfg, &weights, "DraftModel::from_weights")?;
         let mut vars = BTreeMap::new();
+        let mut params = BTreeMap::new();
         for (name, _) in cfg.tensor_shapes() {
-            let t = weights.remove(&name).ok_or_else(|| Error::Tensor {
+            let src = weights.remove(&name).ok_or_else(|| Error::Tensor {
                 origin: "DraftModel::from_weights".into(),
                 reason: format!("missing tensor {name}"),
             })?;
-            let t = t.to_device(device)?.to_dtype(dtype)?;
+            let t = src.to_device(device)?.to_dtype(dtype)?.detach();
             // Drop the source before the next one: import peaks at one model plus one tensor.
-            let var = Var::from_tensor(&t)?;
-            drop(t);
-            vars.insert(name, var);
+            drop(src);
+            let t = if trainable {
+                let var = Var::from_tensor(&t)?;
+                let vt = var.as_tensor().clone();
+                vars.insert(name.clone(), var);
+                vt
+            } else {
+                t
+            };
+            params.insert(name, t);
         }
-        let get = |name: &str| -> Result<Var> {
-            vars.get(name).cloned().ok_or_else(|| Error::Tensor {
+        let get = |name: &str| -> Result<Tensor> {
+            params.get(name).cloned().ok_or_else(|| Error::Tensor {
                 origin: "DraftModel::from_weights".into(),
                 reason: format!("missing tensor {name}"),
             })
@@ -353,7 +342,7 @@ impl DraftModel {
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
-            let bias = |s: &str| -> Result<Option<Var>> {
+            let bias = |s: &str| -> Result<Option<Tensor>> {
                 if cfg.attention_bias {
                     get(&p(s)).map(Some)
                 } else {
@@ -379,21 +368,8 @@ impl DraftModel {
         }
         let embed = get("token_embd.weight")?;
         let norm = get("output_norm.weight")?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(get("output.weight")?)
-        };
-        Ok(DraftModel {
-            cfg: cfg.clone(),
-            dtype,
-            device: device.clone(),
-            vars,
-            embed,
-            blocks,
-            norm,
-            lm_head,
-        })
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(get("output.weight")?) };
+        Ok(DraftModel { cfg: cfg.clone(), dtype, device: device.clone(), vars, params, embed, blocks, norm, lm_head })
     }
 
     pub fn config(&self) -> &Config {
@@ -408,9 +384,14 @@ impl DraftModel {
         &self.device
     }
 
-    /// All parameters by GGUF tensor name.
+    /// All parameters as [`Var`]s by GGUF tensor name (empty for an [`Self::inference`] model).
     pub fn named_vars(&self) -> &BTreeMap<String, Var> {
         &self.vars
+    }
+
+    /// Whether the parameters are [`Var`]s (built with [`Self::from_weights`]).
+    pub fn is_trainable(&self) -> bool {
+        !self.vars.is_empty()
     }
 
     /// The parameters `spec` lets an optimizer update (frozen ones are left out).
@@ -425,13 +406,8 @@ impl DraftModel {
     /// A detached f32 CPU copy of the current weights (for checkpoints and export).
     pub fn to_weights(&self) -> Result<Weights> {
         let mut w = Weights::new();
-        for (name, var) in &self.vars {
-            let t = var
-                .as_tensor()
-                .detach()
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .copy()?;
+        for (name, t) in &self.params {
+            let t = t.detach().to_dtype(DType::F32)?.to_device(&Device::Cpu)?.copy()?;
             w.insert(name.clone(), t);
         }
         Ok(w)
@@ -446,51 +422,34 @@ impl DraftModel {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, attention_mask)?; // (batch, seq, hidden)
         let (b, s, h) = hidden.dims3()?;
-        let head = match &self.lm_head {
-            Some(v) => v.as_tensor(),
-            None => self.embed.as_tensor(),
-        };
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = hidden.reshape((b * s, h))?.matmul(&head.t()?)?; // (batch*seq, vocab)
         Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
     }
 
     /// Hidden states after the final norm, (batch, seq, hidden).
-    pub fn forward_hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let h = self.cfg.hidden_size;
         let ids = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        let mut x = self
-            .embed
-            .as_tensor()
-            .index_select(&ids, 0)?
-            .reshape((b, s, h))?; // (batch, seq, hidden)
+        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, s, h))?; // (batch, seq, hidden)
         let mask = self.attention_bias_mask(b, s, attention_mask)?; // (batch, 1, seq, seq)
         let (cos, sin) = self.rope_tables(s)?;
         for block in &self.blocks {
-            let r = rms_norm(&x, block.attn_norm.as_tensor(), self.cfg.rms_norm_eps)?;
+            let r = rms_norm(&x, &block.attn_norm, self.cfg.rms_norm_eps)?;
             let a = self.attention(&block.attn, &r, &mask, &cos, &sin)?;
             x = (x + a)?;
-            let r = rms_norm(&x, block.ffn_norm.as_tensor(), self.cfg.rms_norm_eps)?;
+            let r = rms_norm(&x, &block.ffn_norm, self.cfg.rms_norm_eps)?;
             let m = mlp(block, &r)?;
             x = (x + m)?;
         }
-        rms_norm(&x, self.norm.as_tensor(), self.cfg.rms_norm_eps)
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 
     /// Causal + key-padding additive mask, (batch, 1, seq, seq).
-    fn attention_bias_mask(
-        &self,
-        b: usize,
-        s: usize,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let causal: Vec<f64> = (0..s)
-            .flat_map(|i| (0..s).map(move |j| if j <= i { 0.0 } else { MASK_VALUE }))
-            .collect();
+    fn attention_bias_mask(&self, b: usize, s: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let causal: Vec<f64> =
+            (0..s).flat_map(|i| (0..s).map(move |j| if j <= i { 0.0 } else { MASK_VALUE })).collect();
         let causal = Tensor::from_vec(causal, (1, 1, s, s), &self.device)?.to_dtype(self.dtype)?;
         let Some(m) = attention_mask else {
             return Ok(causal.broadcast_as((b, 1, s, s))?.contiguous()?);
@@ -512,9 +471,7 @@ impl DraftModel {
     fn rope_tables(&self, s: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim;
         let half = hd / 2;
-        let inv: Vec<f64> = (0..half)
-            .map(|i| self.cfg.rope_theta.powf(-2.0 * i as f64 / hd as f64))
-            .collect();
+        let inv: Vec<f64> = (0..half).map(|i| self.cfg.rope_theta.powf(-2.0 * i as f64 / hd as f64)).collect();
         let mut cos = Vec::with_capacity(s * half);
         let mut sin = Vec::with_capacity(s * half);
         for p in 0..s {
@@ -529,22 +486,11 @@ impl DraftModel {
         Ok((cos, sin))
     }
 
-    fn attention(
-        &self,
-        a: &Attention,
-        x: &Tensor,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<Tensor> {
+    fn attention(&self, a: &Attention, x: &Tensor, mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let x2 = x.reshape((b * s, h))?; // (batch*seq, hidden)
-        let heads = |w: &Var, bias: &Option<Var>, n: usize| -> Result<Tensor> {
+        let heads = |w: &Tensor, bias: &Option<Tensor>, n: usize| -> Result<Tensor> {
             let y = linear(&x2, w, bias.as_ref())?; // (batch*seq, n*hd)
             Ok(y.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()?) // (batch, n, seq, hd)
         };
@@ -578,10 +524,10 @@ fn mlp(block: &Block, x: &Tensor) -> Result<Tensor> {
 }
 
 /// x · wᵀ (+ b) for x (rows, in) and w (out, in).
-fn linear(x: &Tensor, w: &Var, b: Option<&Var>) -> Result<Tensor> {
-    let y = x.matmul(&w.as_tensor().t()?)?;
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
     match b {
-        Some(b) => Ok(y.broadcast_add(b.as_tensor())?),
+        Some(b) => Ok(y.broadcast_add(b)?),
         None => Ok(y),
     }
 }
@@ -633,8 +579,5 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, nkv, s, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, nkv, rep, s, hd))?
-        .contiguous()?
-        .reshape((b, nkv * rep, s, hd))?)
+    Ok(x.unsqueeze(2)?.broadcast_as((b, nkv, rep, s, hd))?.contiguous()?.reshape((b, nkv * rep, s, hd))?)
 }

@@ -36,30 +36,21 @@ pub fn even_layers(n_layer: usize, keep: usize) -> Result<Vec<usize>> {
         return Ok(vec![0]);
     }
     let last = (n_layer - 1) as f64;
-    let mut v: Vec<usize> = (0..keep)
-        .map(|i| (i as f64 * last / (keep - 1) as f64).round() as usize)
-        .collect();
+    let mut v: Vec<usize> = (0..keep).map(|i| (i as f64 * last / (keep - 1) as f64).round() as usize).collect();
     v.dedup();
     Ok(v)
 }
 
-/// A draft keeping `layers` (indices into `cfg`'s blocks, strictly increasing) of the model.
-pub fn prune(cfg: &Config, weights: &Weights, layers: &[usize]) -> Result<(Config, Weights)> {
-    check_weights(cfg, weights, "prune input")?;
+/// Checks block indices for a model of `n_layer` blocks: non-empty, in range, increasing.
+pub fn check_layers(layers: &[usize], n_layer: usize) -> Result<()> {
     if layers.is_empty() {
-        return Err(Error::InvalidArg {
-            name: "--layers",
-            reason: "keep at least one block".into(),
-        });
+        return Err(Error::InvalidArg { name: "--layers", reason: "keep at least one block".into() });
     }
     for (k, &i) in layers.iter().enumerate() {
-        if i >= cfg.num_hidden_layers {
+        if i >= n_layer {
             return Err(Error::InvalidArg {
                 name: "--layers",
-                reason: format!(
-                    "block {i} does not exist: the model has blocks 0..={}",
-                    cfg.num_hidden_layers - 1
-                ),
+                reason: format!("block {i} does not exist: the model has blocks 0..={}", n_layer.saturating_sub(1)),
             });
         }
         if k > 0 && layers[k - 1] >= i {
@@ -69,6 +60,13 @@ pub fn prune(cfg: &Config, weights: &Weights, layers: &[usize]) -> Result<(Confi
             });
         }
     }
+    Ok(())
+}
+
+/// A draft keeping `layers` (indices into `cfg`'s blocks, strictly increasing) of the model.
+pub fn prune(cfg: &Config, weights: &Weights, layers: &[usize]) -> Result<(Config, Weights)> {
+    check_weights(cfg, weights, "prune input")?;
+    check_layers(layers, cfg.num_hidden_layers)?;
     let mut out = Weights::new();
     for (name, t) in weights {
         if let Some(rest) = name.strip_prefix("blk.") {
