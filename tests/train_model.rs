@@ -568,6 +568,27 @@ fn pruned_tiny_draft_exports_and_drafts_losslessly() {
     adaspec::train::export_gguf(&ck, &out, &src, ExportType::F16).unwrap();
     let acc = speculative_matches_target(&src, &out, Prompt::Text("The quick brown fox".into()), 48);
     eprintln!("pruned tiny draft (2 of 4 blocks): acceptance {acc:.2}");
+    // Tied head: the file has no output.weight and llama.cpp falls back to the embeddings.
+    let tied = dir.join("tied.safetensors");
+    adaspec::train::cli::run_init(&adaspec::train::cli::DraftInitArgs {
+        from: src.clone(),
+        layers: Some("0,3".into()),
+        keep_layers: None,
+        output: tied.clone(),
+        tie_head: true,
+        untie_head: false,
+        json: true,
+    })
+    .unwrap();
+    let (tcfg, tw) = load_checkpoint(&tied).unwrap();
+    assert!(tcfg.tie_word_embeddings && !tw.contains_key("output.weight"));
+    let tout = dir.join("tied.gguf");
+    adaspec::train::export_gguf(&tied, &tout, &src, ExportType::F32).unwrap();
+    let tokens = tiny_tokens(64, 3);
+    let ours = candle_logits(&tcfg, tw, &tokens);
+    let c = compare(&llama_logits_f32_kv(&tout, &tokens, tcfg.vocab_size), &ours, tcfg.vocab_size);
+    eprintln!("tied-head export: max rel err {:.2e}", c.max_rel);
+    assert!(c.max_rel <= 1e-3, "tied head: max rel err {}", c.max_rel);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -632,6 +653,11 @@ fn real_draft_matches_llama_cpp() {
     eprintln!(
         "Qwen2.5-Coder-0.5B (Q5_0/Q4_K): top-1 {:.4}, mean KL {:.5}, max rel err {:.3} over {} positions (candle forward {candle_s:.1}s)",
         c.top1, c.mean_kl, c.max_rel, c.n
+    );
+    let f = compare(&llama_logits_f32_kv(&path, &tokens, model.n_vocab()), &ours, model.n_vocab());
+    eprintln!(
+        "  same vs llama.cpp with f32 KV: top-1 {:.4}, mean KL {:.5}, max rel err {:.3}",
+        f.top1, f.mean_kl, f.max_rel
     );
     assert!(c.n >= 500);
     assert!(c.top1 >= 0.98, "top-1 agreement {}", c.top1);
