@@ -240,7 +240,16 @@ pub fn write_draft_gguf(
                 reason: format!("re-read found {} tensors, wrote {}", back.tensor_infos.len(), qtensors.len()),
             });
         }
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+        tracing::info!(
+            "exported {} ({} arch, {}, {} tensors, tokenizer from {})",
+            out.display(),
+            cfg.arch.name(),
+            ty.name(),
+            qtensors.len(),
+            tokenizer_from.display()
+        );
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -172,6 +172,12 @@ pub fn load_gguf_blocks(path: &Path, layers: Option<&[usize]>) -> Result<(Config
         weights.insert(name, t.to_dtype(DType::F32)?);
     }
     check_weights(&cfg, &weights, &path.display().to_string())?;
+    tracing::info!(
+        "loaded {} ({} arch, blocks {layers:?}, {:.1}M parameters, dequantized to f32)",
+        path.display(),
+        cfg.arch.name(),
+        cfg.n_params() as f64 / 1e6
+    );
     Ok((cfg, weights))
 }
 
