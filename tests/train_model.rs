@@ -596,6 +596,13 @@ fn pruned_tiny_draft_exports_and_drafts_losslessly() {
 // Real models (skipped when absent)
 // ---------------------------------------------------------------------------------------------
 
+/// Real-model tests take this lock: run one at a time, they keep peak memory (a few GB each)
+/// and CPU contention down on small machines.
+fn real_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn real(name: &str) -> Option<PathBuf> {
     let p = models_dir().join(name);
     if p.exists() {
@@ -608,6 +615,7 @@ fn real(name: &str) -> Option<PathBuf> {
 
 #[test]
 fn smollm2_loads_and_matches_llama_cpp() {
+    let _guard = real_lock();
     let Some(path) = real("SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
     };
@@ -631,6 +639,7 @@ fn smollm2_loads_and_matches_llama_cpp() {
 
 #[test]
 fn real_draft_matches_llama_cpp() {
+    let _guard = real_lock();
     let Some(path) = real(DEFAULT_DRAFT) else {
         return;
     };
@@ -666,6 +675,7 @@ fn real_draft_matches_llama_cpp() {
 
 #[test]
 fn real_pruned_draft_exports_and_drafts_losslessly() {
+    let _guard = real_lock();
     let (Some(tp), Some(dp)) = (real(DEFAULT_TARGET), real(DEFAULT_DRAFT)) else {
         return;
     };
