@@ -5,6 +5,8 @@ pub mod cli;
 pub mod error;
 pub mod export;
 pub mod gguf_import;
+pub mod data; // issue-5
+pub mod loss; // issue-5
 pub mod model;
 pub mod prune;
 

@@ -1,0 +1,373 @@
+//! Distillation losses: per-token divergences between the teacher's distribution p and the
+//! draft's q = softmax(draft logits), and AdaSPEC's token selection (SPEC §4).
+//!
+//! Everything is computed in f32 (or the logits' float dtype) from log-probabilities, with
+//! ops that carry gradients in candle 0.11: `log_softmax_last` is `x - logsumexp(x)` with a
+//! detached max shift. This module must never use `candle_nn::ops::softmax_last_dim` (no
+//! gradient) and never lets a gradient flow into the teacher or through the selection mask.
+//!
+//! Shapes: teacher log-probs and draft logits are (n_tokens, vocab): only the valid
+//! (response) positions of a micro-batch, flattened. Per-token losses are (n_tokens,).
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+
+/// A per-token divergence between teacher p and draft q (DistillSpec's baselines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Divergence {
+    /// Forward KL, KL(p ‖ q) = Σ p (log p − log q). AdaSPEC's loss.
+    Fkl,
+    /// Reverse KL, KL(q ‖ p) = Σ q (log q − log p).
+    Rkl,
+    /// Total variation, ½ Σ |p − q| (expected acceptance under sampling is 1 − TV).
+    Tvd,
+    /// Jensen–Shannon, ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q) / 2.
+    Jsd,
+}
+
+impl Divergence {
+    /// The CLI name (`fkl`, `rkl`, `tvd`, `jsd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Divergence::Fkl => "fkl",
+            Divergence::Rkl => "rkl",
+            Divergence::Tvd => "tvd",
+            Divergence::Jsd => "jsd",
+        }
+    }
+}
+
+impl std::str::FromStr for Divergence {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fkl" => Ok(Divergence::Fkl),
+            "rkl" => Ok(Divergence::Rkl),
+            "tvd" => Ok(Divergence::Tvd),
+            "jsd" => Ok(Divergence::Jsd),
+            other => Err(Error::InvalidArg {
+                name: "--method",
+                reason: format!("unknown divergence {other:?}: expected fkl, rkl, tvd or jsd"),
+            }),
+        }
+    }
+}
+
+/// Log-softmax over the last dim, `x − logsumexp(x)`, from gradient-carrying ops. The max
+/// shift is detached (log-softmax is shift invariant, so no gradient changes).
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Per-token divergence, (n_tokens,), between the teacher's log-probabilities `teacher_logp`
+/// (n_tokens, vocab; treated as constants) and the draft's `draft_logits` (n_tokens, vocab;
+/// gradients flow into these). Teacher log-probs may be very negative but must be finite.
+pub fn per_token_divergence(div: Divergence, teacher_logp: &Tensor, draft_logits: &Tensor) -> Result<Tensor> {
+    if teacher_logp.dims() != draft_logits.dims() || teacher_logp.rank() != 2 {
+        return Err(Error::InvalidArg {
+            name: "teacher/draft",
+            reason: format!(
+                "teacher log-probs {:?} and draft logits {:?} must both be (n_tokens, vocab)",
+                teacher_logp.dims(),
+                draft_logits.dims()
+            ),
+        });
+    }
+    let dtype = draft_logits.dtype();
+    let logp = teacher_logp.to_dtype(dtype)?.detach();
+    let p = logp.exp()?;
+    let logq = log_softmax_last(draft_logits)?;
+    let out = match div {
+        Divergence::Fkl => (&p * (&logp - &logq)?)?.sum(D::Minus1)?,
+        Divergence::Rkl => {
+            let q = logq.exp()?;
+            (&q * (&logq - &logp)?)?.sum(D::Minus1)?
+        }
+        Divergence::Tvd => {
+            let q = logq.exp()?;
+            ((&p - &q)?.abs()?.sum(D::Minus1)? * 0.5)?
+        }
+        Divergence::Jsd => {
+            // log m = log ½ + logaddexp(log p, log q), finite even where p or q underflow.
+            let q = logq.exp()?;
+            let hi = logp.maximum(&logq)?.detach();
+            let sum = ((&logp - &hi)?.exp()? + (&logq - &hi)?.exp()?)?;
+            let logm = ((sum.log()? + hi)? + 0.5f64.ln())?;
+            let kl_pm = (&p * (&logp - &logm)?)?.sum(D::Minus1)?;
+            let kl_qm = (&q * (&logq - &logm)?)?.sum(D::Minus1)?;
+            ((kl_pm + kl_qm)? * 0.5)?
+        }
+    };
+    Ok(out)
+}
+
+/// The (1 − k) quantile of `values` as `torch.quantile`/numpy compute it by default (linear
+/// interpolation between order statistics): sorted ascending x₀ ≤ … ≤ x_{n−1},
+/// pos = (1 − k)(n − 1), q = x_⌊pos⌋ + (pos − ⌊pos⌋)(x_⌈pos⌉ − x_⌊pos⌋), clamped to x_⌈pos⌉.
+/// With distinct values, exactly n − ⌈pos⌉ of them are ≥ q (≈ k·n; all n when k = 1);
+/// ties at q are all ≥ q, so more may be. NaNs sort last. `values` must be non-empty.
+pub fn upper_quantile(values: &[f32], k: f64) -> Result<f32> {
+    check_k(k)?;
+    if values.is_empty() {
+        return Err(Error::InvalidArg { name: "values", reason: "quantile of an empty set".into() });
+    }
+    let mut v: Vec<f32> = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let pos = (1.0 - k) * (v.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = (pos.ceil() as usize).min(v.len() - 1);
+    let (a, b) = (v[lo] as f64, v[hi] as f64);
+    let q = a + (pos - lo as f64) * (b - a);
+    Ok(q.min(b) as f32)
+}
+
+/// Checks that the AdaSPEC selection fraction k is in (0, 1].
+pub fn check_k(k: f64) -> Result<()> {
+    if k.is_finite() && k > 0.0 && k <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArg { name: "--k", reason: format!("the selected fraction must be in (0, 1], got {k}") })
+    }
+}
+
+/// AdaSPEC's selection: 1.0 for tokens with ΔL ≥ [`upper_quantile`]`(ΔL, k)` (the top-k
+/// fraction with the largest gap, ties at the threshold all kept), else 0.0. Plain numbers:
+/// no gradient can flow through the mask.
+pub fn select_top_gap(delta: &[f32], k: f64) -> Result<Vec<f32>> {
+    if delta.is_empty() {
+        check_k(k)?;
+        return Ok(Vec::new());
+    }
+    let thr = upper_quantile(delta, k)?;
+    Ok(delta.iter().map(|&d| if d >= thr { 1.0 } else { 0.0 }).collect())
+}
+
+/// A micro-batch loss and what it was made of.
+pub struct LossOutput {
+    /// Scalar loss to back-propagate: Σ selected L / n_valid.
+    pub loss: Tensor,
+    /// The per-token losses (detached) as plain numbers.
+    pub per_token: Vec<f32>,
+    /// Number of tokens selected (all of them without selection).
+    pub n_selected: usize,
+    /// Number of valid tokens (the denominator).
+    pub n_valid: usize,
+}
+
+/// Loss over all valid tokens: mean of the per-token divergence (DistillSpec baselines).
+pub fn mean_loss(div: Divergence, teacher_logp: &Tensor, draft_logits: &Tensor) -> Result<LossOutput> {
+    let per = per_token_divergence(div, teacher_logp, draft_logits)?;
+    let n = per.dim(0)?;
+    let per_token = per.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let loss = if n == 0 { per.sum_all()? } else { (per.sum_all()? / n as f64)? };
+    Ok(LossOutput { loss, per_token, n_selected: n, n_valid: n })
+}
+
+/// AdaSPEC stage-2 loss: L_draft = div(p ‖ q_draft) per token, L_ref = div(p ‖ q_ref)
+/// (`ref_logits` are detached), ΔL = L_draft − L_ref, keep ΔL ≥ quantile(ΔL, 1 − k) via
+/// [`select_top_gap`], loss = Σ selected L_draft / n_valid (the mean over selected tokens
+/// scaled by the selected fraction).
+pub fn adaspec_loss(
+    div: Divergence,
+    teacher_logp: &Tensor,
+    draft_logits: &Tensor,
+    ref_logits: &Tensor,
+    k: f64,
+) -> Result<LossOutput> {
+    check_k(k)?;
+    let per = per_token_divergence(div, teacher_logp, draft_logits)?;
+    let per_ref = per_token_divergence(div, teacher_logp, &ref_logits.detach())?;
+    let n = per.dim(0)?;
+    let per_token = per.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if n == 0 {
+        return Ok(LossOutput { loss: per.sum_all()?, per_token, n_selected: 0, n_valid: 0 });
+    }
+    let ref_vals = per_ref.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let delta: Vec<f32> = per_token.iter().zip(&ref_vals).map(|(d, r)| d - r).collect();
+    let mask = select_top_gap(&delta, k)?;
+    let n_selected = mask.iter().filter(|&&m| m > 0.0).count();
+    let mask = Tensor::from_vec(mask, n, per.device())?.to_dtype(per.dtype())?;
+    let loss = ((per * mask)?.sum_all()? / n as f64)?;
+    Ok(LossOutput { loss, per_token, n_selected, n_valid: n })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t2(rows: &[&[f64]]) -> Tensor {
+        let n = rows.len();
+        let v = rows[0].len();
+        let flat: Vec<f64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_vec(flat, (n, v), &Device::Cpu).unwrap()
+    }
+
+    fn logp_of(p: &[f64]) -> Vec<f64> {
+        p.iter().map(|x| x.ln()).collect()
+    }
+
+    // Hand-computed cases: p = (0.5, 0.25, 0.25), draft logits (0, 0, ln 2) → q = (¼, ¼, ½).
+    fn case() -> (Tensor, Tensor) {
+        let p = [0.5, 0.25, 0.25];
+        let logp = t2(&[&logp_of(&p)]);
+        let z = t2(&[&[0.0, 0.0, 2f64.ln()]]);
+        (logp, z)
+    }
+
+    fn scalar(t: &Tensor) -> f64 {
+        t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()[0]
+    }
+
+    #[test]
+    fn divergences_match_hand_computed_values() {
+        let (logp, z) = case();
+        let ln2 = 2f64.ln();
+        // KL(p‖q) = ½ ln 2 + ¼ ln 1 + ¼ ln ½ = ¼ ln 2.
+        let fkl = scalar(&per_token_divergence(Divergence::Fkl, &logp, &z).unwrap());
+        assert!((fkl - 0.25 * ln2).abs() < 1e-12, "{fkl}");
+        // KL(q‖p) = ¼ ln ½ + ¼ ln 1 + ½ ln 2 = ¼ ln 2.
+        let rkl = scalar(&per_token_divergence(Divergence::Rkl, &logp, &z).unwrap());
+        assert!((rkl - 0.25 * ln2).abs() < 1e-12, "{rkl}");
+        // TV = ½ (¼ + 0 + ¼) = ¼.
+        let tvd = scalar(&per_token_divergence(Divergence::Tvd, &logp, &z).unwrap());
+        assert!((tvd - 0.25).abs() < 1e-12, "{tvd}");
+        // m = (3/8, 1/4, 3/8); JSD = ½ [½ ln(4/3) + ½ ln(2/3)] + ½ [¼ ln(2/3) + ½ ln(4/3)].
+        let m: [f64; 3] = [0.375, 0.25, 0.375];
+        let p: [f64; 3] = [0.5, 0.25, 0.25];
+        let q: [f64; 3] = [0.25, 0.25, 0.5];
+        let want: f64 = 0.5 * (0..3).map(|i| p[i] * (p[i] / m[i]).ln() + q[i] * (q[i] / m[i]).ln()).sum::<f64>();
+        let jsd = scalar(&per_token_divergence(Divergence::Jsd, &logp, &z).unwrap());
+        assert!((jsd - want).abs() < 1e-12, "{jsd} vs {want}");
+    }
+
+    #[test]
+    fn identical_distributions_give_zero_and_f32_is_stable_for_huge_logits() {
+        // Logits of 1e4 overflow a naive exp in f32; log-softmax must stay finite.
+        let z = Tensor::from_vec(vec![1e4f32, 0.0, -1e4, 5e3], (1, 4), &Device::Cpu).unwrap();
+        let logp = log_softmax_last(&z).unwrap();
+        for div in [Divergence::Fkl, Divergence::Rkl, Divergence::Tvd, Divergence::Jsd] {
+            let v = per_token_divergence(div, &logp, &z).unwrap().to_vec1::<f32>().unwrap()[0];
+            assert!(v.is_finite() && v.abs() < 1e-6, "{div:?}: {v}");
+        }
+        // A teacher with an (almost) zero-probability token and a draft that also has one.
+        let logp = Tensor::from_vec(vec![0.0f32, -200.0, -300.0], (1, 3), &Device::Cpu).unwrap();
+        let z = Tensor::from_vec(vec![-500.0f32, 0.0, 0.0], (1, 3), &Device::Cpu).unwrap();
+        for div in [Divergence::Fkl, Divergence::Rkl, Divergence::Tvd, Divergence::Jsd] {
+            let v = per_token_divergence(div, &logp, &z).unwrap().to_vec1::<f32>().unwrap()[0];
+            assert!(v.is_finite() && v >= 0.0, "{div:?}: {v}");
+        }
+    }
+
+    #[test]
+    fn gradients_flow_and_match_finite_differences() {
+        // Away from TV's kinks (p ≠ q everywhere) for the finite differences.
+        let (logp, z0) = case();
+        let z0 = (z0 + t2(&[&[0.1, -0.2, 0.05]])).unwrap();
+        for div in [Divergence::Fkl, Divergence::Rkl, Divergence::Tvd, Divergence::Jsd] {
+            let var = Var::from_tensor(&z0).unwrap();
+            let l = per_token_divergence(div, &logp, var.as_tensor()).unwrap().sum_all().unwrap();
+            let grads = l.backward().unwrap();
+            let g = grads.get(var.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = z0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for i in 0..3 {
+                let eval = |d: f64| {
+                    let mut v = base.clone();
+                    v[i] += d;
+                    let zz = Tensor::from_vec(v, (1, 3), &Device::Cpu).unwrap();
+                    scalar(&per_token_divergence(div, &logp, &zz).unwrap())
+                };
+                let fd = (eval(1e-6) - eval(-1e-6)) / 2e-6;
+                assert!((fd - g[i]).abs() < 1e-6, "{div:?} d/dz{i}: autograd {} vs fd {fd}", g[i]);
+            }
+            // FKL's gradient is q − p exactly.
+            if div == Divergence::Fkl {
+                let q = log_softmax_last(&z0).unwrap().exp().unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let p = [0.5, 0.25, 0.25];
+                for i in 0..3 {
+                    assert!((g[i] - (q[i] - p[i])).abs() < 1e-12);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantile_is_numpy_linear() {
+        let v = [1.0f32, 2.0, 3.0, 4.0, 5.0];
+        assert_eq!(upper_quantile(&v, 1.0).unwrap(), 1.0); // q=0 → min
+        assert_eq!(upper_quantile(&v, 0.5).unwrap(), 3.0); // median
+        assert!((upper_quantile(&v, 0.4).unwrap() - 3.4).abs() < 1e-6); // pos 2.4
+        assert_eq!(upper_quantile(&[7.0], 0.4).unwrap(), 7.0);
+        assert!(upper_quantile(&[], 0.4).is_err());
+        for bad in [0.0, -0.1, 1.5, f64::NAN] {
+            assert!(select_top_gap(&v, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn selection_keeps_largest_gaps_with_fraction_k() {
+        // 100 distinct gaps in a scrambled order: exactly n − ⌈(1−k)(n−1)⌉ are kept, and they
+        // are the largest.
+        let n = 100;
+        let delta: Vec<f32> = (0..n).map(|i| ((i * 37) % n) as f32 * 0.1 - 3.0).collect();
+        for k in [0.05, 0.1, 0.4, 0.5, 0.77, 1.0] {
+            let m = select_top_gap(&delta, k).unwrap();
+            let kept = m.iter().filter(|&&x| x > 0.0).count();
+            let want = n - ((1.0 - k) * (n - 1) as f64).ceil() as usize;
+            assert_eq!(kept, want, "k={k}");
+            assert!((kept as f64 / n as f64 - k).abs() <= 1.0 / n as f64, "k={k}");
+            let min_kept = delta.iter().zip(&m).filter(|(_, &s)| s > 0.0).map(|(d, _)| *d).fold(f32::MAX, f32::min);
+            let max_dropped = delta.iter().zip(&m).filter(|(_, &s)| s == 0.0).map(|(d, _)| *d).fold(f32::MIN, f32::max);
+            assert!(min_kept > max_dropped, "k={k}");
+        }
+    }
+
+    #[test]
+    fn selection_keeps_all_ties_at_the_threshold() {
+        // Threshold lands on the tied value 2.0: all four 2.0s are kept.
+        let delta = [0.0f32, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 0.5, -1.0, 1.5];
+        let m = select_top_gap(&delta, 0.4).unwrap();
+        assert_eq!(m, vec![0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
+        // All equal: everything is kept whatever k is.
+        let m = select_top_gap(&[0.3f32; 8], 0.1).unwrap();
+        assert!(m.iter().all(|&x| x == 1.0));
+    }
+
+    #[test]
+    fn adaspec_loss_is_sum_of_selected_over_valid_and_mask_has_no_gradient() {
+        // Four tokens; the reference equals the teacher on tokens 0 and 2 (L_ref = 0) and the
+        // draft on 1 and 3 (ΔL = 0), so with k = 0.5 the selected tokens are 0 and 2.
+        let p = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.5, 0.25, 0.25]];
+        let logp =
+            t2(&p.iter().map(|r| logp_of(r)).collect::<Vec<_>>().iter().map(|v| v.as_slice()).collect::<Vec<_>>());
+        let z = t2(&[&[0.0, 1.0, 0.0], &[2.0, 0.0, 0.0], &[1.0, 0.0, -1.0], &[0.0, 0.5, 0.0]]);
+        let logp_rows = logp.to_vec2::<f64>().unwrap();
+        let z_rows = z.to_vec2::<f64>().unwrap();
+        let r = t2(&[&logp_rows[0], &z_rows[1], &logp_rows[2], &z_rows[3]]);
+        let var = Var::from_tensor(&z).unwrap();
+        let out = adaspec_loss(Divergence::Fkl, &logp, var.as_tensor(), &r, 0.5).unwrap();
+        assert_eq!(out.n_valid, 4);
+        assert_eq!(out.n_selected, 2);
+        let per = &out.per_token;
+        let want = (per[0] as f64 + per[2] as f64) / 4.0;
+        assert!((scalar(&out.loss.reshape(1).unwrap()) - want).abs() < 1e-6);
+        // Unselected tokens get no gradient; selected ones get (q − p)/4.
+        let g = var.as_tensor().clone();
+        let grads = out.loss.backward().unwrap();
+        let g = grads.get(&g).unwrap().to_vec2::<f64>().unwrap();
+        assert!(g[1].iter().chain(&g[3]).all(|&x| x == 0.0));
+        assert!(g[0].iter().any(|&x| x.abs() > 1e-3));
+        // k = 1 keeps everything and equals the mean loss.
+        let all = adaspec_loss(Divergence::Fkl, &logp, &z, &r, 1.0).unwrap();
+        let mean = mean_loss(Divergence::Fkl, &logp, &z).unwrap();
+        assert_eq!(all.n_selected, 4);
+        assert!((scalar(&all.loss.reshape(1).unwrap()) - scalar(&mean.loss.reshape(1).unwrap())).abs() < 1e-12);
+        assert!(adaspec_loss(Divergence::Fkl, &logp, &z, &r, 0.0).is_err());
+    }
+}
