@@ -5,6 +5,8 @@
 # Usage: scripts/bench-llama-cpp.sh [N_PROMPTS=10]
 #   env: THREADS=2 N_GEN=128 DMAX=2,3,4,8 PMIN=default,0.75 PMIN_DMAX=4 (draft sizes tried with
 #        the non-default p_min) OUT=llama-cpp-bench.json
+#        EXTRA_ARGS="--no-repack" (llama.cpp flags added to every run; --no-repack = no weight
+#        repacking, like our --mode exact; llama.cpp's default repacks, like --mode fast)
 #        MODELS=~/.cache/adaspec/models DATA=../shared/data/humaneval/dev.jsonl
 #
 # WHAT RUNS (see scripts/build-llama-tools.sh for why):
@@ -56,4 +58,5 @@ exec python3 "$ROOT/scripts/bench_llama_cpp.py" \
     --target "$TARGET" --draft "$DRAFT" --data "$DATA" \
     --prompts "$N_PROMPTS" --n-gen "${N_GEN:-128}" --threads "${THREADS:-2}" \
     --dmax "${DMAX:-2,3,4,8}" --pmin "${PMIN:-default,0.75}" --pmin-dmax "${PMIN_DMAX:-4}" \
+    --extra-args="${EXTRA_ARGS:-}" \
     --out "${OUT:-llama-cpp-bench.json}" --workdir "$ROOT/target/llama-tools/prompts"

@@ -31,7 +31,7 @@ def configs(dmax_list, pmin_list, pmin_dmax):
 def run_one(a, prompt_file, extra, use_draft):
     cmd = [a.bin, "-m", a.target, "-f", prompt_file, "--no-escape", "-n", str(a.n_gen),
            "-t", str(a.threads), "-tb", str(a.threads), "-c", str(a.ctx), "-fa", "off",
-           "--temp", "0", "--seed", "42", "-ngl", "0"]
+           "--temp", "0", "--seed", "42", "-ngl", "0"] + a.extra_args.split()
     if use_draft:
         cmd += ["-md", a.draft, "-td", str(a.threads), "-tbd", str(a.threads), "-ngld", "0"] + extra
     t0 = time.time()
@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--dmax", default="2,3,4,8")
     ap.add_argument("--pmin", default="default,0.75", help="'default' = llama.cpp's default p_min")
     ap.add_argument("--pmin-dmax", default="4", help="draft maxima tried with the non-default p_min values")
+    ap.add_argument("--extra-args", default="", help="extra llama.cpp flags for every run, e.g. --no-repack")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--out", default="llama-cpp-bench.json")
     ap.add_argument("--workdir", default="target/llama-tools/prompts")
@@ -82,7 +83,7 @@ def main():
     result = {
         "what": "llama.cpp common/speculative.cpp draft-simple (llama-speculative-simple loop) vs plain target decoding",
         "binary": a.bin, "target": a.target, "draft": a.draft, "n_gen": a.n_gen, "threads": a.threads,
-        "ctx": a.ctx, "prompts": len(prompts), "configs": [c[0] for c in cfgs],
+        "ctx": a.ctx, "extra_args": a.extra_args, "prompts": len(prompts), "configs": [c[0] for c in cfgs],
         "tok_s_measures": "generated tokens / generation time (after prompt eval; excludes model load and prompt)",
         "runs": runs, "summary": [],
     }
@@ -140,7 +141,7 @@ def summarize(result, cfgs):
 def print_table(result):
     print()
     print(f"llama.cpp baseline: {result['prompts']} prompts, {result['n_gen']} tokens, {result['threads']} threads "
-          f"(tok/s = generation only)")
+          f"(tok/s = generation only) extra args: '{result['extra_args']}'")
     print(f"{'config':<18}{'tok/s(med)':>11}{'x target':>10}{'x/prompt':>10}{'accept':>8}{'tok/pass':>10}{'identical':>11}")
     for s in result["summary"]:
         acc = "-" if s["acceptance"] is None else f"{s['acceptance']:.3f}"
