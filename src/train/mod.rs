@@ -7,6 +7,8 @@ pub mod export;
 pub mod gguf_import;
 pub mod data; // issue-5
 pub mod loss; // issue-5
+pub mod teacher; // issue-5
+pub mod trainer; // issue-5
 pub mod model;
 pub mod prune;
 

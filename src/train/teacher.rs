@@ -1,0 +1,379 @@
+//! The teacher: per-position next-token distributions of the **target GGUF run through
+//! llama.cpp** (the model users verify with, quantization included), at the loss positions
+//! of training sequences.
+//!
+//! Two modes:
+//! * **exact**: full-vocabulary log-probabilities, recomputed with llama.cpp for every batch
+//!   (nothing stored: 151,936 floats per position would not fit for real data sets);
+//! * **sparse** (cached): per position the top-K probabilities and the remaining mass
+//!   r = 1 − Σ top-K, computed once and cached on disk, keyed by the target file, the token
+//!   data and K, so a second run or AdaSPEC's second stage reads the file instead of running
+//!   the target. The sparse distribution handed to the losses is
+//!   p̃(x) = p(x) for the K kept tokens and r / (V − K) for each of the V − K others: the tail
+//!   mass is **spread uniformly** over the tokens that were not kept. Top-K probabilities,
+//!   the argmax and the total mass are exact; only the shape of the tail is approximated
+//!   (FKL's gradient on tail tokens becomes q(x) − r/(V−K)). With K ≥ V it equals exact mode.
+//!
+//! This module never trains, never changes the target, and writes only its cache files
+//! (temp file + rename).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::data::{Example, Fnv64, PaddedBatch};
+use super::error::{Error, Result};
+use crate::backend::{sequence_logits, Model};
+
+/// Floor for teacher log-probabilities (a zero probability becomes e⁻¹⁰⁰): keeps reverse KL
+/// and JSD finite.
+pub const LOGP_FLOOR: f32 = -100.0;
+
+/// How the teacher distributions are produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum TeacherMode {
+    /// Full vocabulary, recomputed per batch.
+    Exact,
+    /// Top-K probabilities + remaining mass, cached on disk.
+    Sparse { top_k: usize },
+}
+
+/// Top-K probabilities and the remaining mass at each loss position of one example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparseRows {
+    pub k: usize,
+    /// (rows × k) token ids, most likely first.
+    pub ids: Vec<u32>,
+    /// (rows × k) their probabilities.
+    pub probs: Vec<f32>,
+    /// (rows) 1 − Σ kept probabilities.
+    pub rest: Vec<f32>,
+}
+
+impl SparseRows {
+    pub fn n_rows(&self) -> usize {
+        self.rest.len()
+    }
+}
+
+/// Row-wise log-softmax of (rows × vocab) logits into `out` (f64 accumulation).
+pub fn log_softmax_rows(logits: &[f32], vocab: usize, out: &mut Vec<f32>) {
+    for row in logits.chunks(vocab) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        out.extend(row.iter().map(|&x| ((x as f64 - lse) as f32).max(LOGP_FLOOR)));
+    }
+}
+
+/// Top-K of one row of logits: (ids, probs, rest).
+pub fn top_k_row(row: &[f32], k: usize) -> (Vec<u32>, Vec<f32>, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let p: Vec<f64> = row.iter().map(|&x| (x as f64 - max).exp()).collect();
+    let z: f64 = p.iter().sum();
+    let k = k.min(row.len());
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    let by_desc = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    if k < idx.len() && k > 0 {
+        idx.select_nth_unstable_by(k - 1, by_desc);
+    }
+    idx.truncate(k);
+    idx.sort_by(by_desc);
+    let kept: f64 = idx.iter().map(|&i| p[i as usize]).sum();
+    let probs = idx.iter().map(|&i| (p[i as usize] / z) as f32).collect();
+    let rest = ((z - kept) / z).max(0.0) as f32;
+    (idx, probs, rest)
+}
+
+/// Expands sparse rows into dense log-probabilities (rows × vocab), appended to `out`: kept
+/// tokens get log p, every other token log(r / (V − K)) (floored at [`LOGP_FLOOR`]).
+pub fn expand_sparse(rows: &SparseRows, range: std::ops::Range<usize>, vocab: usize, out: &mut Vec<f32>) {
+    for r in range {
+        let others = vocab.saturating_sub(rows.k);
+        let fill = if others > 0 && rows.rest[r] > 0.0 {
+            ((rows.rest[r] as f64 / others as f64).ln() as f32).max(LOGP_FLOOR)
+        } else {
+            LOGP_FLOOR
+        };
+        let start = out.len();
+        out.resize(start + vocab, fill);
+        for j in 0..rows.k {
+            let id = rows.ids[r * rows.k + j] as usize;
+            let p = rows.probs[r * rows.k + j];
+            if id < vocab {
+                out[start + id] = if p > 0.0 { p.ln().max(LOGP_FLOOR) } else { LOGP_FLOOR };
+            }
+        }
+    }
+}
+
+/// A stable key for a model file: its size and hashes of its first and last MiB (reading a
+/// whole multi-GB GGUF just for a cache key would cost as much as a teacher pass).
+pub fn model_key(path: &Path) -> Result<u64> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut h = Fnv64::default();
+    h.write(&len.to_le_bytes());
+    let chunk = 1 << 20;
+    let mut buf = vec![0u8; chunk.min(len as usize)];
+    f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
+    h.write(&buf);
+    if len as usize > chunk {
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(len - chunk as u64)).map_err(|e| Error::io(path, e))?;
+        f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
+        h.write(&buf);
+    }
+    Ok(h.finish())
+}
+
+/// The teacher for one list of examples (batches index into that list).
+pub struct Teacher {
+    model: Arc<Model>,
+    mode: TeacherMode,
+    n_threads: i32,
+    sparse: Option<Vec<SparseRows>>,
+    /// Where the sparse cache was read from or written to, and whether it was read.
+    pub cache_file: Option<PathBuf>,
+    pub cache_hit: bool,
+}
+
+#[derive(Serialize, Deserialize, PartialEq, Debug)]
+struct CacheHeader {
+    format: String,
+    model_key: u64,
+    data_hash: u64,
+    top_k: usize,
+    n_vocab: usize,
+    n_examples: usize,
+}
+
+const CACHE_MAGIC: &[u8; 8] = b"ADSPTCH1";
+
+impl Teacher {
+    /// An exact teacher (full distributions recomputed per batch).
+    pub fn exact(model: Arc<Model>, n_threads: i32) -> Teacher {
+        Teacher { model, mode: TeacherMode::Exact, n_threads, sparse: None, cache_file: None, cache_hit: false }
+    }
+
+    /// A teacher in `mode` for `examples`. Sparse mode reads `cache_dir/teacher-….bin` when
+    /// it matches (same target file, token data and K), else computes it with llama.cpp and
+    /// writes it there (when `cache_dir` is given).
+    pub fn new(
+        model: Arc<Model>,
+        mode: TeacherMode,
+        examples: &[Example],
+        cache_dir: Option<&Path>,
+        n_threads: i32,
+    ) -> Result<Teacher> {
+        let top_k = match mode {
+            TeacherMode::Exact => return Ok(Teacher::exact(model, n_threads)),
+            TeacherMode::Sparse { top_k } => top_k,
+        };
+        if top_k == 0 {
+            return Err(Error::InvalidArg { name: "--teacher-top-k", reason: "must be >= 1".into() });
+        }
+        let header = CacheHeader {
+            format: "adaspec teacher cache v1".into(),
+            model_key: model_key(model.path())?,
+            data_hash: super::data::examples_hash(examples),
+            top_k,
+            n_vocab: model.n_vocab(),
+            n_examples: examples.len(),
+        };
+        let file = cache_dir
+            .map(|d| d.join(format!("teacher-{:016x}-{:016x}-k{top_k}.bin", header.model_key, header.data_hash)));
+        if let Some(f) = &file {
+            if let Some(rows) = read_cache(f, &header, examples) {
+                tracing::info!("teacher: read sparse cache {}", f.display());
+                return Ok(Teacher {
+                    model,
+                    mode,
+                    n_threads,
+                    sparse: Some(rows),
+                    cache_file: file.clone(),
+                    cache_hit: true,
+                });
+            }
+        }
+        let bar = progress("teacher", examples.len() as u64);
+        let mut rows = Vec::with_capacity(examples.len());
+        let v = model.n_vocab();
+        for e in examples {
+            let range = e.loss_positions();
+            let logits = sequence_logits(&model, &e.tokens[..range.end], n_threads)?;
+            let mut sr = SparseRows { k: top_k.min(v), ids: Vec::new(), probs: Vec::new(), rest: Vec::new() };
+            for t in range {
+                let (ids, probs, rest) = top_k_row(&logits[t * v..(t + 1) * v], top_k);
+                sr.ids.extend(ids);
+                sr.probs.extend(probs);
+                sr.rest.push(rest);
+            }
+            rows.push(sr);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        if let Some(f) = &file {
+            write_cache(f, &header, &rows)?;
+            tracing::info!("teacher: wrote sparse cache {}", f.display());
+        }
+        Ok(Teacher { model, mode, n_threads, sparse: Some(rows), cache_file: file, cache_hit: false })
+    }
+
+    pub fn mode(&self) -> TeacherMode {
+        self.mode
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.model.n_vocab()
+    }
+
+    /// Teacher log-probabilities at the loss positions of `batch` (built from `examples`, the
+    /// list this teacher was made for), in `batch.loss_rows` order: (n_loss × vocab) row-major.
+    pub fn logp_rows(&self, examples: &[Example], batch: &PaddedBatch) -> Result<Vec<f32>> {
+        let v = self.n_vocab();
+        let mut out = Vec::with_capacity(batch.loss_rows.len() * v);
+        for &i in &batch.examples {
+            let e = examples.get(i).ok_or_else(|| Error::InvalidArg {
+                name: "batch",
+                reason: format!("example {i} out of range ({} examples)", examples.len()),
+            })?;
+            let range = e.loss_positions();
+            match &self.sparse {
+                None => {
+                    let logits = sequence_logits(&self.model, &e.tokens[..range.end], self.n_threads)?;
+                    log_softmax_rows(&logits[range.start * v..range.end * v], v, &mut out);
+                }
+                Some(rows) => {
+                    let sr = rows.get(i).filter(|r| r.n_rows() == range.len()).ok_or_else(|| Error::InvalidArg {
+                        name: "teacher",
+                        reason: format!("sparse teacher was built for other examples (example {i})"),
+                    })?;
+                    expand_sparse(sr, 0..sr.n_rows(), v, &mut out);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub(crate) fn progress(what: &str, len: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{what} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta_precise}}]"
+    )) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn read_cache(path: &Path, want: &CacheHeader, examples: &[Example]) -> Option<Vec<SparseRows>> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut r = bytes.as_slice();
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).ok()?;
+    if &magic != CACHE_MAGIC {
+        return None;
+    }
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).ok()?;
+    let hlen = u64::from_le_bytes(len) as usize;
+    if hlen > r.len() {
+        return None;
+    }
+    let header: CacheHeader = serde_json::from_slice(&r[..hlen]).ok()?;
+    if &header != want {
+        return None;
+    }
+    r = &r[hlen..];
+    let k = want.top_k.min(want.n_vocab);
+    let mut out = Vec::with_capacity(examples.len());
+    let u32s = |n: usize, r: &mut &[u8]| -> Option<Vec<u32>> {
+        let b = r.get(..n * 4)?;
+        let v = b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        *r = &r[n * 4..];
+        Some(v)
+    };
+    for e in examples {
+        let n = u32s(1, &mut r)?.first().copied()? as usize;
+        if n != e.n_loss() {
+            return None;
+        }
+        let ids = u32s(n * k, &mut r)?;
+        let probs = u32s(n * k, &mut r)?.into_iter().map(f32::from_bits).collect();
+        let rest = u32s(n, &mut r)?.into_iter().map(f32::from_bits).collect();
+        out.push(SparseRows { k, ids, probs, rest });
+    }
+    r.is_empty().then_some(out)
+}
+
+fn write_cache(path: &Path, header: &CacheHeader, rows: &[SparseRows]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let h =
+        serde_json::to_vec(header).map_err(|e| Error::InvalidArg { name: "teacher cache", reason: e.to_string() })?;
+    let mut buf = Vec::new();
+    buf.extend_from_slice(CACHE_MAGIC);
+    buf.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&h);
+    for sr in rows {
+        buf.extend_from_slice(&(sr.n_rows() as u32).to_le_bytes());
+        for id in &sr.ids {
+            buf.extend_from_slice(&id.to_le_bytes());
+        }
+        for p in &sr.probs {
+            buf.extend_from_slice(&p.to_bits().to_le_bytes());
+        }
+        for p in &sr.rest {
+            buf.extend_from_slice(&p.to_bits().to_le_bytes());
+        }
+    }
+    let tmp = super::gguf_import::temp_path_for(path)?;
+    let res = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&buf).and_then(|_| f.sync_all()))
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_and_expansion() {
+        let row = [0.0f32, 2.0, 1.0, -1.0, 2.0];
+        let (ids, probs, rest) = top_k_row(&row, 2);
+        assert_eq!(ids, vec![1, 4]); // ties broken by id
+        let z: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
+        let p1 = (2f64.exp() / z) as f32;
+        assert!((probs[0] - p1).abs() < 1e-6 && (probs[1] - p1).abs() < 1e-6);
+        assert!((rest - (1.0 - 2.0 * p1)).abs() < 1e-6);
+        let sr = SparseRows { k: 2, ids, probs, rest: vec![rest] };
+        let mut out = Vec::new();
+        expand_sparse(&sr, 0..1, 5, &mut out);
+        let total: f64 = out.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!((out[0] - out[2]).abs() < 1e-7 && (out[1] - p1.ln()).abs() < 1e-6);
+        // K = V is exact.
+        let (ids, probs, rest) = top_k_row(&row, 9);
+        let sr = SparseRows { k: 5, ids, probs, rest: vec![rest] };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        expand_sparse(&sr, 0..1, 5, &mut a);
+        log_softmax_rows(&row, 5, &mut b);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{x} {y}");
+        }
+    }
+}

@@ -1,0 +1,851 @@
+//! The distillation loop: DistillSpec-style baselines (FKL, RKL, TVD, JSD over all valid
+//! tokens) and AdaSPEC's selective stage 2 (SPEC §4), with AdamW, gradient-norm clipping,
+//! gradient accumulation, LR schedules, freezing, atomic checkpoints and exact resume.
+//!
+//! A checkpoint is a folder `checkpoints/step-NNNNNN/` holding `model.safetensors` +
+//! `config.json` (the draft), `optimizer.safetensors` (AdamW moments `m.<name>`/`v.<name>`)
+//! and `state.json` (step, data position, optimizer step count, the training config). It is
+//! written into a temp folder that is renamed into place, so a crash never leaves a partial
+//! checkpoint. Resuming restores all of it; the data order is a pure function of (seed,
+//! epoch), so the next step sees the same batch and gives the same loss as an uninterrupted run.
+//!
+//! This module never changes the teacher, the reference or the input files; it writes only
+//! under the output folder.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use super::data::{epoch_order, write_atomic, Example, PaddedBatch};
+use super::error::{Error, Result};
+use super::gguf_import::{load_checkpoint, save_checkpoint};
+use super::loss::{adaspec_loss, check_k, mean_loss, per_token_divergence, Divergence};
+use super::model::{Config, DraftModel, Trainable, Weights};
+use super::teacher::Teacher;
+
+/// Learning-rate schedule after the (optional) linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Constant (the paper's default).
+    #[default]
+    Constant,
+    /// Linear decay to 0 at the last step.
+    Linear,
+    /// Cosine decay to 0 at the last step.
+    Cosine,
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "constant" => Ok(LrSchedule::Constant),
+            "linear" => Ok(LrSchedule::Linear),
+            "cosine" => Ok(LrSchedule::Cosine),
+            other => Err(Error::InvalidArg {
+                name: "--lr-schedule",
+                reason: format!("expected constant, linear or cosine, got {other:?}"),
+            }),
+        }
+    }
+}
+
+/// Everything that defines a training run (saved in each checkpoint's `state.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Per-token divergence.
+    pub divergence: Divergence,
+    /// AdaSPEC selection: keep the top-k fraction of tokens by ΔL = L_draft − L_ref (needs a
+    /// reference model). `None`: all valid tokens (the DistillSpec baselines, stage 1).
+    pub select_k: Option<f64>,
+    /// Peak learning rate (default 3e-4).
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (default 0.1), not applied to norms and biases (as HF Trainer).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (default 1.0; 0 = off).
+    pub grad_clip: f64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps; 0 = `epochs` passes over the training data.
+    pub steps: usize,
+    /// Epochs when `steps` is 0.
+    pub epochs: f64,
+    pub schedule: LrSchedule,
+    pub warmup_steps: usize,
+    pub freeze_embeddings: bool,
+    pub freeze_lm_head: bool,
+    /// Blocks to train (`None` = all).
+    pub train_blocks: Option<Vec<usize>>,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Checkpoint every N optimizer steps (0 = only the final model).
+    pub checkpoint_every: usize,
+    /// Validation every N steps (0 = only before and after training).
+    pub eval_every: usize,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            divergence: Divergence::Fkl,
+            select_k: None,
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            batch_size: 8,
+            grad_accum: 1,
+            steps: 0,
+            epochs: 1.0,
+            schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            freeze_embeddings: false,
+            freeze_lm_head: false,
+            train_blocks: None,
+            seed: 0,
+            checkpoint_every: 0,
+            eval_every: 0,
+            progress: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks ranges; errors name the flag.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name: &'static str, reason: String| Err(Error::InvalidArg { name, reason });
+        if let Some(k) = self.select_k {
+            check_k(k)?;
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("--lr", format!("must be > 0, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("--betas", format!("must be in [0, 1), got ({}, {})", self.beta1, self.beta2));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("--adam-eps", format!("must be > 0, got {}", self.eps));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("--weight-decay", format!("must be >= 0, got {}", self.weight_decay));
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            return bad("--grad-clip", format!("must be >= 0, got {}", self.grad_clip));
+        }
+        if self.batch_size == 0 {
+            return bad("--batch-size", "must be >= 1".into());
+        }
+        if self.grad_accum == 0 {
+            return bad("--grad-accum", "must be >= 1".into());
+        }
+        if self.steps == 0 && !(self.epochs.is_finite() && self.epochs > 0.0) {
+            return bad("--epochs", format!("must be > 0 when --steps is 0, got {}", self.epochs));
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps for `n_train` training sequences.
+    pub fn total_steps(&self, n_train: usize) -> usize {
+        if self.steps > 0 {
+            return self.steps;
+        }
+        let per_epoch = n_train.div_ceil(self.batch_size * self.grad_accum).max(1);
+        ((per_epoch as f64 * self.epochs).ceil() as usize).max(1)
+    }
+
+    /// Learning rate of optimizer step `step` (1-based) out of `total`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        if self.warmup_steps > 0 && step <= self.warmup_steps {
+            return self.lr * step as f64 / self.warmup_steps as f64;
+        }
+        let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = (step.saturating_sub(self.warmup_steps + 1) as f64 / span).clamp(0.0, 1.0);
+        match self.schedule {
+            LrSchedule::Constant => self.lr,
+            LrSchedule::Linear => self.lr * (1.0 - progress),
+            LrSchedule::Cosine => self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+
+    /// The parameters this config trains.
+    pub fn trainable(&self) -> Trainable {
+        Trainable {
+            embeddings: !self.freeze_embeddings,
+            lm_head: !self.freeze_lm_head,
+            final_norm: true,
+            blocks: self.train_blocks.clone(),
+        }
+    }
+
+    /// `fkl`, …, or `adaspec` (FKL with selection) / `adaspec-<div>`.
+    pub fn method_name(&self) -> String {
+        match (self.select_k, self.divergence) {
+            (None, d) => d.name().to_string(),
+            (Some(_), Divergence::Fkl) => "adaspec".to_string(),
+            (Some(_), d) => format!("adaspec-{}", d.name()),
+        }
+    }
+}
+
+/// Where a run is in its data and optimizer (saved as `state.json` with the config).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Current epoch and the number of its (shuffled) sequences already used.
+    pub epoch: usize,
+    pub pos: usize,
+    /// Real tokens seen.
+    pub tokens_seen: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StateFile {
+    state: TrainState,
+    config: TrainConfig,
+    optimizer_step: usize,
+    method: String,
+}
+
+/// One optimizer step's numbers (also a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    pub step: usize,
+    /// Mean over micro-batches of Σ selected L / n_valid.
+    pub loss: f64,
+    /// Selected tokens / valid tokens (1 without selection).
+    pub selected_fraction: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// A validation pass (also a line of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalLog {
+    pub step: usize,
+    /// Mean forward KL(p ‖ q) over the validation response tokens.
+    pub val_kl: f64,
+    /// Greedy agreement argmax q == argmax p, teacher-forced.
+    pub val_alpha: f64,
+    pub val_tokens: usize,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub steps: Vec<StepLog>,
+    pub evals: Vec<EvalLog>,
+    /// `out_dir/model.safetensors` (with `config.json` next to it).
+    pub final_model: PathBuf,
+    pub checkpoints: Vec<PathBuf>,
+}
+
+/// The training sequences, validation sequences and a teacher for each list.
+pub struct TrainData<'a> {
+    pub train: &'a [Example],
+    pub val: &'a [Example],
+    pub teacher_train: &'a Teacher,
+    pub teacher_val: &'a Teacher,
+}
+
+/// AdamW with decoupled weight decay (PyTorch's `AdamW` update), state kept so checkpoints
+/// can hold it.
+pub struct AdamW {
+    params: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    t: usize,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+fn decays(name: &str) -> bool {
+    !(name.contains("norm") || name.ends_with(".bias"))
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Var)>, cfg: &TrainConfig) -> Result<AdamW> {
+        let mut m = Vec::with_capacity(params.len());
+        let mut v = Vec::with_capacity(params.len());
+        for (_, p) in &params {
+            m.push(p.as_tensor().zeros_like()?);
+            v.push(p.as_tensor().zeros_like()?);
+        }
+        Ok(AdamW {
+            params,
+            m,
+            v,
+            t: 0,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        })
+    }
+
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// One update with gradients `grads[i]` for `params[i]` (None = no gradient: skipped).
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.t += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            let Some(g) = grads.get(i).and_then(|g| g.as_ref()) else { continue };
+            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let mhat = (&m / bc1)?;
+            let vhat = (&v / bc2)?;
+            let update = (mhat / (vhat.sqrt()? + self.eps)?)?;
+            let theta = p.as_tensor();
+            let theta = if decays(name) && self.weight_decay > 0.0 {
+                (theta * (1.0 - lr * self.weight_decay))?
+            } else {
+                theta.clone()
+            };
+            p.set(&(theta - (update * lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let mut map = std::collections::HashMap::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            map.insert(format!("m.{name}"), self.m[i].clone());
+            map.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        candle_core::safetensors::save(&map, path)
+            .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: format!("cannot write: {e}") })
+    }
+
+    fn load(&mut self, path: &Path, t: usize) -> Result<()> {
+        let map = candle_core::safetensors::load(path, &Device::Cpu)
+            .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            for (slot, prefix) in [(&mut self.m[i], "m"), (&mut self.v[i], "v")] {
+                let key = format!("{prefix}.{name}");
+                let t = map.get(&key).ok_or_else(|| Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "missing optimizer tensor {key} (was the run started with other --freeze/--train-blocks?)"
+                    ),
+                })?;
+                if t.dims() != p.as_tensor().dims() {
+                    return Err(Error::Checkpoint {
+                        path: path.to_path_buf(),
+                        reason: format!("{key} has shape {:?}, expected {:?}", t.dims(), p.as_tensor().dims()),
+                    });
+                }
+                *slot = t.to_dtype(p.as_tensor().dtype())?;
+            }
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Draft logits at the loss positions of `batch`, (n_loss, vocab).
+pub fn batch_logits(model: &DraftModel, batch: &PaddedBatch) -> Result<Tensor> {
+    let dev = model.device();
+    let ids = Tensor::from_vec(batch.ids.clone(), (batch.batch, batch.seq), dev)?;
+    let attn = Tensor::from_vec(batch.attention.clone(), (batch.batch, batch.seq), dev)?;
+    let logits = model.forward(&ids, Some(&attn))?; // (batch, seq, vocab)
+    let v = logits.dim(2)?;
+    let flat = logits.reshape((batch.batch * batch.seq, v))?;
+    let rows: Vec<u32> = batch.loss_rows.iter().map(|&r| r as u32).collect();
+    let rows = Tensor::from_vec(rows, batch.loss_rows.len(), dev)?;
+    Ok(flat.index_select(&rows, 0)?.to_dtype(DType::F32)?)
+}
+
+/// Teacher-forced validation: mean FKL and greedy agreement over `examples`' response tokens.
+pub fn validate_model(
+    model: &DraftModel,
+    examples: &[Example],
+    teacher: &Teacher,
+    batch_size: usize,
+    step: usize,
+) -> Result<EvalLog> {
+    let (mut kl, mut agree, mut n) = (0.0f64, 0usize, 0usize);
+    let idx: Vec<usize> = (0..examples.len()).collect();
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let batch = PaddedBatch::new(examples, chunk, 0)?;
+        if batch.loss_rows.is_empty() {
+            continue;
+        }
+        let logits = batch_logits(model, &batch)?.detach();
+        let rows = batch.loss_rows.len();
+        let logp = Tensor::from_vec(teacher.logp_rows(examples, &batch)?, (rows, teacher.n_vocab()), &Device::Cpu)?;
+        let per = per_token_divergence(Divergence::Fkl, &logp, &logits)?;
+        kl += per.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        let a = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let b = logp.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        agree += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        n += rows;
+    }
+    let d = n.max(1) as f64;
+    Ok(EvalLog { step, val_kl: kl / d, val_alpha: agree as f64 / d, val_tokens: n })
+}
+
+fn next_indices(state: &mut TrainState, n: usize, bs: usize, seed: u64) -> Vec<usize> {
+    let order = epoch_order(n, seed, state.epoch);
+    let end = (state.pos + bs).min(n);
+    let out = order[state.pos..end].to_vec();
+    state.pos = end;
+    if state.pos >= n {
+        state.epoch += 1;
+        state.pos = 0;
+    }
+    out
+}
+
+/// Checks the draft against the teacher and the reference before anything is written.
+pub fn check_compat(init: &Config, reference: Option<&Config>, teacher_vocab: usize) -> Result<()> {
+    if init.vocab_size != teacher_vocab {
+        return Err(Error::InvalidArg {
+            name: "--draft",
+            reason: format!(
+                "draft vocab size {} != target vocab size {teacher_vocab}: draft and target must share a tokenizer",
+                init.vocab_size
+            ),
+        });
+    }
+    if let Some(r) = reference {
+        if r.vocab_size != init.vocab_size {
+            return Err(Error::InvalidArg {
+                name: "--reference",
+                reason: format!("reference vocab size {} != draft vocab size {}", r.vocab_size, init.vocab_size),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Trains `init` against the teacher. With `cfg.select_k`, `reference` (the stage-1 model) is
+/// required. `resume` is a checkpoint folder of an earlier run with the same config.
+pub fn train(
+    cfg: &TrainConfig,
+    init: (Config, Weights),
+    reference: Option<(Config, Weights)>,
+    data: &TrainData,
+    out_dir: &Path,
+    resume: Option<&Path>,
+) -> Result<TrainReport> {
+    cfg.validate()?;
+    if cfg.select_k.is_some() != reference.is_some() {
+        return Err(Error::InvalidArg {
+            name: "--reference",
+            reason: "AdaSPEC selection (--k) needs a reference model, and a reference is only used with it".into(),
+        });
+    }
+    if data.train.is_empty() {
+        return Err(Error::InvalidArg { name: "--data", reason: "no training examples".into() });
+    }
+    check_compat(&init.0, reference.as_ref().map(|r| &r.0), data.teacher_train.n_vocab())?;
+    let dev = Device::Cpu;
+    let mut state = TrainState::default();
+    let mut opt_t = 0;
+    let (cfg0, weights0) = match resume {
+        None => init,
+        Some(dir) => {
+            let sf = read_state(dir)?;
+            if sf.method != cfg.method_name() || sf.config.seed != cfg.seed || sf.config.batch_size != cfg.batch_size {
+                return Err(Error::InvalidArg {
+                    name: "--resume",
+                    reason: format!(
+                        "{} was written by a {} run (seed {}, batch {}); this run is {} (seed {}, batch {})",
+                        dir.display(),
+                        sf.method,
+                        sf.config.seed,
+                        sf.config.batch_size,
+                        cfg.method_name(),
+                        cfg.seed,
+                        cfg.batch_size
+                    ),
+                });
+            }
+            let (c, w) = load_checkpoint(&dir.join("model.safetensors"))?;
+            if c != init.0 {
+                return Err(Error::InvalidArg {
+                    name: "--resume",
+                    reason: format!("{}: model config differs from the draft being trained", dir.display()),
+                });
+            }
+            state = sf.state;
+            opt_t = sf.optimizer_step;
+            (c, w)
+        }
+    };
+    let model = DraftModel::from_weights(&cfg0, weights0, DType::F32, &dev)?;
+    let ref_model = match reference {
+        Some((c, w)) => Some(DraftModel::inference(&c, w, DType::F32, &dev)?),
+        None => None,
+    };
+    let spec = cfg.trainable();
+    let params: Vec<(String, Var)> = model
+        .named_vars()
+        .iter()
+        .filter(|(n, _)| spec.allows(n, cfg0.tie_word_embeddings))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    if params.is_empty() {
+        return Err(Error::InvalidArg {
+            name: "--train-blocks",
+            reason: "nothing left to train after freezing".into(),
+        });
+    }
+    let mut opt = AdamW::new(params, cfg)?;
+    if let Some(dir) = resume {
+        opt.load(&dir.join("optimizer.safetensors"), opt_t)?;
+    }
+
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let metrics_path = out_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut log_line =
+        |v: serde_json::Value| -> Result<()> { writeln!(metrics, "{v}").map_err(|e| Error::io(&metrics_path, e)) };
+
+    let total = cfg.total_steps(data.train.len());
+    let mut report = TrainReport {
+        steps: Vec::new(),
+        evals: Vec::new(),
+        final_model: out_dir.join("model.safetensors"),
+        checkpoints: Vec::new(),
+    };
+    let eval_bs = cfg.batch_size;
+    if state.step == 0 && !data.val.is_empty() {
+        let e = validate_model(&model, data.val, data.teacher_val, eval_bs, 0)?;
+        log_line(
+            serde_json::json!({"kind": "val", "method": cfg.method_name(), "step": e.step, "val_kl": e.val_kl, "val_alpha": e.val_alpha, "val_tokens": e.val_tokens}),
+        )?;
+        report.evals.push(e);
+    }
+    let bar = if cfg.progress {
+        super::teacher::progress(&cfg.method_name(), total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_position(state.step as u64);
+    let start = Instant::now();
+    let mut tokens_since = 0usize;
+    while state.step < total {
+        let t0 = Instant::now();
+        let mut acc: Vec<Option<Tensor>> = vec![None; opt.params().len()];
+        let (mut loss_sum, mut sel, mut valid, mut tokens) = (0.0f64, 0usize, 0usize, 0usize);
+        for _ in 0..cfg.grad_accum {
+            let idx = next_indices(&mut state, data.train.len(), cfg.batch_size, cfg.seed);
+            let batch = PaddedBatch::new(data.train, &idx, 0)?;
+            if batch.loss_rows.is_empty() {
+                continue;
+            }
+            let rows = batch.loss_rows.len();
+            let logp = Tensor::from_vec(
+                data.teacher_train.logp_rows(data.train, &batch)?,
+                (rows, data.teacher_train.n_vocab()),
+                &dev,
+            )?;
+            let logits = batch_logits(&model, &batch)?;
+            let out = match (&ref_model, cfg.select_k) {
+                (Some(r), Some(k)) => {
+                    let ref_logits = batch_logits(r, &batch)?;
+                    adaspec_loss(cfg.divergence, &logp, &logits, &ref_logits, k)?
+                }
+                _ => mean_loss(cfg.divergence, &logp, &logits)?,
+            };
+            loss_sum += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sel += out.n_selected;
+            valid += out.n_valid;
+            tokens += batch.n_tokens();
+            let grads = (out.loss / cfg.grad_accum as f64)?.backward()?;
+            for (i, (_, p)) in opt.params().iter().enumerate() {
+                if let Some(g) = grads.get(p.as_tensor()) {
+                    acc[i] = Some(match acc[i].take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        // Global gradient norm and clipping.
+        let mut sq = 0.0f64;
+        for g in acc.iter().flatten() {
+            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+        let grad_norm = sq.sqrt();
+        if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
+            let scale = cfg.grad_clip / (grad_norm + 1e-6);
+            for g in acc.iter_mut().flatten() {
+                *g = (&*g * scale)?;
+            }
+        }
+        let lr = cfg.lr_at(state.step + 1, total);
+        opt.step(&acc, lr)?;
+        state.step += 1;
+        state.tokens_seen += tokens as u64;
+        tokens_since += tokens;
+        let dt = t0.elapsed().as_secs_f64().max(1e-9);
+        let log = StepLog {
+            step: state.step,
+            loss: loss_sum / cfg.grad_accum as f64,
+            selected_fraction: if valid > 0 { sel as f64 / valid as f64 } else { 0.0 },
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / dt,
+            elapsed_s: start.elapsed().as_secs_f64(),
+        };
+        log_line(
+            serde_json::json!({"kind": "train", "method": cfg.method_name(), "step": log.step, "loss": log.loss, "selected_fraction": log.selected_fraction, "lr": log.lr, "grad_norm": log.grad_norm, "tokens": log.tokens, "tokens_per_s": log.tokens_per_s, "elapsed_s": log.elapsed_s}),
+        )?;
+        bar.set_message(format!(
+            "loss {:.4} sel {:.2} {:.0} tok/s",
+            log.loss,
+            log.selected_fraction,
+            tokens_since as f64 / start.elapsed().as_secs_f64().max(1e-9)
+        ));
+        bar.inc(1);
+        tracing::debug!(step = log.step, loss = log.loss, "train step");
+        report.steps.push(log);
+        if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 && state.step < total {
+            let dir = out_dir.join("checkpoints").join(format!("step-{:06}", state.step));
+            save_train_checkpoint(&dir, &model, &opt, &state, cfg)?;
+            report.checkpoints.push(dir);
+        }
+        if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < total && !data.val.is_empty() {
+            let e = validate_model(&model, data.val, data.teacher_val, eval_bs, state.step)?;
+            log_line(
+                serde_json::json!({"kind": "val", "method": cfg.method_name(), "step": e.step, "val_kl": e.val_kl, "val_alpha": e.val_alpha, "val_tokens": e.val_tokens}),
+            )?;
+            report.evals.push(e);
+        }
+    }
+    bar.finish_and_clear();
+    if !data.val.is_empty() {
+        let e = validate_model(&model, data.val, data.teacher_val, eval_bs, state.step)?;
+        log_line(
+            serde_json::json!({"kind": "val", "method": cfg.method_name(), "step": e.step, "val_kl": e.val_kl, "val_alpha": e.val_alpha, "val_tokens": e.val_tokens}),
+        )?;
+        report.evals.push(e);
+    }
+    if cfg.checkpoint_every > 0 {
+        let dir = out_dir.join("checkpoints").join(format!("step-{:06}", state.step));
+        save_train_checkpoint(&dir, &model, &opt, &state, cfg)?;
+        report.checkpoints.push(dir);
+    }
+    save_checkpoint(&report.final_model, model.config(), &model.to_weights()?)?;
+    if let Err(e) = write_metrics_png(&out_dir.join("metrics.png"), &metrics_path) {
+        tracing::warn!("no plot: {e}");
+    }
+    Ok(report)
+}
+
+fn read_state(dir: &Path) -> Result<StateFile> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Checkpoint { path: p, reason: format!("bad state.json: {e}") })
+}
+
+/// Writes a checkpoint folder atomically (temp folder, then rename; an older folder of the
+/// same step is replaced).
+fn save_train_checkpoint(
+    dir: &Path,
+    model: &DraftModel,
+    opt: &AdamW,
+    state: &TrainState,
+    cfg: &TrainConfig,
+) -> Result<()> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let res = (|| -> Result<()> {
+        save_checkpoint(&tmp.join("model.safetensors"), model.config(), &model.to_weights()?)?;
+        opt.save(&tmp.join("optimizer.safetensors"))?;
+        let sf =
+            StateFile { state: state.clone(), config: cfg.clone(), optimizer_step: opt.t, method: cfg.method_name() };
+        let json = serde_json::to_string_pretty(&sf)
+            .map_err(|e| Error::Checkpoint { path: tmp.clone(), reason: e.to_string() })?;
+        write_atomic(&tmp.join("state.json"), json.as_bytes())?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res
+}
+
+/// Both AdaSPEC stages: stage 1 trains a reference with `stage1` (forward KL, all tokens)
+/// from `init` into `out_dir/reference`, stage 2 trains `init` again with selection against
+/// that reference into `out_dir/adaspec`. Returns both reports.
+pub fn train_adaspec(
+    stage1: &TrainConfig,
+    stage2: &TrainConfig,
+    init: (Config, Weights),
+    data: &TrainData,
+    out_dir: &Path,
+) -> Result<(TrainReport, TrainReport)> {
+    if stage2.select_k.is_none() || stage1.select_k.is_some() {
+        return Err(Error::InvalidArg {
+            name: "--k",
+            reason: "stage 1 trains without selection and stage 2 with a k in (0, 1]".into(),
+        });
+    }
+    stage1.validate()?;
+    stage2.validate()?;
+    check_compat(&init.0, None, data.teacher_train.n_vocab())?;
+    let init2 = (init.0.clone(), copy_weights(&init.1)?);
+    let r1 = train(stage1, init, None, data, &out_dir.join("reference"), None)?;
+    let reference = load_checkpoint(&r1.final_model)?;
+    let r2 = train(stage2, init2, Some(reference), data, &out_dir.join("adaspec"), None)?;
+    Ok((r1, r2))
+}
+
+fn copy_weights(w: &Weights) -> Result<Weights> {
+    w.iter().map(|(k, v)| Ok((k.clone(), v.copy()?))).collect()
+}
+
+/// Draws `metrics.jsonl` as a PNG (no text: blue = training loss scaled to its own min..max,
+/// red = validation α on 0..1, grid lines at quarters). The numbers are in the JSONL.
+pub fn write_metrics_png(png: &Path, metrics: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
+    let (mut loss, mut alpha) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let step = v.get("step").and_then(|s| s.as_f64()).unwrap_or(0.0);
+        if let Some(l) = v.get("loss").and_then(|s| s.as_f64()) {
+            loss.push((step, l));
+        }
+        if let Some(a) = v.get("val_alpha").and_then(|s| s.as_f64()) {
+            alpha.push((step, a));
+        }
+    }
+    let (w, h, m) = (640usize, 360usize, 20usize);
+    let mut img = vec![255u8; w * h * 3];
+    let max_step = loss.iter().chain(&alpha).map(|p| p.0).fold(1.0f64, f64::max);
+    let to_px = |x: f64, y: f64| -> (i64, i64) {
+        let px = m as f64 + x / max_step * (w - 2 * m) as f64;
+        let py = (h - m) as f64 - y.clamp(0.0, 1.0) * (h - 2 * m) as f64;
+        (px.round() as i64, py.round() as i64)
+    };
+    for q in 0..=4 {
+        let y = q as f64 / 4.0;
+        draw_line(&mut img, w, h, to_px(0.0, y), to_px(max_step, y), [220, 220, 220]);
+    }
+    draw_line(&mut img, w, h, to_px(0.0, 0.0), to_px(0.0, 1.0), [0, 0, 0]);
+    draw_line(&mut img, w, h, to_px(0.0, 0.0), to_px(max_step, 0.0), [0, 0, 0]);
+    let (lo, hi) = loss.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let scaled: Vec<(f64, f64)> = loss.iter().map(|&(x, y)| (x, (y - lo) / span)).collect();
+    for (series, color) in [(&scaled, [30u8, 90, 220]), (&alpha, [220, 40, 40])] {
+        for pair in series.windows(2) {
+            draw_line(&mut img, w, h, to_px(pair[0].0, pair[0].1), to_px(pair[1].0, pair[1].1), color);
+        }
+    }
+    write_atomic(png, &encode_png(&img, w, h))
+}
+
+fn draw_line(img: &mut [u8], w: usize, h: usize, a: (i64, i64), b: (i64, i64), c: [u8; 3]) {
+    let (mut x0, mut y0) = a;
+    let (dx, dy) = ((b.0 - a.0).abs(), -(b.1 - a.1).abs());
+    let (sx, sy) = (if a.0 < b.0 { 1 } else { -1 }, if a.1 < b.1 { 1 } else { -1 });
+    let mut err = dx + dy;
+    loop {
+        if x0 >= 0 && y0 >= 0 && (x0 as usize) < w && (y0 as usize) < h {
+            let i = (y0 as usize * w + x0 as usize) * 3;
+            img[i..i + 3].copy_from_slice(&c);
+        }
+        if x0 == b.0 && y0 == b.1 {
+            break;
+        }
+        let e2 = 2 * err;
+        if e2 >= dy {
+            err += dy;
+            x0 += sx;
+        }
+        if e2 <= dx {
+            err += dx;
+            y0 += sy;
+        }
+    }
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// A minimal RGB PNG: zlib with stored (uncompressed) deflate blocks.
+fn encode_png(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(h * (w * 3 + 1));
+    for row in rgb.chunks(w * 3) {
+        raw.push(0);
+        raw.extend_from_slice(row);
+    }
+    let mut z = vec![0x78, 0x01];
+    let chunks: Vec<&[u8]> = raw.chunks(65535).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        z.push(u8::from(i + 1 == chunks.len()));
+        z.extend_from_slice(&(c.len() as u16).to_le_bytes());
+        z.extend_from_slice(&(!(c.len() as u16)).to_le_bytes());
+        z.extend_from_slice(c);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &x in &raw {
+        a = (a + x as u32) % 65521;
+        b = (b + a) % 65521;
+    }
+    z.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    let mut chunk = |ty: &[u8; 4], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = ty.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&(w as u32).to_be_bytes());
+    ihdr.extend_from_slice(&(h as u32).to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &z);
+    chunk(b"IEND", &[]);
+    out
+}
