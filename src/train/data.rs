@@ -172,7 +172,7 @@ impl Default for TokenizeOptions {
 }
 
 /// A tokenized training sequence: `tokens[..prompt_len]` is the prompt, the rest the response.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Example {
     pub tokens: Vec<i32>,
     pub prompt_len: usize,

@@ -6,8 +6,10 @@ pub mod error;
 pub mod export;
 pub mod gguf_import;
 pub mod data; // issue-5
+pub mod eval; // issue-5
 pub mod loss; // issue-5
 pub mod teacher; // issue-5
+pub mod train_cli; // issue-5
 pub mod trainer; // issue-5
 pub mod model;
 pub mod prune;

@@ -244,6 +244,8 @@ pub struct EvalLog {
     pub val_kl: f64,
     /// Greedy agreement argmax q == argmax p, teacher-forced.
     pub val_alpha: f64,
+    /// Mean of the run's own divergence (the training objective without selection).
+    pub val_div: f64,
     pub val_tokens: usize,
 }
 
@@ -385,10 +387,11 @@ pub fn validate_model(
     model: &DraftModel,
     examples: &[Example],
     teacher: &Teacher,
+    div: Divergence,
     batch_size: usize,
     step: usize,
 ) -> Result<EvalLog> {
-    let (mut kl, mut agree, mut n) = (0.0f64, 0usize, 0usize);
+    let (mut kl, mut dv, mut agree, mut n) = (0.0f64, 0.0f64, 0usize, 0usize);
     let idx: Vec<usize> = (0..examples.len()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
         let batch = PaddedBatch::new(examples, chunk, 0)?;
@@ -400,13 +403,18 @@ pub fn validate_model(
         let logp = Tensor::from_vec(teacher.logp_rows(examples, &batch)?, (rows, teacher.n_vocab()), &Device::Cpu)?;
         let per = per_token_divergence(Divergence::Fkl, &logp, &logits)?;
         kl += per.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        dv += if div == Divergence::Fkl {
+            per.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?
+        } else {
+            per_token_divergence(div, &logp, &logits)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?
+        };
         let a = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let b = logp.argmax(D::Minus1)?.to_vec1::<u32>()?;
         agree += a.iter().zip(&b).filter(|(x, y)| x == y).count();
         n += rows;
     }
     let d = n.max(1) as f64;
-    Ok(EvalLog { step, val_kl: kl / d, val_alpha: agree as f64 / d, val_tokens: n })
+    Ok(EvalLog { step, val_kl: kl / d, val_alpha: agree as f64 / d, val_div: dv / d, val_tokens: n })
 }
 
 fn next_indices(state: &mut TrainState, n: usize, bs: usize, seed: u64) -> Vec<usize> {
@@ -540,9 +548,9 @@ pub fn train(
     };
     let eval_bs = cfg.batch_size;
     if state.step == 0 && !data.val.is_empty() {
-        let e = validate_model(&model, data.val, data.teacher_val, eval_bs, 0)?;
+        let e = validate_model(&model, data.val, data.teacher_val, cfg.divergence, eval_bs, 0)?;
         log_line(
-            serde_json::json!({"kind": "val", "method": cfg.method_name(), "step": e.step, "val_kl": e.val_kl, "val_alpha": e.val_alpha, "val_tokens": e.val_tokens}),
+            serde_json::json!({"kind": "val", "method": cfg.method_name(), "step": e.step, "val_kl": e.val_kl, "val_alpha": e.val_alpha, "val_div": e.val_div, "val_tokens": e.val_tokens}),
         )?;
         report.evals.push(e);
     }
@@ -638,18 +646,18 @@ pub fn train(
             report.checkpoints.push(dir);
         }
         if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < total && !data.val.is_empty() {
-            let e = validate_model(&model, data.val, data.teacher_val, eval_bs, state.step)?;
+            let e = validate_model(&model, data.val, data.teacher_val, cfg.divergence, eval_bs, state.step)?;
             log_line(
-                serde_json::json!({"kind": "val", "method": cfg.method_name(), "step": e.step, "val_kl": e.val_kl, "val_alpha": e.val_alpha, "val_tokens": e.val_tokens}),
+                serde_json::json!({"kind": "val", "method": cfg.method_name(), "step": e.step, "val_kl": e.val_kl, "val_alpha": e.val_alpha, "val_div": e.val_div, "val_tokens": e.val_tokens}),
             )?;
             report.evals.push(e);
         }
     }
     bar.finish_and_clear();
     if !data.val.is_empty() {
-        let e = validate_model(&model, data.val, data.teacher_val, eval_bs, state.step)?;
+        let e = validate_model(&model, data.val, data.teacher_val, cfg.divergence, eval_bs, state.step)?;
         log_line(
-            serde_json::json!({"kind": "val", "method": cfg.method_name(), "step": e.step, "val_kl": e.val_kl, "val_alpha": e.val_alpha, "val_tokens": e.val_tokens}),
+            serde_json::json!({"kind": "val", "method": cfg.method_name(), "step": e.step, "val_kl": e.val_kl, "val_alpha": e.val_alpha, "val_div": e.val_div, "val_tokens": e.val_tokens}),
         )?;
         report.evals.push(e);
     }

@@ -1,0 +1,505 @@
+//! AdaSPEC distillation end to end on tiny generated models through real llama.cpp: sparse vs
+//! exact teacher, every method lowering held-out KL, both AdaSPEC stages, exact resume,
+//! refusals of bad input (nothing written), evaluation and `data generate`.
+//! (Loss values and the selection mask are unit-tested in src/train/loss.rs.)
+#![cfg(feature = "train")]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use adaspec::tiny_model::{write_tiny_pair, TinyArch};
+use adaspec::train::data::{load_examples, read_records, BadLines, Example, PaddedBatch, TokenizeOptions};
+use adaspec::train::eval::{acceptance_on, generate_dataset, DraftSource, GenerateOptions};
+use adaspec::train::gguf_import::{load_gguf, save_checkpoint};
+use adaspec::train::loss::{per_token_divergence, Divergence};
+use adaspec::train::teacher::{Teacher, TeacherMode};
+use adaspec::train::train_cli::{eval_report, run_data, run_train, DataArgs, EvalArgs, TrainArgs};
+use adaspec::train::trainer::{train, train_adaspec, LrSchedule, TrainConfig, TrainData};
+use adaspec::{Model, ModelParams};
+use candle_core::{Device, Tensor};
+use clap::Parser;
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("adaspec-adaspec-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Synthetic prompt/response pairs (arithmetic sentences).
+fn write_data(path: &Path, n: usize, offset: usize) {
+    let mut s = String::new();
+    for i in offset..offset + n {
+        let (a, b) = (i * 7 % 23 + 1, i * 5 % 17 + 2);
+        let line = serde_json::json!({
+            "prompt": format!("Question: what is {a} plus {b}?\n"),
+            "response": format!("Answer: {a} + {b} = {}. The sum is {}.", a + b, a + b),
+        });
+        s.push_str(&line.to_string());
+        s.push('\n');
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+struct Setup {
+    dir: PathBuf,
+    target: PathBuf,
+    draft: PathBuf,
+    train: PathBuf,
+    val: PathBuf,
+}
+
+fn setup(tag: &str) -> Setup {
+    let dir = tmp_dir(tag);
+    // Noise 0.1: teacher-forced agreement ≈ 0.45, room to improve.
+    let (target, draft) = write_tiny_pair(&dir.join("models"), TinyArch::Llama, 0.1, 7).unwrap();
+    let train = dir.join("train.jsonl");
+    let val = dir.join("val.jsonl");
+    write_data(&train, 32, 0);
+    write_data(&val, 8, 100);
+    Setup { dir, target, draft, train, val }
+}
+
+fn load_target(p: &Path) -> Arc<Model> {
+    Arc::new(Model::load(p, &ModelParams::default()).unwrap())
+}
+
+fn examples(target: &Model, path: &Path) -> Vec<Example> {
+    let opts = TokenizeOptions { max_len: 64, ..Default::default() };
+    load_examples(target, &[path.to_path_buf()], &opts, BadLines::Stop).unwrap().0
+}
+
+fn quick_cfg(div: Divergence, steps: usize) -> TrainConfig {
+    TrainConfig { divergence: div, batch_size: 4, steps, progress: false, ..Default::default() }
+}
+
+#[test]
+fn sparse_teacher_matches_exact_and_is_cached() {
+    let s = setup("teacher");
+    let target = load_target(&s.target);
+    let ex = examples(&target, &s.val);
+    let v = target.n_vocab();
+    let batch = PaddedBatch::new(&ex, &(0..ex.len()).collect::<Vec<_>>(), 0).unwrap();
+    let rows = batch.loss_rows.len();
+    let exact = Teacher::exact(target.clone(), 2).logp_rows(&ex, &batch).unwrap();
+    assert_eq!(exact.len(), rows * v);
+
+    // K = V: the same distributions.
+    let full = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: v }, &ex, None, 2).unwrap();
+    let lf = full.logp_rows(&ex, &batch).unwrap();
+    let max_diff = exact.iter().zip(&lf).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max_diff < 1e-4, "K=V differs from exact by {max_diff}");
+
+    // K = 16 with a cache: kept entries exact, argmax exact, tail uniform, mass 1; the
+    // draft's FKL against it is close to the exact one.
+    let cache = s.dir.join("cache");
+    let sp = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 16 }, &ex, Some(&cache), 2).unwrap();
+    assert!(!sp.cache_hit && sp.cache_file.as_ref().unwrap().exists());
+    let ls = sp.logp_rows(&ex, &batch).unwrap();
+    let (mut kept_mass, mut n_rows) = (0f64, 0);
+    for r in 0..rows {
+        let (e, sr) = (&exact[r * v..(r + 1) * v], &ls[r * v..(r + 1) * v]);
+        let mut idx: Vec<usize> = (0..v).collect();
+        idx.sort_by(|&a, &b| e[b].total_cmp(&e[a]));
+        for &i in &idx[..16] {
+            assert!((e[i] - sr[i]).abs() < 1e-4, "row {r} token {i}: {} vs {}", e[i], sr[i]);
+        }
+        let mass: f64 = sr.iter().map(|&x| (x as f64).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-3, "row {r} mass {mass}");
+        kept_mass += idx[..16].iter().map(|&i| (e[i] as f64).exp()).sum::<f64>();
+        n_rows += 1;
+    }
+    let draft = load_target(&s.draft);
+    let mut draft_logits = Vec::new();
+    for &i in &batch.examples {
+        let e = &ex[i];
+        let r = e.loss_positions();
+        let l = adaspec::backend::sequence_logits(&draft, &e.tokens[..r.end], 2).unwrap();
+        draft_logits.extend_from_slice(&l[r.start * v..r.end * v]);
+    }
+    let t = |x: &Vec<f32>| Tensor::from_vec(x.clone(), (rows, v), &Device::Cpu).unwrap();
+    let kl = |lp: &Vec<f32>| {
+        per_token_divergence(Divergence::Fkl, &t(lp), &t(&draft_logits))
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (kl_exact, kl_sparse) = (kl(&exact), kl(&ls));
+    eprintln!(
+        "teacher: mean top-16 mass {:.4}, draft FKL exact {kl_exact:.4} vs sparse {kl_sparse:.4}",
+        kept_mass / n_rows as f64
+    );
+    assert!((kl_exact - kl_sparse).abs() < 0.1 * kl_exact.max(0.05), "{kl_exact} vs {kl_sparse}");
+
+    // A second run reads the cache and gets identical rows; another K is another file.
+    let again = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 16 }, &ex, Some(&cache), 2).unwrap();
+    assert!(again.cache_hit);
+    assert_eq!(again.logp_rows(&ex, &batch).unwrap(), ls);
+    let other = Teacher::new(target, TeacherMode::Sparse { top_k: 8 }, &ex, Some(&cache), 2).unwrap();
+    assert!(!other.cache_hit);
+    assert_ne!(other.cache_file, sp.cache_file);
+}
+
+#[test]
+fn every_method_lowers_held_out_kl() {
+    let s = setup("methods");
+    let target = load_target(&s.target);
+    let (train_ex, val_ex) = (examples(&target, &s.train), examples(&target, &s.val));
+    let tt = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 64 }, &train_ex, None, 2).unwrap();
+    let exact = Teacher::exact(target.clone(), 2);
+    let tv = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 512 }, &val_ex, None, 2).unwrap();
+    for div in [Divergence::Fkl, Divergence::Rkl, Divergence::Tvd, Divergence::Jsd] {
+        // FKL trains against the exact teacher, the others against the sparse one.
+        let teacher = if div == Divergence::Fkl { &exact } else { &tt };
+        let data = TrainData { train: &train_ex, val: &val_ex, teacher_train: teacher, teacher_val: &tv };
+        let out = s.dir.join(div.name());
+        let cfg = TrainConfig { eval_every: 4, ..quick_cfg(div, 16) };
+        let r = train(&cfg, load_gguf(&s.draft).unwrap(), None, &data, &out, None).unwrap();
+        let (first, last) = (r.evals.first().unwrap(), r.evals.last().unwrap());
+        eprintln!(
+            "{}: val {} {:.4} -> {:.4}, val KL {:.4} -> {:.4}, alpha {:.3} -> {:.3}, loss {:.4} -> {:.4}",
+            div.name(),
+            div.name(),
+            first.val_div,
+            last.val_div,
+            first.val_kl,
+            last.val_kl,
+            first.val_alpha,
+            last.val_alpha,
+            r.steps[0].loss,
+            r.steps.last().unwrap().loss
+        );
+        assert!(last.val_kl < first.val_kl * 0.9, "{}: KL {} -> {}", div.name(), first.val_kl, last.val_kl);
+        assert!(last.val_div < first.val_div * 0.9, "{}: {} -> {}", div.name(), first.val_div, last.val_div);
+        assert!(r.steps.iter().all(|s| s.selected_fraction == 1.0));
+        assert!(out.join("model.safetensors").exists() && out.join("config.json").exists());
+    }
+}
+
+#[test]
+fn adaspec_runs_both_stages() {
+    let s = setup("stages");
+    let target = load_target(&s.target);
+    let (train_ex, val_ex) = (examples(&target, &s.train), examples(&target, &s.val));
+    let tt = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 64 }, &train_ex, None, 2).unwrap();
+    let tv = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 512 }, &val_ex, None, 2).unwrap();
+    let data = TrainData { train: &train_ex, val: &val_ex, teacher_train: &tt, teacher_val: &tv };
+    let s1 = TrainConfig { eval_every: 4, ..quick_cfg(Divergence::Fkl, 12) };
+    let s2 = TrainConfig { select_k: Some(0.4), ..s1.clone() };
+    let out = s.dir.join("run");
+    let (r1, r2) = train_adaspec(&s1, &s2, load_gguf(&s.draft).unwrap(), &data, &out).unwrap();
+    assert!(out.join("reference/model.safetensors").exists());
+    assert!(out.join("adaspec/model.safetensors").exists());
+    assert_eq!((r1.steps.len(), r2.steps.len()), (12, 12));
+    // Stage 2 starts from the initial draft again: same initial validation as stage 1.
+    assert_eq!(r1.evals[0], r2.evals[0]);
+    for st in &r2.steps {
+        assert!((0.38..=0.55).contains(&st.selected_fraction), "selected {}", st.selected_fraction);
+    }
+    let (f, l) = (r2.evals.first().unwrap(), r2.evals.last().unwrap());
+    eprintln!(
+        "adaspec: val KL {:.4} -> {:.4} (reference {:.4}), alpha {:.3} -> {:.3} (reference {:.3})",
+        f.val_kl,
+        l.val_kl,
+        r1.evals.last().unwrap().val_kl,
+        f.val_alpha,
+        l.val_alpha,
+        r1.evals.last().unwrap().val_alpha
+    );
+    assert!(l.val_kl < f.val_kl);
+    let metrics = std::fs::read_to_string(out.join("adaspec/metrics.jsonl")).unwrap();
+    assert!(metrics.lines().count() >= 12 + 2);
+    let png = std::fs::read(out.join("adaspec/metrics.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let s = setup("resume");
+    let target = load_target(&s.target);
+    let (train_ex, val_ex) = (examples(&target, &s.train), examples(&target, &s.val));
+    let tt = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 64 }, &train_ex, None, 2).unwrap();
+    let data = TrainData { train: &train_ex, val: &val_ex, teacher_train: &tt, teacher_val: &tt };
+    let data = TrainData { val: &[], ..data };
+    // Accumulation, warm-up + cosine and an epoch boundary (32 examples / (3·2) per step).
+    let cfg = TrainConfig {
+        batch_size: 3,
+        grad_accum: 2,
+        schedule: LrSchedule::Cosine,
+        warmup_steps: 2,
+        checkpoint_every: 3,
+        ..quick_cfg(Divergence::Fkl, 8)
+    };
+    let a = train(&cfg, load_gguf(&s.draft).unwrap(), None, &data, &s.dir.join("a"), None).unwrap();
+    let ckpt = s.dir.join("a/checkpoints/step-000006");
+    assert!(ckpt.join("optimizer.safetensors").exists() && ckpt.join("state.json").exists());
+    let b = train(&cfg, load_gguf(&s.draft).unwrap(), None, &data, &s.dir.join("b"), Some(&ckpt)).unwrap();
+    assert_eq!(b.steps.len(), 2);
+    for (x, y) in a.steps[6..].iter().zip(&b.steps) {
+        assert_eq!(x.step, y.step);
+        assert_eq!(x.loss, y.loss, "step {}: uninterrupted {} vs resumed {}", x.step, x.loss, y.loss);
+        assert_eq!(x.lr, y.lr);
+    }
+    let wa = std::fs::read(s.dir.join("a/model.safetensors")).unwrap();
+    let wb = std::fs::read(s.dir.join("b/model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ after resume");
+    // A different run cannot resume from it.
+    let other = TrainConfig { seed: 9, ..cfg };
+    let err = train(&other, load_gguf(&s.draft).unwrap(), None, &data, &s.dir.join("c"), Some(&ckpt)).unwrap_err();
+    assert!(err.to_string().contains("--resume"), "{err}");
+}
+
+/// The subcommands as `src/main.rs` wires them.
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    Train(TrainArgs),
+    Eval(EvalArgs),
+    Data(DataArgs),
+}
+
+fn parse(args: &[&str]) -> anyhow::Result<Cmd> {
+    let mut v = vec!["adaspec"];
+    v.extend_from_slice(args);
+    Ok(Cli::try_parse_from(v).map_err(|e| anyhow::anyhow!("{e}"))?.cmd)
+}
+
+fn train_cli(args: &[&str]) -> anyhow::Result<()> {
+    let mut v = vec!["train"];
+    v.extend_from_slice(args);
+    match parse(&v)? {
+        Cmd::Train(a) => run_train(&a),
+        _ => unreachable!(),
+    }
+}
+
+fn run_cmd(args: &[&str]) {
+    match parse(args).unwrap() {
+        Cmd::Train(a) => run_train(&a).unwrap(),
+        Cmd::Data(a) => run_data(&a).unwrap(),
+        Cmd::Eval(_) => unreachable!(),
+    }
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_written() {
+    let s = setup("bad");
+    let out = s.dir.join("out");
+    let o = out.to_str().unwrap();
+    let (t, d, tr) = (s.target.to_str().unwrap(), s.draft.to_str().unwrap(), s.train.to_str().unwrap());
+    let base = ["--target", t, "--draft", d, "--steps", "1", "--no-progress", "-o", o];
+    let run = |extra: &[&str]| -> String {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        let e = train_cli(&a).unwrap_err();
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+        format!("{e:#}")
+    };
+    for k in ["0", "1.5", "NaN"] {
+        let e = run(&["--data", tr, "--method", "adaspec", "--reference", d, "--k", k]);
+        assert!(e.contains("--k") && e.contains("(0, 1]"), "{e}");
+    }
+    let e = run(&["--data", tr, "--method", "adaspec"]);
+    assert!(e.contains("--reference"), "{e}");
+    let e = run(&["--data", tr, "--method", "kl"]);
+    assert!(e.contains("unknown method"), "{e}");
+
+    let bad = s.dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\":\"a\",\"response\":\"b\"}\n{\"prompt\":\"a\",\"response\":\"b\"}\nnot json\n")
+        .unwrap();
+    let e = run(&["--data", bad.to_str().unwrap()]);
+    assert!(e.contains("bad.jsonl:3"), "{e}");
+
+    let empty = s.dir.join("empty.jsonl");
+    std::fs::write(&empty, "{\"x\":1}\n\n{\"prompt\":\"only a prompt\"}\n").unwrap();
+    let e = run(&["--data", empty.to_str().unwrap(), "--on-bad-line", "skip"]);
+    assert!(e.contains("no records"), "{e}");
+    let e = run(&["--data", tr, "--max-len", "3"]);
+    assert!(e.contains("no usable examples"), "{e}");
+
+    // A draft checkpoint with a smaller vocabulary.
+    let (mut cfg, mut w) = load_gguf(&s.draft).unwrap();
+    cfg.vocab_size = 500;
+    for name in ["token_embd.weight", "output.weight"] {
+        if let Some(t) = w.get(name).cloned() {
+            w.insert(name.to_string(), t.narrow(0, 0, 500).unwrap().contiguous().unwrap());
+        }
+    }
+    let small = s.dir.join("small/model.safetensors");
+    std::fs::create_dir_all(small.parent().unwrap()).unwrap();
+    save_checkpoint(&small, &cfg, &w).unwrap();
+    let mut a = base.to_vec();
+    a[3] = small.to_str().unwrap();
+    a.extend_from_slice(&["--data", tr]);
+    let e = format!("{:#}", train_cli(&a).unwrap_err());
+    assert!(e.contains("vocab size 500") && e.contains("512"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn cli_train_adaspec_then_eval_and_data_generate() {
+    let s = setup("cli");
+    let out = s.dir.join("out");
+    let (t, d) = (s.target.to_str().unwrap(), s.draft.to_str().unwrap());
+
+    // data generate: the target's own greedy responses.
+    let gen = s.dir.join("gen.jsonl");
+    run_cmd(&[
+        "data",
+        "generate",
+        "--target",
+        t,
+        "--input",
+        s.train.to_str().unwrap(),
+        "-o",
+        gen.to_str().unwrap(),
+        "--max-tokens",
+        "12",
+        "--max-prompts",
+        "12",
+    ]);
+    let (recs, _) = read_records(&[gen.clone()], true, BadLines::Stop).unwrap();
+    assert_eq!(recs.len(), 12);
+    assert!(recs[0].prompt.starts_with("Question:"));
+
+    // Greedy generation is deterministic: the library call writes the same file.
+    let target = load_target(&s.target);
+    let opts = GenerateOptions { max_tokens: 12, n_ctx: 2048, ..Default::default() };
+    let (prompts, _) = read_records(&[s.train.clone()], false, BadLines::Stop).unwrap();
+    let gen2 = s.dir.join("gen2.jsonl");
+    generate_dataset(&target, &prompts[..12], &opts, &gen2).unwrap();
+    assert_eq!(std::fs::read_to_string(&gen).unwrap(), std::fs::read_to_string(&gen2).unwrap());
+
+    // train adaspec on dataset + generated data, both stages, sparse teacher cached.
+    let args = [
+        "train",
+        "adaspec",
+        "--target",
+        t,
+        "--draft",
+        d,
+        "--data",
+        s.train.to_str().unwrap(),
+        gen.to_str().unwrap(),
+        "--val-data",
+        s.val.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--teacher-top-k",
+        "32",
+        "--checkpoint-every",
+        "3",
+        "--max-len",
+        "64",
+        "--no-progress",
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    run_cmd(&args);
+    let caches: Vec<_> = std::fs::read_dir(out.join("teacher-cache")).unwrap().collect();
+    assert_eq!(caches.len(), 2, "one cache file for train, one for validation");
+    let trained = out.join("adaspec/model.safetensors");
+    assert!(trained.exists() && out.join("reference/checkpoints/step-000003/state.json").exists());
+
+    // Resume the reference stage from its step-3 checkpoint as a single run.
+    let ckpt = out.join("reference/checkpoints/step-000003");
+    run_cmd(&[
+        "train",
+        "--method",
+        "fkl",
+        "--target",
+        t,
+        "--draft",
+        d,
+        "--data",
+        s.train.to_str().unwrap(),
+        gen.to_str().unwrap(),
+        "--val-data",
+        s.val.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--teacher-top-k",
+        "32",
+        "--max-len",
+        "64",
+        "--no-progress",
+        "--teacher-cache",
+        out.join("teacher-cache").to_str().unwrap(),
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "-o",
+        s.dir.join("resumed").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(out.join("reference/model.safetensors")).unwrap(),
+        std::fs::read(s.dir.join("resumed/model.safetensors")).unwrap()
+    );
+
+    // eval: the target against itself is accepted everywhere.
+    let eval = |draft: &str| {
+        let cmd = parse(&[
+            "eval",
+            "--target",
+            t,
+            "--draft",
+            draft,
+            "--data",
+            s.val.to_str().unwrap(),
+            "--continuation-tokens",
+            "16",
+            "--max-len",
+            "64",
+        ])
+        .unwrap();
+        match cmd {
+            Cmd::Eval(a) => eval_report(&a).unwrap(),
+            _ => unreachable!(),
+        }
+    };
+    let selfr = eval(t);
+    let ds = selfr.dataset.as_ref().unwrap();
+    let tc = selfr.target_continuations.as_ref().unwrap();
+    assert_eq!((ds.alpha, tc.alpha), (1.0, 1.0));
+    assert!((ds.expected_acceptance - 1.0).abs() < 1e-6);
+    assert_eq!(tc.tau.len(), 8);
+    assert!((tc.tau[3].measured - 5.0).abs() < 1e-9);
+
+    // The initial draft as GGUF (llama.cpp) and as a checkpoint (candle) measure the same α.
+    let init = eval(d);
+    let (cfg, w) = load_gguf(&s.draft).unwrap();
+    let ck = s.dir.join("init/model.safetensors");
+    std::fs::create_dir_all(ck.parent().unwrap()).unwrap();
+    save_checkpoint(&ck, &cfg, &w).unwrap();
+    let init_c = eval(ck.to_str().unwrap());
+    let (a, b) = (init.dataset.as_ref().unwrap().alpha, init_c.dataset.as_ref().unwrap().alpha);
+    assert!((a - b).abs() < 0.03, "GGUF α {a} vs checkpoint α {b}");
+    let trained_r = eval(trained.to_str().unwrap());
+    eprintln!(
+        "eval: initial draft alpha {:.3} / continuations {:.3}; adaspec-trained {:.3} / {:.3}; tau(4) {:.2} -> {:.2}",
+        a,
+        init.target_continuations.as_ref().unwrap().alpha,
+        trained_r.dataset.as_ref().unwrap().alpha,
+        trained_r.target_continuations.as_ref().unwrap().alpha,
+        init.target_continuations.as_ref().unwrap().tau[3].measured,
+        trained_r.target_continuations.as_ref().unwrap().tau[3].measured,
+    );
+    let json = serde_json::to_value(&trained_r).unwrap();
+    assert!(json["dataset"]["tau"][7]["iid"].is_number());
+
+    // acceptance_on directly with a GGUF draft.
+    let ex = examples(&target, &s.val);
+    let st = acceptance_on(&target, &DraftSource::Gguf(load_target(&s.draft)), &ex, 2).unwrap();
+    assert!((st.alpha - a).abs() < 1e-12);
+}
