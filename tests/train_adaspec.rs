@@ -259,6 +259,7 @@ struct Cli {
 }
 
 #[derive(clap::Subcommand)]
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     Train(TrainArgs),
     Eval(EvalArgs),
@@ -365,14 +366,14 @@ fn cli_train_adaspec_then_eval_and_data_generate() {
         "--max-prompts",
         "12",
     ]);
-    let (recs, _) = read_records(&[gen.clone()], true, BadLines::Stop).unwrap();
+    let (recs, _) = read_records(std::slice::from_ref(&gen), true, BadLines::Stop).unwrap();
     assert_eq!(recs.len(), 12);
     assert!(recs[0].prompt.starts_with("Question:"));
 
     // Greedy generation is deterministic: the library call writes the same file.
     let target = load_target(&s.target);
     let opts = GenerateOptions { max_tokens: 12, n_ctx: 2048, ..Default::default() };
-    let (prompts, _) = read_records(&[s.train.clone()], false, BadLines::Stop).unwrap();
+    let (prompts, _) = read_records(std::slice::from_ref(&s.train), false, BadLines::Stop).unwrap();
     let gen2 = s.dir.join("gen2.jsonl");
     generate_dataset(&target, &prompts[..12], &opts, &gen2).unwrap();
     assert_eq!(std::fs::read_to_string(&gen).unwrap(), std::fs::read_to_string(&gen2).unwrap());

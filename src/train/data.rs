@@ -296,7 +296,7 @@ impl SplitMix64 {
 
     /// Uniform in 0..n (n > 0), by rejection-free multiply-shift (bias < 2⁻³²).
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 32) * n as u64 >> 32) as usize
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
     }
 
     /// Uniform in [0, 1).
@@ -335,7 +335,7 @@ pub fn split_validation(examples: Vec<Example>, val_fraction: f64, seed: u64) ->
     if val_fraction > 0.0 && n >= 2 {
         n_val = n_val.clamp(1, n - 1);
     }
-    let order = permutation(n, seed ^ 0x5eed_0f_5a11);
+    let order = permutation(n, seed ^ 0x005e_ed0f_5a11);
     let val_set: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
     let mut train = Vec::with_capacity(n - n_val);
     let mut val = Vec::with_capacity(n_val);
@@ -517,9 +517,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("d.jsonl");
         std::fs::write(&p, "{\"prompt\":\"a\",\"response\":\"b\"}\n\n{broken\n{\"prompt\":\"c\"}\n").unwrap();
-        let err = read_records(&[p.clone()], true, BadLines::Stop).unwrap_err().to_string();
+        let err = read_records(std::slice::from_ref(&p), true, BadLines::Stop).unwrap_err().to_string();
         assert!(err.contains("d.jsonl:3"), "{err}");
-        let (r, skipped) = read_records(&[p.clone()], true, BadLines::Skip).unwrap();
+        let (r, skipped) = read_records(std::slice::from_ref(&p), true, BadLines::Skip).unwrap();
         assert_eq!((r.len(), skipped), (1, 2));
         let (r, skipped) = read_records(&[p], false, BadLines::Skip).unwrap();
         assert_eq!((r.len(), skipped), (2, 1));

@@ -126,12 +126,12 @@ impl AcceptanceCounter {
         for i in (0..n).rev() {
             run[i] = if agree[i] { run[i + 1] + 1 } else { 0 };
         }
-        for i in 0..n {
+        for (i, &r) in run.iter().take(n).enumerate() {
             let avail = n - i;
             for j in 1..=MAX_GAMMA.min(avail) {
-                if run[i] + 1 >= j {
+                if r + 1 >= j {
                     self.den[j - 1] += 1;
-                    if run[i] >= j {
+                    if r >= j {
                         self.num[j - 1] += 1;
                     }
                 }
