@@ -14,7 +14,7 @@ use adaspec::train::gguf_import::{load_gguf, save_checkpoint};
 use adaspec::train::loss::{per_token_divergence, Divergence};
 use adaspec::train::teacher::{Teacher, TeacherMode};
 use adaspec::train::train_cli::{eval_report, run_data, run_train, DataArgs, EvalArgs, TrainArgs};
-use adaspec::train::trainer::{train, train_adaspec, LrSchedule, TrainConfig, TrainData};
+use adaspec::train::trainer::{batch_logits, train, train_adaspec, LrSchedule, TrainConfig, TrainData};
 use adaspec::{Model, ModelParams};
 use candle_core::{Device, Tensor};
 use clap::Parser;
@@ -140,6 +140,24 @@ fn sparse_teacher_matches_exact_and_is_cached() {
     let other = Teacher::new(target, TeacherMode::Sparse { top_k: 8 }, &ex, Some(&cache), 2).unwrap();
     assert!(!other.cache_hit);
     assert_ne!(other.cache_file, sp.cache_file);
+}
+
+#[test]
+fn head_on_selected_rows_equals_full_logits() {
+    let s = setup("rows");
+    let target = load_target(&s.target);
+    let ex = examples(&target, &s.val);
+    let batch = PaddedBatch::new(&ex, &[0, 3, 5], 0).unwrap();
+    let (cfg, w) = load_gguf(&s.draft).unwrap();
+    let w2 = w.iter().map(|(k, v)| (k.clone(), v.copy().unwrap())).collect();
+    let dev = Device::Cpu;
+    let trainable = adaspec::train::DraftModel::from_weights(&cfg, w, candle_core::DType::F32, &dev).unwrap();
+    let inference = adaspec::train::DraftModel::inference(&cfg, w2, candle_core::DType::F32, &dev).unwrap();
+    let a = batch_logits(&trainable, &batch).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = batch_logits(&inference, &batch).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a.len(), batch.loss_rows.len() * 512);
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d < 1e-4, "max diff {d}");
 }
 
 #[test]
@@ -503,4 +521,27 @@ fn cli_train_adaspec_then_eval_and_data_generate() {
     let ex = examples(&target, &s.val);
     let st = acceptance_on(&target, &DraftSource::Gguf(load_target(&s.draft)), &ex, 2).unwrap();
     assert!((st.alpha - a).abs() < 1e-12);
+}
+
+/// Runs one trainer command line from `ADASPEC_TRAIN_ARGV` (a JSON array, e.g.
+/// `["train","adaspec","--target","T.gguf",…]`) exactly as `adaspec …` would: the real-pair
+/// experiment driver until the binary wires these subcommands. Ignored unless asked for:
+/// `ADASPEC_TRAIN_ARGV='[…]' cargo test --release --features train --test train_adaspec -- --ignored cli_from_env --nocapture`
+#[test]
+#[ignore]
+fn cli_from_env() {
+    let Ok(json) = std::env::var("ADASPEC_TRAIN_ARGV") else {
+        eprintln!("set ADASPEC_TRAIN_ARGV to a JSON array of arguments");
+        return;
+    };
+    let argv: Vec<String> = serde_json::from_str(&json).expect("ADASPEC_TRAIN_ARGV must be a JSON array of strings");
+    let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
+    let r = match parse(&argv).unwrap() {
+        Cmd::Train(a) => run_train(&a),
+        Cmd::Data(a) => run_data(&a),
+        Cmd::Eval(a) => adaspec::train::train_cli::run_eval(&a),
+    };
+    if let Err(e) = r {
+        panic!("{e:#}");
+    }
 }
