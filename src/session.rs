@@ -137,6 +137,10 @@ pub struct Session {
     /// Running mean acceptance of the draft's first child, for the auto skip decision.
     mean_accept: f64,
     rounds_total: usize,
+    /// Realized tokens per ms of `auto`'s drafting rounds and of plain rounds (EMAs): the
+    /// guard that keeps `auto` from trusting a cost model measured in a noisy moment.
+    spec_rate: Option<f64>,
+    plain_rate: Option<f64>,
     batch: Batch,
 }
 
@@ -219,6 +223,8 @@ impl Session {
             max_verify: MAX_DRAFT + 1,
             mean_accept: 0.7,
             rounds_total: 0,
+            spec_rate: None,
+            plain_rate: None,
             batch: Batch::new(n_batch as usize, t_seq.max(d_seq)),
         };
         if s.params.mode == NumericMode::Exact && s.draft.is_some() {
@@ -490,6 +496,10 @@ impl Session {
             stats.draft_proposed += tree.n_draft();
             stats.draft_accepted += verdict.accepted.len();
             self.learn(&tree, &verdict);
+            let round_ms = ms_since(t_draft);
+            let rate = (verdict.accepted.len() + 1) as f64 / round_ms.max(1e-3);
+            let slot = if tree.is_empty() { &mut self.plain_rate } else { &mut self.spec_rate };
+            *slot = Some(slot.map_or(rate, |r| 0.8 * r + 0.2 * rate));
 
             // Commit accepted tokens + bonus, cut at the budget and at end-of-generation.
             let model = self.target.model().clone();
@@ -757,12 +767,24 @@ impl Session {
     /// to re-measure acceptance, but only if an optimistic acceptance could make drafting pay;
     /// when even that cannot (a draft too slow for this machine), `auto` is plain decoding.
     fn auto_should_draft(&self) -> bool {
+        let probe = self.rounds_total % 16 == 0;
+        // What actually happened beats what the model predicts: if drafting rounds have
+        // been slower than plain ones, stop drafting (re-try on probe rounds); and while
+        // drafting, run a plain round now and then to keep the plain rate current.
+        if let (Some(spec), Some(plain)) = (self.spec_rate, self.plain_rate) {
+            if spec < plain * 0.97 {
+                return probe && self.rounds_total % 64 == 0;
+            }
+        }
+        if self.rounds_total % 16 == 8 || self.plain_rate.is_none() && self.rounds_total > 0 {
+            return false;
+        }
         let a = self.mean_accept as f32;
         if self.chain_beats_plain(a) {
             return true;
         }
         let optimistic = (a + 0.15).min(0.98);
-        self.rounds_total % 16 == 0 && self.chain_beats_plain(optimistic)
+        probe && self.chain_beats_plain(optimistic)
     }
 
     /// Whether some chain length beats plain decoding at i.i.d. acceptance `a`.
@@ -1013,8 +1035,15 @@ fn measure_batch_costs(ctx: &mut Context, probe: &[Token], sizes: &[usize], batc
         Ok(ms_since(t))
     };
     run(ctx, 1)?;
-    for &b in sizes {
-        let ms = run(ctx, b)?.min(run(ctx, b)?);
+    // Two interleaved passes, keeping each size's faster run, so a moment of machine noise
+    // does not skew one batch size against the others.
+    let mut best = vec![f64::INFINITY; sizes.len()];
+    for _ in 0..2 {
+        for (k, &b) in sizes.iter().enumerate() {
+            best[k] = best[k].min(run(ctx, b)?);
+        }
+    }
+    for (&b, &ms) in sizes.iter().zip(&best) {
         cost.observe(b, ms);
     }
     ctx.clear();
