@@ -548,9 +548,12 @@ pub fn train(
 
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let metrics_path = out_dir.join("metrics.jsonl");
+    // A fresh run starts a new metrics file; a resumed one appends to it.
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .append(resume.is_some())
+        .write(true)
+        .truncate(resume.is_none())
         .open(&metrics_path)
         .map_err(|e| Error::io(&metrics_path, e))?;
     let mut log_line =
