@@ -141,6 +141,8 @@ pub struct Session {
     /// guard that keeps `auto` from trusting a cost model measured in a noisy moment.
     spec_rate: Option<f64>,
     plain_rate: Option<f64>,
+    /// Whether this round ran the draft model.
+    round_used_draft: bool,
     batch: Batch,
 }
 
@@ -225,6 +227,7 @@ impl Session {
             rounds_total: 0,
             spec_rate: None,
             plain_rate: None,
+            round_used_draft: false,
             batch: Batch::new(n_batch as usize, t_seq.max(d_seq)),
         };
         if s.params.mode == NumericMode::Exact && s.draft.is_some() {
@@ -485,6 +488,7 @@ impl Session {
             let budget = (params.max_tokens - out_tokens.len()).min(remaining_ctx);
             // Draft.
             let t_draft = Instant::now();
+            self.round_used_draft = false;
             let tree = self.build_tree(&params.sampling, &mut rng, budget)?;
             stats.draft_ms += ms_since(t_draft);
             // Verify.
@@ -498,7 +502,9 @@ impl Session {
             self.learn(&tree, &verdict);
             let round_ms = ms_since(t_draft);
             let rate = (verdict.accepted.len() + 1) as f64 / round_ms.max(1e-3);
-            let slot = if tree.is_empty() { &mut self.plain_rate } else { &mut self.spec_rate };
+            // A round that ran the draft counts as a drafting round even if it ended up
+            // verifying the root alone: its draft time was spent.
+            let slot = if self.round_used_draft { &mut self.spec_rate } else { &mut self.plain_rate };
             *slot = Some(slot.map_or(rate, |r| 0.8 * r + 0.2 * rate));
 
             // Commit accepted tokens + bonus, cut at the budget and at end-of-generation.
@@ -587,6 +593,13 @@ impl Session {
                 if !self.auto_should_draft() {
                     return Ok(tree);
                 }
+                tracing::debug!(
+                    "auto round {}: drafting (mean acceptance {:.2}, spec {:?} vs plain {:?} tok/ms)",
+                    self.rounds_total,
+                    self.mean_accept,
+                    self.spec_rate,
+                    self.plain_rate
+                );
                 let logits = self.draft_catch_up()?;
                 tree = self.draft_auto(tree, logits, max_nodes.min(AUTO_MAX_DEPTH + 8), sp, rng)?;
             }
@@ -600,6 +613,7 @@ impl Session {
         let Some(d) = self.draft.as_mut() else {
             return Err(Error::InvalidParam { name: "draft", reason: "no draft model".into() });
         };
+        self.round_used_draft = true;
         let t = Instant::now();
         let span = self.history[self.draft_past..n].to_vec();
         let logits = decode_span(d, &mut self.batch, &span, self.draft_past, true)?;
@@ -773,7 +787,8 @@ impl Session {
         // drafting, run a plain round now and then to keep the plain rate current.
         if let (Some(spec), Some(plain)) = (self.spec_rate, self.plain_rate) {
             if spec < plain * 0.97 {
-                return probe && self.rounds_total % 64 == 0;
+                let optimistic = (self.mean_accept as f32 + 0.15).min(0.98);
+                return self.rounds_total % 64 == 0 && self.chain_beats_plain(optimistic);
             }
         }
         if self.rounds_total % 16 == 8 || self.plain_rate.is_none() && self.rounds_total > 0 {
