@@ -37,6 +37,15 @@ enum Command {
     /// Make drafts: `draft init` prunes a bigger model's blocks into a cheap draft (train feature).
     #[cfg(feature = "train")]
     Draft(adaspec::train::cli::DraftArgs),
+    /// Distil a draft against the target: fkl|rkl|tvd|jsd baselines or AdaSPEC (train feature).
+    #[cfg(feature = "train")]
+    Train(Box<adaspec::train::train_cli::TrainArgs>),
+    /// Measure draft acceptance against the target (α, 1−TV, τ) on a data set (train feature).
+    #[cfg(feature = "train")]
+    Eval(adaspec::train::train_cli::EvalArgs),
+    /// Make training data: `data generate` writes the target's own responses (train feature).
+    #[cfg(feature = "train")]
+    Data(adaspec::train::train_cli::DataArgs),
 }
 
 #[derive(Args, Clone)]
@@ -267,6 +276,12 @@ fn main() -> ExitCode {
         Command::Inspect(a) => adaspec::inspect::run(&a),
         #[cfg(feature = "train")]
         Command::Draft(a) => adaspec::train::cli::run(&a),
+        #[cfg(feature = "train")]
+        Command::Train(a) => adaspec::train::train_cli::run_train(&a),
+        #[cfg(feature = "train")]
+        Command::Eval(a) => adaspec::train::train_cli::run_eval(&a),
+        #[cfg(feature = "train")]
+        Command::Data(a) => adaspec::train::train_cli::run_data(&a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -522,26 +522,3 @@ fn cli_train_adaspec_then_eval_and_data_generate() {
     let st = acceptance_on(&target, &DraftSource::Gguf(load_target(&s.draft)), &ex, 2).unwrap();
     assert!((st.alpha - a).abs() < 1e-12);
 }
-
-/// Runs one trainer command line from `ADASPEC_TRAIN_ARGV` (a JSON array, e.g.
-/// `["train","adaspec","--target","T.gguf",…]`) exactly as `adaspec …` would: the real-pair
-/// experiment driver until the binary wires these subcommands. Ignored unless asked for:
-/// `ADASPEC_TRAIN_ARGV='[…]' cargo test --release --features train --test train_adaspec -- --ignored cli_from_env --nocapture`
-#[test]
-#[ignore]
-fn cli_from_env() {
-    let Ok(json) = std::env::var("ADASPEC_TRAIN_ARGV") else {
-        eprintln!("set ADASPEC_TRAIN_ARGV to a JSON array of arguments");
-        return;
-    };
-    let argv: Vec<String> = serde_json::from_str(&json).expect("ADASPEC_TRAIN_ARGV must be a JSON array of strings");
-    let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
-    let r = match parse(&argv).unwrap() {
-        Cmd::Train(a) => run_train(&a),
-        Cmd::Data(a) => run_data(&a),
-        Cmd::Eval(a) => adaspec::train::train_cli::run_eval(&a),
-    };
-    if let Err(e) = r {
-        panic!("{e:#}");
-    }
-}
