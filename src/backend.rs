@@ -111,17 +111,15 @@ impl std::fmt::Debug for Model {
 /// Checks that `path` is a readable file that starts like a GGUF file, so that obviously wrong
 /// inputs get a precise message instead of llama.cpp's generic failure.
 pub fn check_gguf_file(path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
     if !meta.is_file() {
         return Err(Error::ModelFile { path: path.to_path_buf(), reason: "not a regular file".into() });
     }
     let mut magic = [0u8; 8];
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
-    let n = f
-        .read(&mut magic)
-        .map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
+    let n = f.read(&mut magic).map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
     if n < 8 || &magic[..4] != b"GGUF" {
         return Err(Error::InvalidGguf {
             path: path.to_path_buf(),
@@ -144,10 +142,8 @@ impl Model {
         init();
         let path = path.as_ref();
         check_gguf_file(path)?;
-        let c_path = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| Error::ModelFile {
-            path: path.to_path_buf(),
-            reason: "path contains a NUL byte".into(),
-        })?;
+        let c_path = CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| Error::ModelFile { path: path.to_path_buf(), reason: "path contains a NUL byte".into() })?;
         // SAFETY: returns a plain struct of defaults.
         let mut mp = unsafe { sys::llama_model_default_params() };
         mp.n_gpu_layers = i32::try_from(params.n_gpu_layers).unwrap_or(i32::MAX);
@@ -331,7 +327,12 @@ impl Model {
         for _ in 0..2 {
             // SAFETY: key is NUL-terminated; buf has buf.len() writable bytes.
             let n = unsafe {
-                sys::llama_model_meta_val_str(self.raw.as_ptr(), key.as_ptr(), buf.as_mut_ptr() as *mut c_char, buf.len())
+                sys::llama_model_meta_val_str(
+                    self.raw.as_ptr(),
+                    key.as_ptr(),
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len(),
+                )
             };
             if n < 0 {
                 return None;
@@ -365,8 +366,8 @@ impl Model {
         let c_tmpl = CString::new(tmpl).map_err(|_| Error::ChatTemplate("template contains NUL".into()))?;
         let mut owned = Vec::with_capacity(messages.len());
         for m in messages {
-            let role = CString::new(m.role.as_str())
-                .map_err(|_| Error::ChatTemplate("role contains a NUL byte".into()))?;
+            let role =
+                CString::new(m.role.as_str()).map_err(|_| Error::ChatTemplate("role contains a NUL byte".into()))?;
             let content = CString::new(m.content.as_str())
                 .map_err(|_| Error::ChatTemplate("message contains a NUL byte".into()))?;
             owned.push((role, content));
@@ -389,9 +390,7 @@ impl Model {
                 )
             };
             if n < 0 {
-                return Err(Error::ChatTemplate(
-                    "llama.cpp does not support this model's chat template".into(),
-                ));
+                return Err(Error::ChatTemplate("llama.cpp does not support this model's chat template".into()));
             }
             let n = n as usize;
             if n <= buf.len() {
@@ -447,11 +446,7 @@ pub fn check_vocab_compat(target: &Model, draft: &Model) -> Result<()> {
         )));
     }
     if target.eos() != draft.eos() {
-        return Err(Error::IncompatibleVocab(format!(
-            "EOS differs (target {}, draft {})",
-            target.eos(),
-            draft.eos()
-        )));
+        return Err(Error::IncompatibleVocab(format!("EOS differs (target {}, draft {})", target.eos(), draft.eos())));
     }
     for t in 0..nt.min(nd) as Token {
         let (a, b) = (target.token_text(t), draft.token_text(t));
@@ -521,7 +516,10 @@ impl Context {
             return Err(Error::InvalidParam { name: "n_ctx", reason: "must be > 0".into() });
         }
         if params.n_seq_max == 0 || params.n_seq_max > 256 {
-            return Err(Error::InvalidParam { name: "n_seq_max", reason: format!("{} not in 1..=256", params.n_seq_max) });
+            return Err(Error::InvalidParam {
+                name: "n_seq_max",
+                reason: format!("{} not in 1..=256", params.n_seq_max),
+            });
         }
         if params.n_seq_max > params.n_ctx {
             return Err(Error::InvalidParam {
@@ -754,7 +752,13 @@ pub fn sequence_logits(model: &Arc<Model>, tokens: &[Token], n_threads: i32) -> 
     let n_batch = n.min(512);
     let mut ctx = Context::new(
         model.clone(),
-        &ContextParams { n_ctx: (n as u32).max(16), n_batch: n_batch as u32, n_seq_max: 1, n_threads, flash_attn: false },
+        &ContextParams {
+            n_ctx: (n as u32).max(16),
+            n_batch: n_batch as u32,
+            n_seq_max: 1,
+            n_threads,
+            flash_attn: false,
+        },
     )?;
     let n_vocab = model.n_vocab();
     let mut out = Vec::with_capacity(n * n_vocab);

@@ -170,7 +170,8 @@ pub fn run_bench(
             }
         })
         .collect();
-    let target_cost_ms = sessions.iter().map(|s| s.cost_model().target.points()).find(|p| !p.is_empty()).unwrap_or_default();
+    let target_cost_ms =
+        sessions.iter().map(|s| s.cost_model().target.points()).find(|p| !p.is_empty()).unwrap_or_default();
     Ok(BenchReport {
         target: target.path().display().to_string(),
         draft: draft.path().display().to_string(),
@@ -193,7 +194,13 @@ pub fn format_table(r: &BenchReport) -> String {
     for x in &r.summaries {
         s.push_str(&format!(
             "{:<22} {:>10.2} {:>8.2}x {:>11.2} {:>9.2} {:>7}/{}\n",
-            x.strategy, x.median_tokens_per_second, x.median_speedup, x.mean_acceptance, x.mean_tokens_per_pass, x.identical, x.prompts
+            x.strategy,
+            x.median_tokens_per_second,
+            x.median_speedup,
+            x.mean_acceptance,
+            x.mean_tokens_per_pass,
+            x.identical,
+            x.prompts
         ));
     }
     s

@@ -73,10 +73,7 @@ pub struct CompatReport {
 }
 
 fn gguf_err(path: &Path, reason: impl std::fmt::Display) -> Error {
-    Error::InvalidGguf {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    }
+    Error::InvalidGguf { path: path.to_path_buf(), reason: reason.to_string() }
 }
 
 fn as_u64(v: Option<&Value>) -> Option<u64> {
@@ -126,39 +123,23 @@ pub fn ggml_type_name(kind: u32) -> String {
 /// Reads a GGUF's metadata and tensor index (no tensor data).
 pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
     let path = path.as_ref();
-    let meta = std::fs::metadata(path).map_err(|e| Error::ModelFile {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let path_str = path
-        .to_str()
-        .ok_or_else(|| gguf_err(path, "path is not valid UTF-8"))?;
-    let mut container = gguf_rs::get_gguf_container_array_size(path_str, u64::MAX)
-        .map_err(|e| gguf_err(path, e))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
+    let path_str = path.to_str().ok_or_else(|| gguf_err(path, "path is not valid UTF-8"))?;
+    let mut container = gguf_rs::get_gguf_container_array_size(path_str, u64::MAX).map_err(|e| gguf_err(path, e))?;
     let model = container.decode().map_err(|e| gguf_err(path, e))?;
     let gguf_version = model.get_version();
     let md = model.metadata();
-    let architecture = md
-        .get("general.architecture")
-        .and_then(|v| v.as_str())
-        .unwrap_or("unknown")
-        .to_string();
+    let architecture = md.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("unknown").to_string();
     let ak = |k: &str| md.get(&format!("{architecture}.{k}"));
     let mut tensor_types = BTreeMap::new();
     let mut n_params = 0u64;
     for t in model.tensors() {
         *tensor_types.entry(ggml_type_name(t.kind)).or_insert(0) += 1;
-        n_params += t
-            .shape
-            .iter()
-            .take(t.n_dimensions as usize)
-            .product::<u64>();
+        n_params += t.shape.iter().take(t.n_dimensions as usize).product::<u64>();
     }
     let tokens: Vec<String> = match md.get("tokenizer.ggml.tokens") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().unwrap_or_default().to_string())
-            .collect(),
+        Some(Value::Array(a)) => a.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect(),
         _ => Vec::new(),
     };
     let n_merges = match md.get("tokenizer.ggml.merges") {
@@ -214,10 +195,7 @@ pub fn compat_reports(t: &InspectReport, d: &InspectReport) -> CompatReport {
     let mut problems = Vec::new();
     let (tt, dt) = (&t.tokenizer, &d.tokenizer);
     if tt.model != dt.model {
-        problems.push(format!(
-            "vocab type differs: target {:?}, draft {:?}",
-            tt.model, dt.model
-        ));
+        problems.push(format!("vocab type differs: target {:?}, draft {:?}", tt.model, dt.model));
     }
     if tt.add_bos_token.unwrap_or(false) != dt.add_bos_token.unwrap_or(false)
         || tt.add_eos_token.unwrap_or(false) != dt.add_eos_token.unwrap_or(false)
@@ -243,9 +221,7 @@ pub fn compat_reports(t: &InspectReport, d: &InspectReport) -> CompatReport {
         ));
     }
     let n = t.tokens.len().min(d.tokens.len());
-    let diffs: Vec<usize> = (CHECK_START_TOKEN_ID..n)
-        .filter(|&i| t.tokens[i] != d.tokens[i])
-        .collect();
+    let diffs: Vec<usize> = (CHECK_START_TOKEN_ID..n).filter(|&i| t.tokens[i] != d.tokens[i]).collect();
     if let Some(&i) = diffs.first() {
         problems.push(format!(
             "{} token texts differ, first at id {i}: target {:?}, draft {:?}",
@@ -291,25 +267,13 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let opt = |x: Option<u64>| x.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-        println!(
-            "file:          {} ({} bytes, GGUF {})",
-            report.path.display(),
-            report.file_size,
-            report.gguf_version
-        );
+        println!("file:          {} ({} bytes, GGUF {})", report.path.display(), report.file_size, report.gguf_version);
         println!(
             "architecture:  {}{}",
             report.architecture,
-            report
-                .name
-                .as_deref()
-                .map(|n| format!(" ({n})"))
-                .unwrap_or_default()
+            report.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
         );
-        println!(
-            "parameters:    {} in {} tensors",
-            report.n_params, report.n_tensors
-        );
+        println!("parameters:    {} in {} tensors", report.n_params, report.n_tensors);
         println!(
             "sizes:         blocks {}, embd {}, ffn {}, heads {}/{} kv, ctx {}, rope base {}",
             opt(report.block_count),
@@ -318,16 +282,9 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             opt(report.head_count),
             opt(report.head_count_kv),
             opt(report.context_length),
-            report
-                .rope_freq_base
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| "-".into())
+            report.rope_freq_base.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
         );
-        let types: Vec<String> = report
-            .tensor_types
-            .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
-            .collect();
+        let types: Vec<String> = report.tensor_types.iter().map(|(k, v)| format!("{k}×{v}")).collect();
         println!("tensor types:  {}", types.join(", "));
         let tk = &report.tokenizer;
         println!(
@@ -342,15 +299,9 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         );
         if let Some(c) = &compat {
             if c.compatible {
-                println!(
-                    "compat:        compatible as a draft for {}",
-                    c.target.display()
-                );
+                println!("compat:        compatible as a draft for {}", c.target.display());
             } else {
-                println!(
-                    "compat:        NOT compatible as a draft for {}:",
-                    c.target.display()
-                );
+                println!("compat:        NOT compatible as a draft for {}:", c.target.display());
                 for p in &c.problems {
                     println!("  - {p}");
                 }
@@ -381,22 +332,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let a = dir.join("a.gguf");
         let b = dir.join("b.gguf");
-        write_tiny_model(
-            &a,
-            &TinyModelConfig {
-                arch: TinyArch::Qwen2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        write_tiny_model(
-            &b,
-            &TinyModelConfig {
-                n_layer: 1,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        write_tiny_model(&a, &TinyModelConfig { arch: TinyArch::Qwen2, ..Default::default() }).unwrap();
+        write_tiny_model(&b, &TinyModelConfig { n_layer: 1, ..Default::default() }).unwrap();
         let r = inspect(&a).unwrap();
         assert_eq!(r.architecture, "qwen2");
         assert_eq!(r.block_count, Some(2));

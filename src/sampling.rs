@@ -41,7 +41,10 @@ impl SamplingParams {
     /// Rejects values outside their ranges, naming the parameter.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(Error::InvalidParam { name: "temperature", reason: format!("{} must be >= 0", self.temperature) });
+            return Err(Error::InvalidParam {
+                name: "temperature",
+                reason: format!("{} must be >= 0", self.temperature),
+            });
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::InvalidParam { name: "top_p", reason: format!("{} must be in (0, 1]", self.top_p) });

@@ -3,9 +3,10 @@
 //! conditions and statistics.
 //!
 //! Invariants between rounds (n = history.len()):
-//! - the target's KV holds history[..n-1] in seq 0; history[n-1] (the *root*) is verified
-//!   next round together with the draft tree;
+//! - the target's KV holds history[..n-1] in seq 0; history[n-1] (the *root*) is verified next
+//!   round together with the draft tree;
 //! - the draft's KV holds history[..draft_past] in seq 0, draft_past <= n-1.
+//!
 //! This module must never return a result that differs from what the target alone would
 //! produce (up to `fast` mode's documented rounding).
 
@@ -186,7 +187,12 @@ impl Session {
         if t_seq.max(d_seq) > params.n_ctx as usize {
             return Err(Error::InvalidParam {
                 name: "n_ctx",
-                reason: format!("{} is too small for strategy {} (needs {})", params.n_ctx, params.strategy, t_seq.max(d_seq)),
+                reason: format!(
+                    "{} is too small for strategy {} (needs {})",
+                    params.n_ctx,
+                    params.strategy,
+                    t_seq.max(d_seq)
+                ),
             });
         }
         let n_batch = (512u32.min(params.n_ctx)).max(t_seq.max(d_seq) as u32);
@@ -300,7 +306,8 @@ impl Session {
         let threads = self.params.n_threads;
         let key = |m: &Model| format!("{}|{}|{}|{}", m.path().display(), threads, m.params().repack, self.params.mode);
         let tkey = key(self.target.model());
-        let target_sizes: Vec<usize> = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16].into_iter().filter(|&b| b <= self.max_verify).collect();
+        let target_sizes: Vec<usize> =
+            [1, 2, 3, 4, 5, 6, 7, 8, 12, 16].into_iter().filter(|&b| b <= self.max_verify).collect();
         self.cost.target = match cost::cached(&tkey) {
             Some(c) => c,
             None => {
@@ -317,7 +324,8 @@ impl Session {
                 None => {
                     let probe = {
                         let model = d.model().clone();
-                        let mut t = model.tokenize("def main():\n    print('hello world')\n", false, false).unwrap_or_default();
+                        let mut t =
+                            model.tokenize("def main():\n    print('hello world')\n", false, false).unwrap_or_default();
                         while t.len() < 24 {
                             t.push(t.first().copied().unwrap_or(0));
                         }
@@ -707,7 +715,14 @@ impl Session {
 
     /// EAGLE-2: expand the top-k children of each frontier node, keep the global top-k by path
     /// score as the next frontier, for `depth` levels; then keep the best `nodes`.
-    fn draft_dynamic(&mut self, tree: &mut DraftTree, root_logits: Vec<f32>, k: usize, depth: usize, nodes: usize) -> Result<()> {
+    fn draft_dynamic(
+        &mut self,
+        tree: &mut DraftTree,
+        root_logits: Vec<f32>,
+        k: usize,
+        depth: usize,
+        nodes: usize,
+    ) -> Result<()> {
         let seq_cap = self.draft.as_ref().map_or(1, Context::n_seq_max);
         let mut frontier: Vec<(usize, Vec<f32>)> = vec![(0, root_logits)];
         for level in 1..=depth {
@@ -739,7 +754,13 @@ impl Session {
     }
 
     /// A fixed shape: node for path p is the p.last()-th best child of the node for p[..-1].
-    fn draft_static(&mut self, tree: &mut DraftTree, root_logits: Vec<f32>, shape: &StaticShape, max_nodes: usize) -> Result<()> {
+    fn draft_static(
+        &mut self,
+        tree: &mut DraftTree,
+        root_logits: Vec<f32>,
+        shape: &StaticShape,
+        max_nodes: usize,
+    ) -> Result<()> {
         let width = shape.max_width();
         // (path, node index, logits) of nodes to expand at the current level
         let mut level: Vec<(Vec<usize>, usize, Vec<f32>)> = vec![(Vec::new(), 0, root_logits)];
@@ -1011,7 +1032,13 @@ fn seq_budget(strategy: &Strategy) -> (usize, usize) {
 
 /// Decodes `tokens` at positions start.. in seq 0, in chunks; returns the last row's logits
 /// if `want_last`.
-fn decode_span(ctx: &mut Context, batch: &mut Batch, tokens: &[Token], start: usize, want_last: bool) -> Result<Vec<f32>> {
+fn decode_span(
+    ctx: &mut Context,
+    batch: &mut Batch,
+    tokens: &[Token],
+    start: usize,
+    want_last: bool,
+) -> Result<Vec<f32>> {
     if start + tokens.len() > ctx.n_ctx() {
         return Err(Error::ContextFull { needed: start + tokens.len(), n_ctx: ctx.n_ctx() });
     }
@@ -1080,7 +1107,13 @@ struct TextStream {
 
 impl TextStream {
     fn new(stops: Vec<String>) -> Self {
-        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), bytes: Vec::new(), text: String::new(), emitted: 0, cut: None }
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            bytes: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            cut: None,
+        }
     }
 
     /// Adds bytes; returns the text that can be shown now and whether a stop string appeared.

@@ -8,10 +8,11 @@ use crate::error::Error;
 use crate::tree::StaticShape;
 
 /// How the draft proposes tokens each round.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Strategy {
     /// Choose chain length, extra branches, or no speculation each round from the measured
     /// cost model and acceptance statistics (default).
+    #[default]
     Auto,
     /// Plain decoding with the target alone.
     None,
@@ -21,12 +22,6 @@ pub enum Strategy {
     Tree { top_k: usize, depth: usize, nodes: usize },
     /// A fixed tree shape of child-rank paths.
     Static(StaticShape),
-}
-
-impl Default for Strategy {
-    fn default() -> Self {
-        Strategy::Auto
-    }
 }
 
 impl fmt::Display for Strategy {

@@ -108,37 +108,22 @@ impl TinyModelConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |name: &'static str, reason: String| Err(Error::InvalidParam { name, reason });
         if self.n_embd == 0 || self.n_layer == 0 || self.n_ff == 0 || self.n_ctx_train == 0 {
-            return bad(
-                "TinyModelConfig",
-                format!("all sizes must be > 0, got {self:?}"),
-            );
+            return bad("TinyModelConfig", format!("all sizes must be > 0, got {self:?}"));
         }
         if self.n_head == 0 || self.n_embd % self.n_head != 0 {
-            return bad(
-                "n_head",
-                format!("must divide n_embd={}, got {}", self.n_embd, self.n_head),
-            );
+            return bad("n_head", format!("must divide n_embd={}, got {}", self.n_embd, self.n_head));
         }
         if (self.n_embd / self.n_head) % 2 != 0 {
             return bad(
                 "n_head",
-                format!(
-                    "head size n_embd/n_head must be even for RoPE, got {}",
-                    self.n_embd / self.n_head
-                ),
+                format!("head size n_embd/n_head must be even for RoPE, got {}", self.n_embd / self.n_head),
             );
         }
         if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
-            return bad(
-                "n_head_kv",
-                format!("must divide n_head={}, got {}", self.n_head, self.n_head_kv),
-            );
+            return bad("n_head_kv", format!("must divide n_head={}, got {}", self.n_head, self.n_head_kv));
         }
         if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {
-            return bad(
-                "logit_scale",
-                format!("must be finite and > 0, got {}", self.logit_scale),
-            );
+            return bad("logit_scale", format!("must be finite and > 0, got {}", self.logit_scale));
         }
         Ok(())
     }
@@ -212,8 +197,7 @@ fn bytes_to_unicode() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable =
-            (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        let printable = (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
         let c = if printable {
             b
         } else {
@@ -297,10 +281,7 @@ fn build_vocab() -> TinyVocab {
     // Word frequencies, words as sequences of symbols.
     let mut words: BTreeMap<Vec<String>, usize> = BTreeMap::new();
     for piece in pre_split(CORPUS) {
-        let syms: Vec<String> = piece
-            .bytes()
-            .map(|b| table[b as usize].to_string())
-            .collect();
+        let syms: Vec<String> = piece.bytes().map(|b| table[b as usize].to_string()).collect();
         *words.entry(syms).or_insert(0) += 1;
     }
     let mut words: Vec<(Vec<String>, usize)> = words.into_iter().collect();
@@ -352,14 +333,7 @@ fn build_vocab() -> TinyVocab {
         tokens.push(s.to_string());
         token_types.push(3);
     }
-    TinyVocab {
-        tokens,
-        token_types,
-        merges,
-        eos,
-        im_start: eos + 1,
-        im_end: eos + 2,
-    }
+    TinyVocab { tokens, token_types, merges, eos, im_start: eos + 1, im_end: eos + 2 }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,10 +348,7 @@ struct Normal {
 
 impl Normal {
     fn new(seed: u64) -> Self {
-        Normal {
-            rng: StdRng::seed_from_u64(seed),
-            spare: None,
-        }
+        Normal { rng: StdRng::seed_from_u64(seed), spare: None }
     }
 
     fn sample(&mut self) -> f32 {
@@ -467,63 +438,27 @@ pub fn tiny_model_tensors(cfg: &TinyModelConfig) -> Vec<(String, Vec<usize>, Vec
     let lin = |n_in: usize| 1.0 / (n_in as f32).sqrt();
 
     let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    t.push((
-        "token_embd.weight".into(),
-        vec![n_vocab, d],
-        rng.vec(n_vocab * d, 1.0, 0.0),
-    ));
+    t.push(("token_embd.weight".into(), vec![n_vocab, d], rng.vec(n_vocab * d, 1.0, 0.0)));
     for i in 0..cfg.n_layer {
         let p = |s: &str| format!("blk.{i}.{s}");
         t.push((p("attn_norm.weight"), vec![d], rng.vec(d, 0.1, 1.0)));
         // Larger q/k scale: peaky attention makes the next token depend on the context.
-        t.push((
-            p("attn_q.weight"),
-            vec![q_dim, d],
-            rng.vec(q_dim * d, 2.0 * lin(d), 0.0),
-        ));
-        t.push((
-            p("attn_k.weight"),
-            vec![kv_dim, d],
-            rng.vec(kv_dim * d, 2.0 * lin(d), 0.0),
-        ));
-        t.push((
-            p("attn_v.weight"),
-            vec![kv_dim, d],
-            rng.vec(kv_dim * d, lin(d), 0.0),
-        ));
+        t.push((p("attn_q.weight"), vec![q_dim, d], rng.vec(q_dim * d, 2.0 * lin(d), 0.0)));
+        t.push((p("attn_k.weight"), vec![kv_dim, d], rng.vec(kv_dim * d, 2.0 * lin(d), 0.0)));
+        t.push((p("attn_v.weight"), vec![kv_dim, d], rng.vec(kv_dim * d, lin(d), 0.0)));
         if cfg.arch == TinyArch::Qwen2 {
             t.push((p("attn_q.bias"), vec![q_dim], rng.vec(q_dim, 0.2, 0.0)));
             t.push((p("attn_k.bias"), vec![kv_dim], rng.vec(kv_dim, 0.2, 0.0)));
             t.push((p("attn_v.bias"), vec![kv_dim], rng.vec(kv_dim, 0.2, 0.0)));
         }
-        t.push((
-            p("attn_output.weight"),
-            vec![d, q_dim],
-            rng.vec(d * q_dim, lin(q_dim), 0.0),
-        ));
+        t.push((p("attn_output.weight"), vec![d, q_dim], rng.vec(d * q_dim, lin(q_dim), 0.0)));
         t.push((p("ffn_norm.weight"), vec![d], rng.vec(d, 0.1, 1.0)));
-        t.push((
-            p("ffn_gate.weight"),
-            vec![cfg.n_ff, d],
-            rng.vec(cfg.n_ff * d, lin(d), 0.0),
-        ));
-        t.push((
-            p("ffn_up.weight"),
-            vec![cfg.n_ff, d],
-            rng.vec(cfg.n_ff * d, lin(d), 0.0),
-        ));
-        t.push((
-            p("ffn_down.weight"),
-            vec![d, cfg.n_ff],
-            rng.vec(d * cfg.n_ff, lin(cfg.n_ff), 0.0),
-        ));
+        t.push((p("ffn_gate.weight"), vec![cfg.n_ff, d], rng.vec(cfg.n_ff * d, lin(d), 0.0)));
+        t.push((p("ffn_up.weight"), vec![cfg.n_ff, d], rng.vec(cfg.n_ff * d, lin(d), 0.0)));
+        t.push((p("ffn_down.weight"), vec![d, cfg.n_ff], rng.vec(d * cfg.n_ff, lin(cfg.n_ff), 0.0)));
     }
     t.push(("output_norm.weight".into(), vec![d], rng.vec(d, 0.1, 1.0)));
-    t.push((
-        "output.weight".into(),
-        vec![n_vocab, d],
-        rng.vec(n_vocab * d, cfg.logit_scale * lin(d), 0.0),
-    ));
+    t.push(("output.weight".into(), vec![n_vocab, d], rng.vec(n_vocab * d, cfg.logit_scale * lin(d), 0.0)));
     if cfg.f16 {
         for (_, shape, data) in t.iter_mut() {
             if shape.len() == 2 {
@@ -544,21 +479,14 @@ fn gguf_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Gguf(format!("{}: {what}: {e}", path.display()))
 }
 
-fn write_gguf(
-    path: &Path,
-    cfg: &TinyModelConfig,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-) -> Result<()> {
+fn write_gguf(path: &Path, cfg: &TinyModelConfig, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
     cfg.validate()?;
     let vocab = tiny_vocab();
     let arch = cfg.arch.name();
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| Error::InvalidParam {
-            name: "path",
-            reason: format!("{} has no file name", path.display()),
-        })?;
+        .ok_or_else(|| Error::InvalidParam { name: "path", reason: format!("{} has no file name", path.display()) })?;
     // Unique per process and call, so concurrent writers never share a temp file.
     static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -576,14 +504,8 @@ fn write_gguf(
         w.add_metadata_u32(&format!("{arch}.block_count"), u32v(cfg.n_layer));
         w.add_metadata_u32(&format!("{arch}.feed_forward_length"), u32v(cfg.n_ff));
         w.add_metadata_u32(&format!("{arch}.attention.head_count"), u32v(cfg.n_head));
-        w.add_metadata_u32(
-            &format!("{arch}.attention.head_count_kv"),
-            u32v(cfg.n_head_kv),
-        );
-        w.add_metadata_u32(
-            &format!("{arch}.rope.dimension_count"),
-            u32v(cfg.head_dim()),
-        );
+        w.add_metadata_u32(&format!("{arch}.attention.head_count_kv"), u32v(cfg.n_head_kv));
+        w.add_metadata_u32(&format!("{arch}.rope.dimension_count"), u32v(cfg.head_dim()));
         w.add_metadata_u32(&format!("{arch}.vocab_size"), u32v(vocab.tokens.len()));
         w.add_metadata_f32(&format!("{arch}.rope.freq_base"), 10000.0);
         w.add_metadata_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-6);
@@ -592,27 +514,15 @@ fn write_gguf(
         w.add_metadata("tokenizer.ggml.pre", "qwen2");
         w.add_metadata_array(
             "tokenizer.ggml.tokens",
-            vocab
-                .tokens
-                .iter()
-                .map(|s| MetadataValue::String(s.clone()))
-                .collect(),
+            vocab.tokens.iter().map(|s| MetadataValue::String(s.clone())).collect(),
         );
         w.add_metadata_array(
             "tokenizer.ggml.token_type",
-            vocab
-                .token_types
-                .iter()
-                .map(|&t| MetadataValue::Int32(t))
-                .collect(),
+            vocab.token_types.iter().map(|&t| MetadataValue::Int32(t)).collect(),
         );
         w.add_metadata_array(
             "tokenizer.ggml.merges",
-            vocab
-                .merges
-                .iter()
-                .map(|s| MetadataValue::String(s.clone()))
-                .collect(),
+            vocab.merges.iter().map(|s| MetadataValue::String(s.clone())).collect(),
         );
         w.add_metadata_u32("tokenizer.ggml.bos_token_id", vocab.eos);
         w.add_metadata_u32("tokenizer.ggml.eos_token_id", vocab.eos);
@@ -631,9 +541,7 @@ fn write_gguf(
                 dtype: if f16 { GGML_TYPE_F16 } else { GGML_TYPE_F32 },
             });
             let bytes: Vec<u8> = if f16 {
-                data.iter()
-                    .flat_map(|&v| f32_to_f16_bits(v).to_le_bytes())
-                    .collect()
+                data.iter().flat_map(|&v| f32_to_f16_bits(v).to_le_bytes()).collect()
             } else {
                 data.iter().flat_map(|v| v.to_le_bytes()).collect()
             };
@@ -641,15 +549,11 @@ fn write_gguf(
         }
         w.write().map_err(|e| gguf_err(&tmp, "write header", e))?;
         for (i, bytes) in payloads.iter().enumerate() {
-            w.write_tensor_data(i, bytes)
-                .map_err(|e| gguf_err(&tmp, &format!("write tensor {}", tensors[i].0), e))?;
+            w.write_tensor_data(i, bytes).map_err(|e| gguf_err(&tmp, &format!("write tensor {}", tensors[i].0), e))?;
         }
         w.finalize().map_err(|e| gguf_err(&tmp, "flush", e))?;
         drop(w);
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -679,15 +583,8 @@ pub fn perturb_tensors(
             let mean = data.iter().sum::<f32>() / n;
             let rms = (data.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n).sqrt();
             // Norm weights hover around 1: scale by their magnitude, not their spread.
-            let scale = if name.contains("norm") {
-                mean.abs() * 0.1
-            } else {
-                rms
-            };
-            let out = data
-                .iter()
-                .map(|v| v + draft_noise * scale * rng.sample())
-                .collect();
+            let scale = if name.contains("norm") { mean.abs() * 0.1 } else { rms };
+            let out = data.iter().map(|v| v + draft_noise * scale * rng.sample()).collect();
             (name.clone(), shape.clone(), out)
         })
         .collect()
@@ -696,27 +593,15 @@ pub fn perturb_tensors(
 /// Writes `dir/target.gguf` and `dir/draft.gguf` (default shape of `arch`, same tokenizer).
 /// The draft is the target's weights plus seeded noise of relative size `draft_noise`
 /// (see [`DEFAULT_DRAFT_NOISE`]), so greedy agreement is high but imperfect.
-pub fn write_tiny_pair(
-    dir: &Path,
-    arch: TinyArch,
-    draft_noise: f32,
-    seed: u64,
-) -> Result<(PathBuf, PathBuf)> {
+pub fn write_tiny_pair(dir: &Path, arch: TinyArch, draft_noise: f32, seed: u64) -> Result<(PathBuf, PathBuf)> {
     if !(draft_noise.is_finite() && draft_noise >= 0.0) {
         return Err(Error::InvalidParam {
             name: "draft_noise",
             reason: format!("must be finite and >= 0, got {draft_noise}"),
         });
     }
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let cfg = TinyModelConfig {
-        arch,
-        seed,
-        ..TinyModelConfig::default()
-    };
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    let cfg = TinyModelConfig { arch, seed, ..TinyModelConfig::default() };
     cfg.validate()?;
     let target = dir.join("target.gguf");
     let draft = dir.join("draft.gguf");
@@ -738,10 +623,7 @@ mod tests {
         assert_eq!(set.len(), v.tokens.len());
         for m in &v.merges {
             let (a, b) = m.split_once(' ').unwrap();
-            assert!(
-                set.contains(&a.to_string()) && set.contains(&b.to_string()),
-                "{m}"
-            );
+            assert!(set.contains(&a.to_string()) && set.contains(&b.to_string()), "{m}");
             assert!(set.contains(&format!("{a}{b}")), "{m}");
         }
         assert_eq!(v.tokens[v.eos as usize], "<|endoftext|>");
@@ -761,10 +643,7 @@ mod tests {
 
     #[test]
     fn tensors_are_deterministic_and_shaped() {
-        let cfg = TinyModelConfig {
-            arch: TinyArch::Qwen2,
-            ..Default::default()
-        };
+        let cfg = TinyModelConfig { arch: TinyArch::Qwen2, ..Default::default() };
         let a = tiny_model_tensors(&cfg);
         assert_eq!(a, tiny_model_tensors(&cfg));
         for (name, shape, data) in &a {
@@ -776,10 +655,7 @@ mod tests {
         let h = tiny_model_tensors(&TinyModelConfig { f16: true, ..cfg });
         for ((name, shape, vh), (_, _, vf)) in h.iter().zip(&a) {
             if shape.len() == 2 {
-                assert!(
-                    vh.iter().all(|&v| f16_bits_to_f32(f32_to_f16_bits(v)) == v),
-                    "{name}"
-                );
+                assert!(vh.iter().all(|&v| f16_bits_to_f32(f32_to_f16_bits(v)) == v), "{name}");
             } else {
                 assert_eq!(vh, vf, "{name}");
             }

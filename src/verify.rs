@@ -153,9 +153,8 @@ mod tests {
     }
 
     fn random_dist(rng: &mut StdRng, n: usize, sparsity: f32) -> Vec<f32> {
-        let mut v: Vec<f32> = (0..n)
-            .map(|_| if rng.random::<f32>() < sparsity { 0.0 } else { rng.random::<f32>().powi(2) })
-            .collect();
+        let mut v: Vec<f32> =
+            (0..n).map(|_| if rng.random::<f32>() < sparsity { 0.0 } else { rng.random::<f32>().powi(2) }).collect();
         if v.iter().all(|&x| x == 0.0) {
             v[0] = 1.0;
         }
@@ -221,8 +220,7 @@ mod tests {
                 }
                 counts[first_token(&tree, &ps, &mut rng, rule) as usize] += 1;
             }
-            let tv: f64 =
-                (0..n).map(|x| (counts[x] as f64 / trials as f64 - ps[0][x] as f64).abs()).sum::<f64>() / 2.0;
+            let tv: f64 = (0..n).map(|x| (counts[x] as f64 / trials as f64 - ps[0][x] as f64).abs()).sum::<f64>() / 2.0;
             worst = worst.max(tv);
         }
         worst

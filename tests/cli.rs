@@ -60,7 +60,17 @@ fn bad_inputs_fail_with_one_clear_line() {
 fn generate_json_on_tiny_models() {
     let (_dir, t, d) = tiny();
     let out = bin()
-        .args(["generate", "--prompt", "def f(x):", "--max-tokens", "24", "--strategy", "chain:3", "--json", "--compare"])
+        .args([
+            "generate",
+            "--prompt",
+            "def f(x):",
+            "--max-tokens",
+            "24",
+            "--strategy",
+            "chain:3",
+            "--json",
+            "--compare",
+        ])
         .args(["--target", t.to_str().unwrap(), "--draft", d.to_str().unwrap()])
         .output()
         .unwrap();

@@ -6,9 +6,7 @@ use std::sync::Arc;
 
 use adaspec::backend::sequence_logits;
 use adaspec::models::{models_dir, DEFAULT_DRAFT, DEFAULT_TARGET};
-use adaspec::{
-    ChatMessage, GenerateParams, Model, ModelParams, NumericMode, Prompt, Session, SessionParams, Strategy,
-};
+use adaspec::{ChatMessage, GenerateParams, Model, ModelParams, NumericMode, Prompt, Session, SessionParams, Strategy};
 
 fn pair(repack: bool) -> Option<(Arc<Model>, Arc<Model>)> {
     let t = models_dir().join(DEFAULT_TARGET);

@@ -53,11 +53,8 @@ fn run(s: &mut Session, prompt: &str, gp: &GenerateParams) -> adaspec::Generatio
     s.generate(&Prompt::Text(prompt.into()), gp, &mut |_, _| true).expect("generate")
 }
 
-const PROMPTS: [&str; 3] = [
-    "def fibonacci(n):\n    return",
-    "The quick brown fox jumps over",
-    "Once upon a time, in a land far away,",
-];
+const PROMPTS: [&str; 3] =
+    ["def fibonacci(n):\n    return", "The quick brown fox jumps over", "Once upon a time, in a land far away,"];
 
 fn strategies() -> Vec<Strategy> {
     vec![
@@ -168,9 +165,7 @@ fn sampling_is_seed_deterministic_and_speculation_preserves_distribution() {
         let keys: std::collections::HashSet<i32> = mb.keys().chain(mh.keys()).copied().collect();
         let tv: f64 = keys
             .iter()
-            .map(|k| {
-                (*mb.get(k).unwrap_or(&0) as f64 - *mh.get(k).unwrap_or(&0) as f64).abs() / trials as f64
-            })
+            .map(|k| (*mb.get(k).unwrap_or(&0) as f64 - *mh.get(k).unwrap_or(&0) as f64).abs() / trials as f64)
             .sum::<f64>()
             / 2.0;
         eprintln!("{st}: first-token TV vs target alone {tv:.3}");
@@ -238,9 +233,8 @@ fn multi_turn_reuses_the_cache_and_matches_a_fresh_run() {
         .generate(&Prompt::Chat(vec![ChatMessage::new("user", "Hello there")]), &greedy(40), &mut |_, _| true)
         .unwrap();
 
-    let turn2 = s
-        .generate(&Prompt::Chat(vec![ChatMessage::new("user", "And then?")]), &greedy(40), &mut |_, _| true)
-        .unwrap();
+    let turn2 =
+        s.generate(&Prompt::Chat(vec![ChatMessage::new("user", "And then?")]), &greedy(40), &mut |_, _| true).unwrap();
     // The second turn reused the cached first prompt instead of processing everything again
     // (the reply itself is re-processed when its text re-tokenizes differently, as random
     // tiny models' byte soup does).
@@ -275,7 +269,10 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(Model::load(&cut, &ModelParams::default()).is_err());
     // bad params
     let mut s = session(p, Strategy::Chain(2));
-    let bad = GenerateParams { sampling: SamplingParams { temperature: 1.0, top_p: 0.0, ..Default::default() }, ..Default::default() };
+    let bad = GenerateParams {
+        sampling: SamplingParams { temperature: 1.0, top_p: 0.0, ..Default::default() },
+        ..Default::default()
+    };
     assert!(matches!(s.generate(&Prompt::Text("x".into()), &bad, &mut |_, _| true), Err(Error::InvalidParam { .. })));
     assert!(s.generate(&Prompt::Tokens(vec![1_000_000]), &greedy(4), &mut |_, _| true).is_err());
     assert!(s.generate(&Prompt::Tokens(vec![]), &greedy(4), &mut |_, _| true).is_err());
@@ -319,4 +316,3 @@ fn dirs_models() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adaspec/models"))
 }
-

@@ -7,8 +7,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use adaspec::tiny_model::{
-    tiny_model_tensors, write_tiny_model, write_tiny_pair, TinyArch, TinyModelConfig,
-    DEFAULT_DRAFT_NOISE,
+    tiny_model_tensors, write_tiny_model, write_tiny_pair, TinyArch, TinyModelConfig, DEFAULT_DRAFT_NOISE,
 };
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -95,14 +94,7 @@ fn greedy(model: &LlamaModel, prompt: &[LlamaToken], n: usize) -> (Vec<LlamaToke
         out.push(LlamaToken(tok));
         margins.push(margin);
         batch.clear();
-        batch
-            .add(
-                LlamaToken(tok),
-                (prompt.len() + out.len() - 1) as i32,
-                &[0],
-                true,
-            )
-            .unwrap();
+        batch.add(LlamaToken(tok), (prompt.len() + out.len() - 1) as i32, &[0], true).unwrap();
         ctx.decode(&mut batch).unwrap();
         last = 0;
     }
@@ -117,9 +109,7 @@ fn teacher_forced_argmax(model: &LlamaModel, tokens: &[LlamaToken]) -> Vec<i32> 
         batch.add(t, i as i32, &[0], true).unwrap();
     }
     ctx.decode(&mut batch).unwrap();
-    (0..tokens.len())
-        .map(|i| argmax(ctx.get_logits_ith(i as i32)).0)
-        .collect()
+    (0..tokens.len()).map(|i| argmax(ctx.get_logits_ith(i as i32)).0).collect()
 }
 
 #[test]
@@ -128,20 +118,13 @@ fn both_archs_load_tokenize_and_chat() {
     for arch in [TinyArch::Llama, TinyArch::Qwen2] {
         for f16 in [false, true] {
             let path = dir.join(format!("{arch:?}-{f16}.gguf"));
-            let cfg = TinyModelConfig {
-                arch,
-                f16,
-                ..Default::default()
-            };
+            let cfg = TinyModelConfig { arch, f16, ..Default::default() };
             let t = Instant::now();
             write_tiny_model(&path, &cfg).unwrap();
             let size = std::fs::metadata(&path).unwrap().len();
             let written = t.elapsed();
             let model = load(&path);
-            println!(
-                "{arch:?} f16={f16}: {size} bytes, written in {written:?}, loaded in {:?}",
-                t.elapsed() - written
-            );
+            println!("{arch:?} f16={f16}: {size} bytes, written in {written:?}, loaded in {:?}", t.elapsed() - written);
             assert!(size < 1_000_000, "{size} bytes");
             let vocab = model.vocab();
             assert_eq!(model.n_vocab(), 512);
@@ -165,11 +148,7 @@ fn both_archs_load_tokenize_and_chat() {
             ] {
                 let toks = vocab.tokenize(text.as_bytes(), false, false);
                 let back = vocab.detokenize(&toks, false, false);
-                assert_eq!(
-                    String::from_utf8(back).unwrap(),
-                    text,
-                    "{arch:?} round trip"
-                );
+                assert_eq!(String::from_utf8(back).unwrap(), text, "{arch:?} round trip");
                 if text.starts_with("Hello") {
                     // Merges do their job: far fewer tokens than bytes.
                     assert!(toks.len() * 10 < text.len() * 6, "{} tokens", toks.len());
@@ -212,9 +191,7 @@ fn greedy_generation_is_fast_and_varied_and_pair_agrees_partly() {
         let (tp, dp) = write_tiny_pair(&dir, arch, DEFAULT_DRAFT_NOISE, 7).unwrap();
         let target = load(&tp);
         let draft = load(&dp);
-        let prompt = target
-            .vocab()
-            .tokenize(prompt_text.as_bytes(), false, false);
+        let prompt = target.vocab().tokenize(prompt_text.as_bytes(), false, false);
 
         let t = Instant::now();
         let (gen, margins) = greedy(&target, &prompt, 300);
@@ -222,8 +199,7 @@ fn greedy_generation_is_fast_and_varied_and_pair_agrees_partly() {
         let distinct: std::collections::HashSet<i32> = gen.iter().map(|t| t.0).collect();
         let mut sorted = margins.clone();
         sorted.sort_by(f32::total_cmp);
-        let text =
-            String::from_utf8_lossy(&target.vocab().detokenize(&gen, false, false)).into_owned();
+        let text = String::from_utf8_lossy(&target.vocab().detokenize(&gen, false, false)).into_owned();
         println!(
             "{arch:?}: 300 tokens in {elapsed:?}, {} distinct, top-2 margin min {:.3} p10 {:.3} median {:.3}\n{text:?}",
             distinct.len(),
@@ -231,11 +207,7 @@ fn greedy_generation_is_fast_and_varied_and_pair_agrees_partly() {
             sorted[sorted.len() / 10],
             sorted[sorted.len() / 2]
         );
-        assert!(
-            distinct.len() >= 20,
-            "collapsed: {} distinct tokens",
-            distinct.len()
-        );
+        assert!(distinct.len() >= 20, "collapsed: {} distinct tokens", distinct.len());
         // The last 200 tokens too (no late collapse into a short loop).
         let tail: std::collections::HashSet<i32> = gen[100..].iter().map(|t| t.0).collect();
         assert!(tail.len() >= 10, "tail collapsed: {} distinct", tail.len());
@@ -247,9 +219,7 @@ fn greedy_generation_is_fast_and_varied_and_pair_agrees_partly() {
         seq.extend(&gen[..200]);
         let tf_target = teacher_forced_argmax(&target, &seq);
         let n_p = prompt.len();
-        let same = (0..200)
-            .filter(|&i| tf_target[n_p - 1 + i] == gen[i].0)
-            .count();
+        let same = (0..200).filter(|&i| tf_target[n_p - 1 + i] == gen[i].0).count();
         assert_eq!(same, 200, "batched vs one-token decoding disagree");
 
         // Draft vs target greedy agreement, teacher-forced on the target's continuation.
@@ -258,9 +228,7 @@ fn greedy_generation_is_fast_and_varied_and_pair_agrees_partly() {
         // (mean 0.78), qwen2 0.775..0.85 (mean 0.80). Random nets are chaotic in their
         // weights: noise 0.01 gives ~0.92, 0.1 already ~0.45, 0.35 ~0.13.
         let tf_draft = teacher_forced_argmax(&draft, &seq);
-        let agree = (0..200)
-            .filter(|&i| tf_draft[n_p - 1 + i] == gen[i].0)
-            .count();
+        let agree = (0..200).filter(|&i| tf_draft[n_p - 1 + i] == gen[i].0).count();
         let rate = agree as f32 / 200.0;
         println!("{arch:?}: draft agreement {agree}/200 = {rate:.3} (noise {DEFAULT_DRAFT_NOISE})");
         assert!((0.5..=0.95).contains(&rate), "agreement {rate}");
@@ -270,35 +238,18 @@ fn greedy_generation_is_fast_and_varied_and_pair_agrees_partly() {
 #[test]
 fn same_seed_same_bytes() {
     let dir = test_dir("det");
-    let cfg = TinyModelConfig {
-        arch: TinyArch::Qwen2,
-        seed: 3,
-        ..Default::default()
-    };
+    let cfg = TinyModelConfig { arch: TinyArch::Qwen2, seed: 3, ..Default::default() };
     let (a, b, c) = (dir.join("a.gguf"), dir.join("b.gguf"), dir.join("c.gguf"));
     write_tiny_model(&a, &cfg).unwrap();
     write_tiny_model(&b, &cfg).unwrap();
-    write_tiny_model(
-        &c,
-        &TinyModelConfig {
-            seed: 4,
-            ..cfg.clone()
-        },
-    )
-    .unwrap();
-    let (ba, bb, bc) = (
-        std::fs::read(&a).unwrap(),
-        std::fs::read(&b).unwrap(),
-        std::fs::read(&c).unwrap(),
-    );
+    write_tiny_model(&c, &TinyModelConfig { seed: 4, ..cfg.clone() }).unwrap();
+    let (ba, bb, bc) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), std::fs::read(&c).unwrap());
     assert_eq!(ba, bb);
     assert_eq!(ba.len(), bc.len());
     assert_ne!(ba, bc);
     // No temp files left behind.
-    let names: Vec<_> = std::fs::read_dir(&*dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names: Vec<_> =
+        std::fs::read_dir(&*dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names.len(), 3, "{names:?}");
 
     let (t1, d1) = write_tiny_pair(&dir.join("p1"), TinyArch::Llama, 0.3, 9).unwrap();
@@ -318,10 +269,7 @@ fn same_seed_same_bytes() {
 #[test]
 fn invalid_configs_are_rejected() {
     let dir = test_dir("bad");
-    let bad = TinyModelConfig {
-        n_head: 3,
-        ..Default::default()
-    };
+    let bad = TinyModelConfig { n_head: 3, ..Default::default() };
     assert!(write_tiny_model(&dir.join("x.gguf"), &bad).is_err());
     assert!(!dir.join("x.gguf").exists());
     assert!(write_tiny_pair(&dir, TinyArch::Qwen2, f32::NAN, 1).is_err());
@@ -340,17 +288,13 @@ fn draft_noise_sweep() {
                 let (tp, dp) = write_tiny_pair(&dir, arch, noise, seed).unwrap();
                 let target = load(&tp);
                 let draft = load(&dp);
-                let prompt = target
-                    .vocab()
-                    .tokenize(prompt_text.as_bytes(), false, false);
+                let prompt = target.vocab().tokenize(prompt_text.as_bytes(), false, false);
                 let (gen, margins) = greedy(&target, &prompt, 200);
                 let mut seq = prompt.clone();
                 seq.extend(&gen);
                 let n_p = prompt.len();
                 let tf_draft = teacher_forced_argmax(&draft, &seq);
-                let agree = (0..200)
-                    .filter(|&i| tf_draft[n_p - 1 + i] == gen[i].0)
-                    .count();
+                let agree = (0..200).filter(|&i| tf_draft[n_p - 1 + i] == gen[i].0).count();
                 let distinct: std::collections::HashSet<i32> = gen.iter().map(|t| t.0).collect();
                 let mut sorted = margins.clone();
                 sorted.sort_by(f32::total_cmp);

@@ -44,15 +44,8 @@ fn main() -> ExitCode {
 fn export(cli: &Cli) -> anyhow::Result<()> {
     let _ = cli.gguf;
     let ty: ExportType = cli.ty.parse()?;
-    adaspec::train::export_gguf(&cli.input, &cli.output, &cli.tokenizer_from, ty).with_context(
-        || {
-            format!(
-                "exporting {} to {}",
-                cli.input.display(),
-                cli.output.display()
-            )
-        },
-    )?;
+    adaspec::train::export_gguf(&cli.input, &cli.output, &cli.tokenizer_from, ty)
+        .with_context(|| format!("exporting {} to {}", cli.input.display(), cli.output.display()))?;
     println!("wrote {} ({})", cli.output.display(), ty.name());
     Ok(())
 }

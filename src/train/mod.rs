@@ -2,17 +2,17 @@
 //! Only built with the `train` feature; the engine and plugin never depend on it.
 
 pub mod cli;
+pub mod data; // issue-5
 pub mod error;
+pub mod eval; // issue-5
 pub mod export;
 pub mod gguf_import;
-pub mod data; // issue-5
-pub mod eval; // issue-5
 pub mod loss; // issue-5
+pub mod model;
+pub mod prune;
 pub mod teacher; // issue-5
 pub mod train_cli; // issue-5
 pub mod trainer; // issue-5
-pub mod model;
-pub mod prune;
 
 pub use error::{Error, Result};
 pub use export::{export_gguf, write_draft_gguf, ExportType};
