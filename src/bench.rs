@@ -170,8 +170,9 @@ pub fn run_bench(
             }
         })
         .collect();
-    let target_cost_ms =
-        sessions.iter().map(|s| s.cost_model().target.points()).find(|p| !p.is_empty()).unwrap_or_default();
+    // The cost curve `auto` measured at start-up and refined online (any session otherwise).
+    let costed = configs.iter().position(|s| *s == Strategy::Auto).unwrap_or(0);
+    let target_cost_ms = sessions[costed].cost_model().target.points();
     Ok(BenchReport {
         target: target.path().display().to_string(),
         draft: draft.path().display().to_string(),
