@@ -21,8 +21,21 @@ fn pair(repack: bool) -> Option<(Arc<Model>, Arc<Model>)> {
 }
 
 fn prompts() -> Vec<String> {
-    let mut v = adaspec::dataset::load_prompts("humaneval", 3).unwrap();
-    v.extend(adaspec::dataset::load_prompts("gsm8k", 3).unwrap());
+    let (Ok(mut v), Ok(g)) =
+        (adaspec::dataset::load_prompts("humaneval", 3), adaspec::dataset::load_prompts("gsm8k", 3))
+    else {
+        // The data sets live in ../shared/data (or $ADASPEC_DATA); fall back to fixed prompts.
+        eprintln!("data sets not found under {}; using built-in prompts", adaspec::dataset::data_dir().display());
+        return vec![
+            "def has_close_elements(numbers, threshold):\n    \"\"\"Return True if any two numbers are closer than threshold.\"\"\"\n".into(),
+            "def below_zero(operations):\n    \"\"\"Detect if a bank balance ever falls below zero.\"\"\"\n".into(),
+            "def truncate_number(number: float) -> float:\n    \"\"\"Return the decimal part of a positive float.\"\"\"\n".into(),
+            "Janet's ducks lay 16 eggs per day. She eats three and bakes muffins with four. She sells the rest at $2 each. How much does she make?".into(),
+            "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?".into(),
+            "Josh buys a house for $80,000 and puts in $50,000 in repairs, which increased the value by 150%. How much profit did he make?".into(),
+        ];
+    };
+    v.extend(g);
     v
 }
 
