@@ -662,7 +662,6 @@ impl Session {
         let mut out = Vec::with_capacity(nodes.len());
         for (j, &i) in nodes.iter().enumerate() {
             out.push(d.logits(j)?.to_vec());
-            tree.nodes[i].draft_decoded = true;
             tree.nodes[i].draft_seq = i as i32;
         }
         self.cost.draft.observe(nodes.len(), ms_since(t));
@@ -977,7 +976,7 @@ impl Session {
         }
         if let Some(d) = self.draft.as_mut() {
             let decoded: Vec<usize> =
-                verdict.accepted.iter().copied().take_while(|&i| tree.nodes[i].draft_decoded).collect();
+                verdict.accepted.iter().copied().take_while(|&i| tree.nodes[i].draft_decoded()).collect();
             if let Some(&last) = decoded.last() {
                 d.seq_cp(tree.nodes[last].draft_seq, 0, -1, -1);
             }

@@ -32,10 +32,8 @@ pub struct TreeNode {
     pub proposal: Proposal,
     /// Rank among the draft's choices at the parent (0 = the draft's best token).
     pub rank: usize,
-    /// Whether the draft model has already decoded this node (its KV is in the draft cache).
-    pub draft_decoded: bool,
-    /// The draft-cache sequence id identifying this node's cell (0 for the root; set when
-    /// decoded). Stable when the tree is re-indexed by [`DraftTree::restrict`].
+    /// The draft-cache sequence id identifying this node's cell: 0 for the root, -1 until the
+    /// draft has decoded the node (then its KV is in the draft cache). Stable when the tree is re-indexed by [`DraftTree::restrict`].
     pub draft_seq: i32,
 }
 
@@ -58,7 +56,6 @@ impl DraftTree {
                 accept_p: 1.0,
                 proposal: Proposal::Deterministic,
                 rank: 0,
-                draft_decoded: false,
                 draft_seq: 0,
             }],
         }
@@ -82,18 +79,7 @@ impl DraftTree {
     /// Adds a child and returns its index.
     pub fn add(&mut self, parent: usize, token: Token, logq: f32, accept_p: f32, proposal: Proposal) -> usize {
         let (depth, score) = (self.nodes[parent].depth + 1, self.nodes[parent].score + logq);
-        self.nodes.push(TreeNode {
-            token,
-            parent,
-            depth,
-            logq,
-            score,
-            accept_p,
-            proposal,
-            rank: 0,
-            draft_decoded: false,
-            draft_seq: -1,
-        });
+        self.nodes.push(TreeNode { token, parent, depth, logq, score, accept_p, proposal, rank: 0, draft_seq: -1 });
         self.nodes.len() - 1
     }
 
@@ -360,5 +346,12 @@ mod tests {
                 }}
             }
         }
+    }
+}
+
+impl TreeNode {
+    /// Whether the draft model has decoded this node (its KV is in the draft cache).
+    pub fn draft_decoded(&self) -> bool {
+        self.draft_seq >= 0
     }
 }
