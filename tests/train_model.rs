@@ -148,6 +148,25 @@ fn trainable_vars_respect_freezing() {
 }
 
 #[test]
+fn frozen_parameters_get_no_gradient() {
+    let cfg = tiny_cfg(Arch::Qwen2, true);
+    let spec = Trainable { embeddings: false, lm_head: false, final_norm: false, blocks: Some(vec![1]) };
+    let m =
+        DraftModel::from_weights_partial(&cfg, random_weights(&cfg, DType::F32, 9), DType::F32, &Device::Cpu, &spec)
+            .unwrap();
+    let vars = m.named_vars();
+    assert!(!vars.is_empty() && vars.keys().all(|n| n.starts_with("blk.1.")), "{:?}", vars.keys());
+    let ids = Tensor::new(&[[1u32, 5, 9, 3]], &Device::Cpu).unwrap();
+    let loss = m.forward(&ids, None).unwrap().sqr().unwrap().mean_all().unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, v) in vars {
+        assert!(grads.get(v.as_tensor()).is_some(), "no gradient for trainable {name}");
+    }
+    // The frozen tied embedding is a plain tensor: backward records nothing for it.
+    assert!(grads.get(m.head()).is_none());
+}
+
+#[test]
 fn padding_does_not_change_real_positions() {
     let cfg = tiny_cfg(Arch::Llama, false);
     let dev = Device::Cpu;

@@ -256,6 +256,9 @@ pub fn save_checkpoint(path: &Path, cfg: &Config, weights: &Weights) -> Result<(
     check_weights(cfg, weights, &path.display().to_string())?;
     let cfg_json = serde_json::to_string_pretty(cfg)
         .map_err(|e| Error::Config { origin: path.display().to_string(), reason: e.to_string() })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let cpath = config_path(path);
     let tmp_w = temp_path_for(path)?;
     let tmp_c = temp_path_for(&cpath)?;

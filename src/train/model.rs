@@ -302,16 +302,35 @@ impl DraftModel {
     /// Builds a trainable model from `weights` (checked against `cfg`), converted to `dtype`
     /// on `device`: every parameter is a [`Var`]. F32 for training, F64 for gradient checks.
     pub fn from_weights(cfg: &Config, weights: Weights, dtype: DType, device: &Device) -> Result<Self> {
-        Self::build(cfg, weights, dtype, device, true)
+        Self::build(cfg, weights, dtype, device, Some(&Trainable::default()))
+    }
+
+    /// Like [`Self::from_weights`], but only the parameters `spec` allows become [`Var`]s; the
+    /// frozen ones are plain tensors, so backward never computes (or allocates) their gradients.
+    /// Freezing a tied 151,936 × 896 embedding saves a 0.5 GB gradient per step.
+    pub fn from_weights_partial(
+        cfg: &Config,
+        weights: Weights,
+        dtype: DType,
+        device: &Device,
+        spec: &Trainable,
+    ) -> Result<Self> {
+        Self::build(cfg, weights, dtype, device, Some(spec))
     }
 
     /// Builds an inference-only model: parameters are plain tensors, so a forward pass records
     /// no autograd graph (a fraction of the memory). For teachers, evaluation and parity.
     pub fn inference(cfg: &Config, weights: Weights, dtype: DType, device: &Device) -> Result<Self> {
-        Self::build(cfg, weights, dtype, device, false)
+        Self::build(cfg, weights, dtype, device, None)
     }
 
-    fn build(cfg: &Config, mut weights: Weights, dtype: DType, device: &Device, trainable: bool) -> Result<Self> {
+    fn build(
+        cfg: &Config,
+        mut weights: Weights,
+        dtype: DType,
+        device: &Device,
+        trainable: Option<&Trainable>,
+    ) -> Result<Self> {
         check_weights(cfg, &weights, "DraftModel::from_weights")?;
         let mut vars = BTreeMap::new();
         let mut params = BTreeMap::new();
@@ -323,7 +342,7 @@ impl DraftModel {
             let t = src.to_device(device)?.to_dtype(dtype)?.detach();
             // Drop the source before the next one: import peaks at one model plus one tensor.
             drop(src);
-            let t = if trainable {
+            let t = if trainable.is_some_and(|spec| spec.allows(&name, cfg.tie_word_embeddings)) {
                 let var = Var::from_tensor(&t)?;
                 let vt = var.as_tensor().clone();
                 vars.insert(name.clone(), var);
@@ -384,7 +403,13 @@ impl DraftModel {
         &self.device
     }
 
-    /// All parameters as [`Var`]s by GGUF tensor name (empty for an [`Self::inference`] model).
+    /// The LM head matrix, (vocab, hidden): the embedding matrix when the two are tied.
+    pub fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The [`Var`] parameters by GGUF tensor name: all of them for [`Self::from_weights`], the
+    /// allowed ones for [`Self::from_weights_partial`], none for an [`Self::inference`] model.
     pub fn named_vars(&self) -> &BTreeMap<String, Var> {
         &self.vars
     }
@@ -422,8 +447,7 @@ impl DraftModel {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, attention_mask)?; // (batch, seq, hidden)
         let (b, s, h) = hidden.dims3()?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = hidden.reshape((b * s, h))?.matmul(&head.t()?)?; // (batch*seq, vocab)
+        let logits = hidden.reshape((b * s, h))?.matmul(&self.head().t()?)?; // (batch*seq, vocab)
         Ok(logits.reshape((b, s, self.cfg.vocab_size))?)
     }
 

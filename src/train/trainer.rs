@@ -369,32 +369,19 @@ impl AdamW {
     }
 }
 
-/// The LM head matrix (vocab, hidden) of a trainable model (`None` for inference models,
-/// whose parameters are not exposed).
-fn head_weight(model: &DraftModel) -> Option<Tensor> {
-    let name = if model.config().tie_word_embeddings { "token_embd.weight" } else { "output.weight" };
-    model.named_vars().get(name).map(|v| v.as_tensor().clone())
-}
-
-/// Draft logits at the loss positions of `batch`, (n_loss, vocab). For trainable models the
-/// LM head runs on the selected hidden states only (prompt and padding positions never pay
-/// for the vocabulary projection); the result is the same as selecting rows of the logits.
+/// Draft logits at the loss positions of `batch`, (n_loss, vocab). The LM head runs on the
+/// selected hidden states only (prompt and padding positions never pay for the vocabulary
+/// projection); the result is the same as selecting rows of the full logits.
 pub fn batch_logits(model: &DraftModel, batch: &PaddedBatch) -> Result<Tensor> {
     let dev = model.device();
     let ids = Tensor::from_vec(batch.ids.clone(), (batch.batch, batch.seq), dev)?;
     let attn = Tensor::from_vec(batch.attention.clone(), (batch.batch, batch.seq), dev)?;
     let rows: Vec<u32> = batch.loss_rows.iter().map(|&r| r as u32).collect();
     let rows = Tensor::from_vec(rows, batch.loss_rows.len(), dev)?;
-    if let Some(head) = head_weight(model) {
-        let hidden = model.forward_hidden(&ids, Some(&attn))?; // (batch, seq, hidden)
-        let h = hidden.dim(2)?;
-        let sel = hidden.reshape((batch.batch * batch.seq, h))?.index_select(&rows, 0)?; // (n_loss, hidden)
-        return Ok(sel.matmul(&head.t()?)?.to_dtype(DType::F32)?);
-    }
-    let logits = model.forward(&ids, Some(&attn))?; // (batch, seq, vocab)
-    let v = logits.dim(2)?;
-    let flat = logits.reshape((batch.batch * batch.seq, v))?;
-    Ok(flat.index_select(&rows, 0)?.to_dtype(DType::F32)?)
+    let hidden = model.forward_hidden(&ids, Some(&attn))?; // (batch, seq, hidden)
+    let h = hidden.dim(2)?;
+    let sel = hidden.reshape((batch.batch * batch.seq, h))?.index_select(&rows, 0)?; // (n_loss, hidden)
+    Ok(sel.matmul(&model.head().t()?)?.to_dtype(DType::F32)?)
 }
 
 /// Teacher-forced validation: mean FKL and greedy agreement over `examples`' response tokens.
@@ -521,14 +508,13 @@ pub fn train(
             (c, w)
         }
     };
-    let model = DraftModel::from_weights(&cfg0, weights0, DType::F32, &dev)?;
+    let spec = cfg.trainable();
+    // Frozen parameters stay plain tensors: no gradient is computed for them.
+    let model = DraftModel::from_weights_partial(&cfg0, weights0, DType::F32, &dev, &spec)?;
     let ref_model = match reference {
-        // Built with Vars (never updated) so that `batch_logits` can take the cheap head path;
-        // its logits are detached before use.
-        Some((c, w)) => Some(DraftModel::from_weights(&c, w, DType::F32, &dev)?),
+        Some((c, w)) => Some(DraftModel::inference(&c, w, DType::F32, &dev)?),
         None => None,
     };
-    let spec = cfg.trainable();
     let params: Vec<(String, Var)> = model
         .named_vars()
         .iter()
