@@ -68,7 +68,9 @@ ev() { # name draft
   fi
 }
 ev stock "$D"
-ev pruned-init "$OUT/init/model.safetensors"
+# The untrained pruned draft's α is in run/*/metrics.jsonl (validation at step 0); EVAL_INIT=1
+# measures it here too.
+if [ "${EVAL_INIT:-0}" = 1 ]; then ev pruned-init "$OUT/init/model.safetensors"; fi
 ev fkl "$OUT/run/reference/model.safetensors"
 ev adaspec "$OUT/run/adaspec/model.safetensors"
 

@@ -143,6 +143,24 @@ fn sparse_teacher_matches_exact_and_is_cached() {
 }
 
 #[test]
+fn target_logits_for_some_rows_equal_those_rows_of_all() {
+    let s = setup("rowsel");
+    let target = load_target(&s.target);
+    let ex = examples(&target, &s.val);
+    let v = target.n_vocab();
+    for e in ex.iter().take(3) {
+        let r = e.loss_positions();
+        let all = adaspec::backend::sequence_logits(&target, &e.tokens[..r.end], 2).unwrap();
+        let some = adaspec::backend::sequence_logits_rows(&target, &e.tokens, r.clone(), 2).unwrap();
+        assert_eq!(some.len(), r.len() * v);
+        let d = some.iter().zip(&all[r.start * v..r.end * v]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-3, "max diff {d}");
+    }
+    let n = ex[0].tokens.len();
+    assert!(adaspec::backend::sequence_logits_rows(&target, &ex[0].tokens, 0..n + 1, 2).is_err());
+}
+
+#[test]
 fn head_on_selected_rows_equals_full_logits() {
     let s = setup("rows");
     let target = load_target(&s.target);

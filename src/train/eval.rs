@@ -22,7 +22,7 @@ use super::data::{tokenize_prompt, Example, Record, TokenizeOptions};
 use super::error::{Error, Result};
 use super::gguf_import::{is_gguf_file, load_checkpoint};
 use super::model::DraftModel;
-use crate::backend::{sequence_logits, Model, ModelParams};
+use crate::backend::{sequence_logits_rows, Model, ModelParams};
 use crate::sampling::SamplingParams;
 use crate::session::{GenerateParams, Prompt, Session, SessionParams};
 use crate::strategy::{NumericMode, Strategy};
@@ -55,14 +55,17 @@ impl DraftSource {
         }
     }
 
-    /// Teacher-forced logits at every position of `tokens`, (len × vocab) row-major.
-    pub fn logits(&self, tokens: &[i32], n_threads: i32) -> Result<Vec<f32>> {
+    /// Teacher-forced logits at positions `rows` of `tokens`, (rows.len() × vocab) row-major.
+    pub fn logits(&self, tokens: &[i32], rows: std::ops::Range<usize>, n_threads: i32) -> Result<Vec<f32>> {
         match self {
-            DraftSource::Gguf(m) => Ok(sequence_logits(m, tokens, n_threads)?),
+            DraftSource::Gguf(m) => Ok(sequence_logits_rows(m, tokens, rows, n_threads)?),
             DraftSource::Candle(m) => {
+                let tokens = &tokens[..rows.end.min(tokens.len())];
                 let ids: Vec<u32> = tokens.iter().map(|&t| t.max(0) as u32).collect();
                 let ids = Tensor::from_vec(ids, (1, tokens.len()), m.device())?;
-                let l = m.forward(&ids, None)?.to_dtype(DType::F32)?; // (1, seq, vocab)
+                let hidden = m.forward_hidden(&ids, None)?.squeeze(0)?; // (seq, hidden)
+                let sel = hidden.narrow(0, rows.start, rows.len())?;
+                let l = sel.matmul(&m.head().t()?)?.to_dtype(DType::F32)?; // (rows, vocab)
                 Ok(l.flatten_all()?.to_vec1::<f32>()?)
             }
         }
@@ -202,13 +205,11 @@ pub fn acceptance_on(
         if range.is_empty() {
             continue;
         }
-        let toks = &e.tokens[..range.end];
-        let p = sequence_logits(target, toks, n_threads)?;
-        let q = draft.logits(toks, n_threads)?;
+        let p = sequence_logits_rows(target, &e.tokens, range.clone(), n_threads)?;
+        let q = draft.logits(&e.tokens, range.clone(), n_threads)?;
         let mut agree = Vec::with_capacity(range.len());
         let mut overlap = Vec::with_capacity(range.len());
-        for t in range {
-            let (pr, qr) = (&p[t * v..(t + 1) * v], &q[t * v..(t + 1) * v]);
+        for (pr, qr) in p.chunks_exact(v).zip(q.chunks_exact(v)) {
             agree.push(argmax(pr) == argmax(qr));
             let (ps, qs) = (softmax64(pr), softmax64(qr));
             overlap.push(ps.iter().zip(&qs).map(|(a, b)| a.min(*b)).sum());

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{Example, Fnv64, PaddedBatch};
 use super::error::{Error, Result};
-use crate::backend::{sequence_logits, Model};
+use crate::backend::{sequence_logits_rows, Model};
 
 /// Floor for teacher log-probabilities (a zero probability becomes e⁻¹⁰⁰): keeps reverse KL
 /// and JSD finite.
@@ -203,10 +203,10 @@ impl Teacher {
         let v = model.n_vocab();
         for e in examples {
             let range = e.loss_positions();
-            let logits = sequence_logits(&model, &e.tokens[..range.end], n_threads)?;
+            let logits = sequence_logits_rows(&model, &e.tokens, range.clone(), n_threads)?;
             let mut sr = SparseRows { k: top_k.min(v), ids: Vec::new(), probs: Vec::new(), rest: Vec::new() };
-            for t in range {
-                let (ids, probs, rest) = top_k_row(&logits[t * v..(t + 1) * v], top_k);
+            for row in logits.chunks_exact(v) {
+                let (ids, probs, rest) = top_k_row(row, top_k);
                 sr.ids.extend(ids);
                 sr.probs.extend(probs);
                 sr.rest.push(rest);
@@ -247,8 +247,8 @@ impl Teacher {
             let range = e.loss_positions();
             match &self.sparse {
                 None => {
-                    let logits = sequence_logits(&self.model, &e.tokens[..range.end], self.n_threads)?;
-                    log_softmax_rows(&logits[range.start * v..range.end * v], v, &mut out);
+                    let logits = sequence_logits_rows(&self.model, &e.tokens, range, self.n_threads)?;
+                    log_softmax_rows(&logits, v, &mut out);
                 }
                 Some(rows) => {
                     let sr = rows.get(i).filter(|r| r.n_rows() == range.len()).ok_or_else(|| Error::InvalidArg {
