@@ -241,8 +241,8 @@ mod tests {
                 }
             }
             let kept: std::collections::HashSet<usize> = order[..keep].iter().copied().collect();
-            for i in 0..n {
-                assert_eq!(got[i] > 0.0, kept.contains(&i), "case {case} token {i}");
+            for (i, g) in got.iter().enumerate().take(n) {
+                assert_eq!(*g > 0.0, kept.contains(&i), "case {case} token {i}");
             }
         }
     }

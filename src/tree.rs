@@ -243,6 +243,13 @@ impl StaticShape {
     }
 }
 
+impl TreeNode {
+    /// Whether the draft model has decoded this node (its KV is in the draft cache).
+    pub fn draft_decoded(&self) -> bool {
+        self.draft_seq >= 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,12 +353,5 @@ mod tests {
                 }}
             }
         }
-    }
-}
-
-impl TreeNode {
-    /// Whether the draft model has decoded this node (its KV is in the draft cache).
-    pub fn draft_decoded(&self) -> bool {
-        self.draft_seq >= 0
     }
 }

@@ -196,9 +196,7 @@ mod tests {
             // structure: 1..=3 root children, each with 0..=2 children
             let mut parents = Vec::new();
             let kids = 1 + (rng.random::<u32>() % 3) as usize;
-            for _ in 0..kids {
-                parents.push(0usize);
-            }
+            parents.extend(std::iter::repeat_n(0usize, kids));
             for c in 1..=kids {
                 for _ in 0..(rng.random::<u32>() % 3) {
                     parents.push(c);
