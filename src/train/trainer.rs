@@ -515,12 +515,8 @@ pub fn train(
         Some((c, w)) => Some(DraftModel::inference(&c, w, DType::F32, &dev)?),
         None => None,
     };
-    let params: Vec<(String, Var)> = model
-        .named_vars()
-        .iter()
-        .filter(|(n, _)| spec.allows(n, cfg0.tie_word_embeddings))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
+    // The model's Vars are exactly the parameters `spec` allows.
+    let params: Vec<(String, Var)> = model.named_vars().iter().map(|(n, v)| (n.clone(), v.clone())).collect();
     if params.is_empty() {
         return Err(Error::InvalidArg {
             name: "--train-blocks",
