@@ -157,6 +157,8 @@ typedef enum adaspec_stop_reason {
     ADASPEC_STOP_REASON_STOP_STRING = 2,
     // The streaming callback returned false.
     ADASPEC_STOP_REASON_CALLBACK = 3,
+    // The context window filled up (the text so far is returned).
+    ADASPEC_STOP_REASON_CONTEXT_FULL = 4,
 } adaspec_stop_reason;
 
 // A loaded GGUF model (target or draft). Opaque; created by `adaspec_model_load`, released
@@ -210,6 +212,10 @@ typedef struct adaspec_session_params {
     // Default sampling seed of generations that leave their `seed` at
     // `ADASPEC_SEED_FROM_SESSION` (default 0).
     uint64_t seed;
+    // Non-zero: `ADASPEC_STRATEGY_AUTO` may add n-gram lookups of the prompt and output (zero-cost
+    // drafts) where they pay (default 1). Fixed strategies without a draft model always draft
+    // with lookups; with `draft == NULL` and `AUTO`, lookups are the only draft.
+    int32_t lookup;
 } adaspec_session_params;
 
 // One generation request. Get defaults from `adaspec_generate_default_params()`.

@@ -659,6 +659,36 @@ impl Context {
     }
 }
 
+/// Decodes `tokens` at positions start.. in seq 0, in chunks; returns the last row's logits
+/// if `want_last`.
+pub fn decode_span(
+    ctx: &mut Context,
+    batch: &mut Batch,
+    tokens: &[Token],
+    start: usize,
+    want_last: bool,
+) -> Result<Vec<f32>> {
+    if start + tokens.len() > ctx.n_ctx() {
+        return Err(Error::ContextFull { needed: start + tokens.len(), n_ctx: ctx.n_ctx() });
+    }
+    let chunk = ctx.n_batch().min(512);
+    let mut last = Vec::new();
+    let n_chunks = tokens.len().div_ceil(chunk);
+    for (c, part) in tokens.chunks(chunk).enumerate() {
+        batch.clear();
+        let final_chunk = c + 1 == n_chunks;
+        for (j, &t) in part.iter().enumerate() {
+            let is_last = final_chunk && j + 1 == part.len();
+            batch.add(t, (start + c * chunk + j) as i32, &[0], want_last && is_last)?;
+        }
+        ctx.decode(batch)?;
+        if want_last && final_chunk {
+            last = ctx.logits(part.len() - 1)?.to_vec();
+        }
+    }
+    Ok(last)
+}
+
 /// A batch of tokens with positions and sequence-id sets. Checks every size llama.cpp does
 /// not (llama-cpp-2's batch writes past its buffers when given too many seq ids).
 pub struct Batch {

@@ -9,11 +9,74 @@ use crate::error::Result;
 use crate::session::{GenerateParams, Prompt, Session, SessionParams};
 use crate::strategy::{NumericMode, Strategy};
 
+/// Which drafts a benchmarked configuration may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drafts {
+    /// The draft model only.
+    Model,
+    /// n-gram lookups only (no draft model loaded).
+    Lookup,
+    /// Both (`auto` combines them; fixed strategies use the model).
+    Both,
+}
+
+/// One benchmarked configuration: `[model=|lookup=|both=]STRATEGY`; a bare strategy means
+/// `both=` for `auto` and `model=` otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    pub strategy: Strategy,
+    pub drafts: Drafts,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (drafts, st) = match s.split_once('=') {
+            Some(("model", st)) => (Some(Drafts::Model), st),
+            Some(("lookup", st)) => (Some(Drafts::Lookup), st),
+            Some(("both", st)) => (Some(Drafts::Both), st),
+            Some((other, _)) => {
+                return Err(crate::error::Error::InvalidParam {
+                    name: "strategies",
+                    reason: format!("{other:?}: expected model=, lookup= or both= before the strategy"),
+                })
+            }
+            None => (None, s),
+        };
+        let strategy: Strategy = st.parse()?;
+        let drafts = drafts.unwrap_or(Variant::default_drafts(&strategy));
+        Ok(Variant { strategy, drafts })
+    }
+}
+
+impl Variant {
+    /// What a bare strategy name means.
+    fn default_drafts(strategy: &Strategy) -> Drafts {
+        if *strategy == Strategy::Auto {
+            Drafts::Both
+        } else {
+            Drafts::Model
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let prefix = match self.drafts {
+            d if d == Variant::default_drafts(&self.strategy) => "",
+            Drafts::Model => "model=",
+            Drafts::Lookup => "lookup=",
+            Drafts::Both => "both=",
+        };
+        write!(f, "{prefix}{}", self.strategy)
+    }
+}
+
 /// What to benchmark.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     pub prompts: Vec<String>,
-    pub strategies: Vec<Strategy>,
+    pub strategies: Vec<Variant>,
     pub max_tokens: usize,
     pub chat: bool,
     pub threads: i32,
@@ -89,26 +152,33 @@ pub fn run_bench(
     cfg: &BenchConfig,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<BenchReport> {
-    let mut configs = vec![Strategy::None];
-    configs.extend(cfg.strategies.iter().filter(|s| **s != Strategy::None).cloned());
-    let mut sessions = Vec::new();
-    for st in &configs {
-        sessions.push(Session::new(
+    let mut configs = vec![Variant { strategy: Strategy::None, drafts: Drafts::Model }];
+    configs.extend(cfg.strategies.iter().filter(|v| v.strategy != Strategy::None).cloned());
+    let session_for = |v: &Variant| {
+        let draft = (v.drafts != Drafts::Lookup).then(|| draft.clone());
+        Session::new(
             target.clone(),
-            Some(draft.clone()),
-            SessionParams { n_ctx: cfg.n_ctx, n_threads: cfg.threads, strategy: st.clone(), mode: cfg.mode },
-        )?);
-    }
+            draft,
+            SessionParams {
+                n_ctx: cfg.n_ctx,
+                n_threads: cfg.threads,
+                strategy: v.strategy.clone(),
+                mode: cfg.mode,
+                lookup: v.drafts != Drafts::Model,
+            },
+        )
+    };
     let gp = GenerateParams { max_tokens: cfg.max_tokens, ignore_eog: cfg.ignore_eog, ..Default::default() };
     let total = cfg.prompts.len() * configs.len();
     let mut runs = Vec::new();
     let mut done = 0;
-    // One warm-up generation per configuration so first-touch costs hit nobody's numbers.
-    for s in sessions.iter_mut() {
-        s.reset();
+    // One warm-up generation per configuration so first-touch costs (page faults, the cost
+    // measurement `auto` makes once per process) hit nobody's numbers.
+    for v in &configs {
         let warm = GenerateParams { max_tokens: 8, ..gp.clone() };
-        s.generate(&Prompt::Text("Hello".into()), &warm, &mut |_, _| true)?;
+        session_for(v)?.generate(&Prompt::Text("Hello".into()), &warm, &mut |_, _| true)?;
     }
+    let mut costed = None;
     for (pi, text) in cfg.prompts.iter().enumerate() {
         let prompt = if cfg.chat {
             Prompt::Chat(vec![ChatMessage::new("user", text.clone())])
@@ -117,9 +187,14 @@ pub fn run_bench(
         };
         let mut base_tokens: Vec<Token> = Vec::new();
         let mut base_tps = 0.0;
-        for (ci, s) in sessions.iter_mut().enumerate() {
-            s.reset();
+        for (ci, v) in configs.iter().enumerate() {
+            // A fresh session per prompt, as `adaspec generate` runs it: nothing `auto` learned
+            // on one prompt carries into the next.
+            let mut s = session_for(v)?;
             let g = s.generate(&prompt, &gp, &mut |_, _| true)?;
+            if v.strategy == Strategy::Auto && costed.is_none() {
+                costed = Some(s.cost_model().target.points());
+            }
             if ci == 0 {
                 base_tokens = g.tokens.clone();
                 base_tps = g.stats.tokens_per_second;
@@ -170,9 +245,8 @@ pub fn run_bench(
             }
         })
         .collect();
-    // The cost curve `auto` measured at start-up and refined online (any session otherwise).
-    let costed = configs.iter().position(|s| *s == Strategy::Auto).unwrap_or(0);
-    let target_cost_ms = sessions[costed].cost_model().target.points();
+    // The cost curve `auto` measured at start-up and refined online on the first prompt.
+    let target_cost_ms = costed.unwrap_or_default();
     Ok(BenchReport {
         target: target.path().display().to_string(),
         draft: draft.path().display().to_string(),

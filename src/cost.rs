@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::tree::Origin;
+
 /// Exponential moving average weight of a new measurement.
 const EMA: f64 = 0.15;
 
@@ -104,6 +106,13 @@ impl Calibration {
         }
     }
 
+    /// Overall acceptance so far (every bucket pooled), with the prior `prior` weighted as
+    /// [`PRIOR_WEIGHT`] observations: the a-priori acceptance of the next proposal.
+    pub fn mean(&self, prior: f32) -> f32 {
+        let (a, t): (f64, f64) = (self.accepted.iter().sum(), self.total.iter().sum());
+        ((a + PRIOR_WEIGHT * prior as f64) / (t + PRIOR_WEIGHT)) as f32
+    }
+
     /// Estimated acceptance probability for draft probability `q`.
     pub fn estimate(&self, q: f32) -> f32 {
         let b = Self::bucket(q);
@@ -123,6 +132,33 @@ pub struct CostModel {
     pub first_choice: Calibration,
     /// Acceptance of second-choice (sibling) children.
     pub second_choice: Calibration,
+    /// Acceptance of n-gram lookup tokens, by the share of matches that agree on them.
+    pub lookup: Calibration,
+}
+
+impl CostModel {
+    /// The calibration that learns the acceptance of nodes of this origin.
+    pub fn calibration(&self, origin: Origin) -> &Calibration {
+        match origin {
+            Origin::Draft(0) => &self.first_choice,
+            Origin::Draft(_) => &self.second_choice,
+            Origin::Lookup => &self.lookup,
+        }
+    }
+
+    /// Mutable [`CostModel::calibration`].
+    pub fn calibration_mut(&mut self, origin: Origin) -> &mut Calibration {
+        match origin {
+            Origin::Draft(0) => &mut self.first_choice,
+            Origin::Draft(_) => &mut self.second_choice,
+            Origin::Lookup => &mut self.lookup,
+        }
+    }
+
+    /// Estimated acceptance of a node of `origin` with confidence `conf`.
+    pub fn estimate(&self, origin: Origin, conf: f32) -> f32 {
+        self.calibration(origin).estimate(conf)
+    }
 }
 
 impl CostModel {

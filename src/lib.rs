@@ -10,11 +10,16 @@ pub mod dataset;
 pub mod error;
 pub mod inspect;
 pub mod models;
+pub mod ngram;
+pub mod policy;
+pub mod probe;
+pub mod proposer;
 pub mod sampling;
 pub mod session;
 pub mod strategy;
 pub mod tiny_model;
 pub mod tree;
+pub mod verifier;
 pub mod verify;
 
 #[cfg(feature = "train")]

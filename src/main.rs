@@ -53,9 +53,14 @@ struct ModelArgs {
     /// Target GGUF [default: $ADASPEC_MODELS/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf].
     #[arg(long)]
     target: Option<PathBuf>,
-    /// Draft GGUF with the target's vocabulary [default: $ADASPEC_MODELS/qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf].
+    /// Draft GGUF with the target's vocabulary, or `none` to draft with n-gram lookups only
+    /// [default: $ADASPEC_MODELS/qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf].
     #[arg(long)]
     draft: Option<PathBuf>,
+    /// Do not let `auto` add n-gram lookups of the prompt and output (on by default, used
+    /// wherever auto finds they pay).
+    #[arg(long)]
+    no_lookup: bool,
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: i32,
@@ -131,8 +136,10 @@ struct BenchArgs {
     /// Tokens per prompt (generated exactly, ignoring end-of-generation).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Comma-free list separated by spaces or '/': strategies besides target alone.
-    #[arg(long, default_value = "auto/chain:2/chain:3/chain:4/tree:2,4,8")]
+    /// Configurations besides target alone, separated by spaces or '/': `[model=|lookup=|both=]STRATEGY`
+    /// (which drafts it may use: the draft model, n-gram lookups, or both; bare `auto` = both,
+    /// a bare fixed strategy = the model).
+    #[arg(long, default_value = "auto/model=auto/lookup=auto/chain:2/chain:3/tree:2,4,8")]
     strategies: String,
     /// Use raw prompts instead of the chat template.
     #[arg(long)]
@@ -151,13 +158,14 @@ fn load_models(m: &ModelArgs, need_draft: bool) -> Result<(Arc<Model>, Option<Ar
     let target_path = resolve(m.target.clone(), DEFAULT_TARGET)?;
     let mp = ModelParams { n_gpu_layers: m.gpu_layers, use_mmap: true, repack: mode == NumericMode::Fast };
     let target = Arc::new(Model::load(&target_path, &mp)?);
-    let draft = if need_draft || strategy != Strategy::None {
+    let no_draft = m.draft.as_deref() == Some(std::path::Path::new("none"));
+    let draft = if !no_draft && (need_draft || strategy != Strategy::None) {
         let p = resolve(m.draft.clone(), DEFAULT_DRAFT)?;
         Some(Arc::new(Model::load(&p, &ModelParams { repack: true, ..mp.clone() })?))
     } else {
         None
     };
-    Ok((target, draft, SessionParams { n_ctx: m.ctx, n_threads: m.threads, strategy, mode }))
+    Ok((target, draft, SessionParams { n_ctx: m.ctx, n_threads: m.threads, strategy, mode, lookup: !m.no_lookup }))
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -241,10 +249,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
 
 fn bench(a: BenchArgs) -> Result<()> {
     let (target, draft, sp) = load_models(&ModelArgs { strategy: "none".into(), ..a.models.clone() }, true)?;
-    let draft = draft.context("bench needs a draft")?;
+    let draft = draft.context("bench needs a draft model (lookup=... configurations run without it)")?;
     let mut strategies = Vec::new();
     for s in a.strategies.split(['/', ' ']).filter(|s| !s.is_empty()) {
-        strategies.push(s.parse::<Strategy>()?);
+        strategies.push(s.parse::<adaspec::bench::Variant>()?);
     }
     let prompts = adaspec::dataset::load_prompts(&a.dataset, a.n_prompts)?;
     let cfg = BenchConfig {

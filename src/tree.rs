@@ -15,6 +15,15 @@ pub enum Proposal {
     Sampled(Arc<Vec<f32>>),
 }
 
+/// Who proposed a node; acceptance is calibrated per origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The draft model's (or head's) choice of this rank at its parent (0 = its best token).
+    Draft(usize),
+    /// An n-gram lookup in the history.
+    Lookup,
+}
+
 /// One node. Node 0 is the root: the last committed token, which the target has not seen yet.
 #[derive(Debug, Clone)]
 pub struct TreeNode {
@@ -29,9 +38,12 @@ pub struct TreeNode {
     pub score: f32,
     /// Estimated probability that the target accepts this node given its parent was accepted.
     pub accept_p: f32,
+    /// The proposer's confidence, known before the token was chosen: q(token) for a
+    /// deterministic child, max q for a sampled one, the share of agreeing matches for a
+    /// lookup. Acceptance is calibrated against it.
+    pub conf: f32,
     pub proposal: Proposal,
-    /// Rank among the draft's choices at the parent (0 = the draft's best token).
-    pub rank: usize,
+    pub origin: Origin,
     /// The draft-cache sequence id identifying this node's cell: 0 for the root, -1 until the
     /// draft has decoded the node (then its KV is in the draft cache). Stable when the tree is re-indexed by [`DraftTree::restrict`].
     pub draft_seq: i32,
@@ -54,8 +66,9 @@ impl DraftTree {
                 logq: 0.0,
                 score: 0.0,
                 accept_p: 1.0,
+                conf: 1.0,
                 proposal: Proposal::Deterministic,
-                rank: 0,
+                origin: Origin::Draft(0),
                 draft_seq: 0,
             }],
         }
@@ -76,11 +89,28 @@ impl DraftTree {
         self.nodes.len() - 1
     }
 
-    /// Adds a child and returns its index.
+    /// Adds a child and returns its index (confidence q(token), rank 0; set the other fields
+    /// on the returned node where they differ).
     pub fn add(&mut self, parent: usize, token: Token, logq: f32, accept_p: f32, proposal: Proposal) -> usize {
         let (depth, score) = (self.nodes[parent].depth + 1, self.nodes[parent].score + logq);
-        self.nodes.push(TreeNode { token, parent, depth, logq, score, accept_p, proposal, rank: 0, draft_seq: -1 });
+        self.nodes.push(TreeNode {
+            token,
+            parent,
+            depth,
+            logq,
+            score,
+            accept_p,
+            conf: logq.exp(),
+            proposal,
+            origin: Origin::Draft(0),
+            draft_seq: -1,
+        });
         self.nodes.len() - 1
+    }
+
+    /// The child of `parent` carrying `token`, if any.
+    pub fn child_with(&self, parent: usize, token: Token) -> Option<usize> {
+        (1..self.nodes.len()).find(|&j| self.nodes[j].parent == parent && self.nodes[j].token == token)
     }
 
     /// Children of `i`, in insertion order (the order verification tries them).

@@ -57,22 +57,23 @@ pub fn verify_sampled<R: Rng + ?Sized>(
         // duplicate is rejected again, but its residual update must still happen for
         // with-replacement proposals to stay lossless.
         for c in tree.children(node) {
-            let xi = tree.nodes[c].token as usize;
-            if xi >= p.len() {
-                continue;
-            }
+            // A token outside the target's vocabulary (a draft vocabulary may be larger) has
+            // p = 0: it is rejected, and a sampled one still updates the residual.
+            let xi = usize::try_from(tree.nodes[c].token).unwrap_or(usize::MAX);
+            let px = p.get(xi).copied().unwrap_or(0.0);
             match &tree.nodes[c].proposal {
                 Proposal::Deterministic => {
-                    let px = p[xi];
                     if px > 0.0 && rng.random::<f32>() < px {
                         next = Some(c);
                         break;
                     }
-                    p[xi] = 0.0;
-                    normalize(&mut p);
+                    if px > 0.0 {
+                        p[xi] = 0.0;
+                        normalize(&mut p);
+                    }
                 }
                 Proposal::Sampled(q) => {
-                    let (px, qx) = (p[xi], q.get(xi).copied().unwrap_or(0.0));
+                    let qx = q.get(xi).copied().unwrap_or(0.0);
                     let ratio = if qx > 0.0 { (px / qx).min(1.0) } else { 0.0 };
                     if px > 0.0 && rng.random::<f32>() < ratio {
                         next = Some(c);

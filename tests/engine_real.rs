@@ -40,7 +40,7 @@ fn prompts() -> Vec<String> {
 }
 
 fn params(strategy: Strategy, mode: NumericMode) -> SessionParams {
-    SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode }
+    SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode, ..Default::default() }
 }
 
 fn chat(p: &str) -> Prompt {

@@ -40,7 +40,7 @@ fn session(p: &Pair, strategy: Strategy) -> Session {
     Session::new(
         p.target.clone(),
         Some(p.draft.clone()),
-        SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: NumericMode::Fast },
+        SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: NumericMode::Fast, ..Default::default() },
     )
     .expect("session")
 }
@@ -103,7 +103,13 @@ fn every_strategy_is_token_identical_to_target_alone() {
 #[test]
 fn exact_mode_matches_exact_target_alone() {
     let p = pair(TinyArch::Llama);
-    let params = |strategy| SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: NumericMode::Exact };
+    let params = |strategy| SessionParams {
+        n_ctx: 1024,
+        n_threads: 2,
+        strategy,
+        mode: NumericMode::Exact,
+        ..Default::default()
+    };
     let mut base = Session::new(p.target_norepack.clone(), None, params(Strategy::None)).unwrap();
     let mut spec = Session::new(p.target_norepack.clone(), Some(p.draft.clone()), params(Strategy::Auto)).unwrap();
     assert!(spec.max_verify_batch() >= 1);
@@ -280,7 +286,13 @@ fn bad_inputs_are_errors_not_panics() {
     let mut small = Session::new(
         p.target.clone(),
         Some(p.draft.clone()),
-        SessionParams { n_ctx: 32, n_threads: 1, strategy: Strategy::Chain(4), mode: NumericMode::Fast },
+        SessionParams {
+            n_ctx: 32,
+            n_threads: 1,
+            strategy: Strategy::Chain(4),
+            mode: NumericMode::Fast,
+            ..Default::default()
+        },
     )
     .unwrap();
     let long = "word ".repeat(200);

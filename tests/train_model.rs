@@ -558,7 +558,8 @@ fn speculative_matches_target(target_path: &Path, draft_path: &Path, prompt: Pro
     let target = Arc::new(Model::load(target_path, &ModelParams { repack: false, ..Default::default() }).unwrap());
     let draft = Arc::new(Model::load(draft_path, &ModelParams::default()).unwrap());
     let gp = GenerateParams { max_tokens, ignore_eog: true, ..Default::default() };
-    let sp = |s| SessionParams { n_ctx: 1024, n_threads: 2, strategy: s, mode: NumericMode::Exact };
+    let sp =
+        |s| SessionParams { n_ctx: 1024, n_threads: 2, strategy: s, mode: NumericMode::Exact, ..Default::default() };
     let mut base = Session::new(target.clone(), None, sp(Strategy::None)).unwrap();
     let mut spec = Session::new(target, Some(draft), sp(Strategy::Chain(3))).unwrap();
     let want = base.generate(&prompt, &gp, &mut |_, _| true).unwrap();

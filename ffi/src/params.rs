@@ -55,6 +55,8 @@ pub enum adaspec_stop_reason {
     StopString = 2,
     /// The streaming callback returned false.
     Callback = 3,
+    /// The context window filled up (the text so far is returned).
+    ContextFull = 4,
 }
 
 /// How a model is loaded. Get defaults from `adaspec_model_default_params()`.
@@ -102,6 +104,10 @@ pub struct adaspec_session_params {
     /// Default sampling seed of generations that leave their `seed` at
     /// `ADASPEC_SEED_FROM_SESSION` (default 0).
     pub seed: u64,
+    /// Non-zero: `ADASPEC_STRATEGY_AUTO` may add n-gram lookups of the prompt and output (zero-cost
+    /// drafts) where they pay (default 1). Fixed strategies without a draft model always draft
+    /// with lookups; with `draft == NULL` and `AUTO`, lookups are the only draft.
+    pub lookup: i32,
 }
 
 /// One generation request. Get defaults from `adaspec_generate_default_params()`.
@@ -206,6 +212,7 @@ impl Default for adaspec_session_params {
             tree_nodes: 16,
             mode: adaspec_numeric_mode::Fast as i32,
             seed: 0,
+            lookup: 1,
         }
     }
 }

@@ -126,7 +126,7 @@ fn session_params(p: &adaspec_session_params) -> FfiResult<(SessionParams, u64)>
         }
     };
     let n_ctx = if p.n_ctx == 0 { 4096 } else { p.n_ctx as u32 };
-    Ok((SessionParams { n_ctx, n_threads: p.n_threads, strategy, mode }, p.seed))
+    Ok((SessionParams { n_ctx, n_threads: p.n_threads, strategy, mode, lookup: p.lookup != 0 }, p.seed))
 }
 
 /// Creates a session on `target`, speculating with `draft` (NULL: plain decoding with the
@@ -310,6 +310,7 @@ fn stats_to_c(g: &engine::Generation) -> adaspec_stats {
         StopReason::Eog => adaspec_stop_reason::Eog,
         StopReason::StopString => adaspec_stop_reason::StopString,
         StopReason::Callback => adaspec_stop_reason::Callback,
+        StopReason::ContextFull => adaspec_stop_reason::ContextFull,
     };
     adaspec_stats {
         struct_size: std::mem::size_of::<adaspec_stats>() as u32,

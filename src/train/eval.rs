@@ -261,6 +261,7 @@ pub fn generate_continuations(
         n_threads: opts.n_threads,
         strategy: Strategy::None,
         mode: NumericMode::Fast,
+        lookup: false,
     };
     let mut session = Session::new(target.clone(), None, params)?;
     let bar = super::teacher::progress("generate", records.len() as u64);

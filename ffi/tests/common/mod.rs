@@ -56,6 +56,7 @@ pub struct SessionParams {
     pub tree_nodes: i32,
     pub mode: i32,
     pub seed: u64,
+    pub lookup: i32,
 }
 
 #[repr(C)]
@@ -463,7 +464,13 @@ pub fn engine_generate(
 ) -> Vec<engine::Generation> {
     let t = Arc::new(engine::Model::load(target, &engine::ModelParams::default()).expect("load"));
     let d = draft.map(|d| Arc::new(engine::Model::load(d, &engine::ModelParams::default()).expect("load")));
-    let sp = engine::SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: engine::NumericMode::Fast };
+    let sp = engine::SessionParams {
+        n_ctx: 1024,
+        n_threads: 2,
+        strategy,
+        mode: engine::NumericMode::Fast,
+        ..Default::default()
+    };
     let mut s = engine::Session::new(t, d, sp).expect("session");
     prompts.iter().map(|p| s.generate(p, gp, &mut |_, _| true).expect("generate")).collect()
 }

@@ -1,0 +1,456 @@
+//! The policy: which proposer drafts how much each round. Fixed strategies map straight to a
+//! proposer shape; `auto` plans every round from one estimate — measured target cost per
+//! verification batch size, measured draft cost per step, calibrated acceptance per proposer —
+//! and learns all three online. It may propose nothing (plain decoding) when that is fastest.
+//!
+//! Lossless rule it must keep (SPEC §3): a sampled draft token is proposed only by a decision
+//! made before it was drawn; sampled chains are never truncated or pruned afterwards.
+//! Deterministic nodes (greedy drafts, lookups, second choices) may be pruned freely.
+
+use rand::rngs::StdRng;
+
+use crate::backend::Token;
+use crate::cost::CostModel;
+use crate::error::Result;
+use crate::proposer::{lookup, Alternative, ChainStep, LookupDraft, ModelDraft, Proposer, Request, Shape};
+use crate::sampling::SamplingParams;
+use crate::strategy::{NumericMode, Strategy};
+use crate::tree::{DraftTree, Origin, Proposal};
+use crate::verify::Verdict;
+
+/// Longest chain `auto` drafts.
+pub const AUTO_MAX_DEPTH: usize = 12;
+/// Most lookup nodes `auto` adds to a round.
+pub const AUTO_MAX_LOOKUP: usize = 16;
+/// Acceptance assumed for a draft before anything was measured.
+const PRIOR_ACCEPT: f32 = 0.7;
+
+/// What a round may use.
+pub struct Drafters<'a> {
+    pub model: Option<&'a mut ModelDraft>,
+    pub lookup: Option<&'a mut LookupDraft>,
+}
+
+/// Limits of one round.
+pub struct Limits {
+    /// Most draft nodes (free KV cells, verification cap).
+    pub max_nodes: usize,
+    /// Deepest useful node (tokens left to generate - 1).
+    pub max_depth: usize,
+}
+
+/// Test-only behaviour, to show that the tests catch what they guard against.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestVariant {
+    /// Truncate sampled `auto` chains after drafting to the prefix whose expected rate looked
+    /// best once deeper tokens were seen (the biased rule this project once had).
+    pub truncate_sampled_chains: bool,
+}
+
+/// The per-session policy state.
+pub struct Policy {
+    strategy: Strategy,
+    mode: NumericMode,
+    lookup: bool,
+    /// Costs and calibrations.
+    pub cost: CostModel,
+    /// Largest verification batch (root + draft tokens).
+    pub max_verify: usize,
+    /// Rounds planned so far (all generations).
+    rounds: usize,
+    /// Realized tokens per ms of rounds that ran the draft model and of rounds that did not
+    /// (EMAs): the guard that keeps `auto` from trusting a cost model measured in a noisy moment.
+    model_rate: Option<f64>,
+    other_rate: Option<f64>,
+    /// Costs fixed by a test: no online timing, no realized-rate guard.
+    fixed_costs: bool,
+    variant: TestVariant,
+}
+
+impl Policy {
+    pub fn new(strategy: Strategy, mode: NumericMode, lookup: bool, max_verify: usize) -> Self {
+        Policy {
+            strategy,
+            mode,
+            lookup,
+            cost: CostModel::default(),
+            max_verify,
+            rounds: 0,
+            model_rate: None,
+            other_rate: None,
+            fixed_costs: false,
+            variant: TestVariant::default(),
+        }
+    }
+
+    /// Replaces the measured costs (target ms by batch size from 1, draft ms per step) and
+    /// stops learning timings, so `auto` decides the same on any machine. For tests.
+    #[doc(hidden)]
+    pub fn fix_costs(&mut self, target_ms: &[f64], draft_ms: f64) {
+        self.cost.target = Default::default();
+        for (i, &ms) in target_ms.iter().enumerate() {
+            self.cost.target.observe(i + 1, ms);
+        }
+        self.cost.draft = Default::default();
+        self.cost.draft.observe(1, draft_ms);
+        self.fixed_costs = true;
+    }
+
+    #[doc(hidden)]
+    pub fn set_test_variant(&mut self, v: TestVariant) {
+        self.variant = v;
+    }
+
+    fn exact(&self) -> bool {
+        self.mode == NumericMode::Exact
+    }
+
+    /// Whether the draft model should read the prompt now (it will draft in the first round).
+    pub fn wants_model_prefill(&self) -> bool {
+        match self.strategy {
+            Strategy::None => false,
+            Strategy::Auto => self.model_allowed(),
+            _ => true,
+        }
+    }
+
+    /// Builds this round's tree (root only when not speculating).
+    pub fn draft(
+        &mut self,
+        d: Drafters<'_>,
+        history: &[Token],
+        lim: &Limits,
+        sp: &SamplingParams,
+        rng: &mut StdRng,
+    ) -> Result<(DraftTree, bool)> {
+        self.rounds += 1;
+        let mut tree = DraftTree::new(*history.last().unwrap_or(&0));
+        let max_nodes = lim.max_nodes.min(self.max_verify.saturating_sub(1));
+        if max_nodes == 0 || lim.max_depth == 0 {
+            return Ok((tree, false));
+        }
+        let lim = Limits { max_nodes, max_depth: lim.max_depth };
+        let used_model = match self.strategy.clone() {
+            Strategy::None => false,
+            Strategy::Auto => self.auto(d, history, &lim, sp, rng, &mut tree)?,
+            fixed => {
+                // Exact mode verifies chains only: the self-check measured chain-shaped batches.
+                let fixed = match (fixed, self.exact()) {
+                    (Strategy::Tree { depth, .. }, true) => Strategy::Chain(depth),
+                    (Strategy::Static(s), true) => Strategy::Chain(s.depth()),
+                    (s, _) => s,
+                };
+                let mut always = |_: ChainStep| true;
+                let shape = match &fixed {
+                    Strategy::Chain(g) => Shape::Chain { max_len: (*g).min(lim.max_depth), extend: &mut always },
+                    Strategy::Tree { top_k, depth, nodes } => {
+                        Shape::Dynamic { top_k: *top_k, depth: (*depth).min(lim.max_depth), nodes: *nodes }
+                    }
+                    Strategy::Static(s) => Shape::Static(s),
+                    Strategy::None | Strategy::Auto => return Ok((tree, false)),
+                };
+                let req = Request { history, shape, max_nodes, sampling: sp, rng, alternatives: None };
+                match (d.model, d.lookup) {
+                    (Some(m), _) => {
+                        m.propose(req, &mut tree)?;
+                        true
+                    }
+                    (None, Some(l)) => {
+                        l.propose(req, &mut tree)?;
+                        false
+                    }
+                    (None, None) => false,
+                }
+            }
+        };
+        self.annotate(&mut tree);
+        Ok((tree, used_model))
+    }
+
+    /// Sets every node's estimated acceptance from its origin's calibration.
+    fn annotate(&self, tree: &mut DraftTree) {
+        for n in &mut tree.nodes[1..] {
+            n.accept_p = self.cost.estimate(n.origin, n.conf);
+        }
+    }
+
+    /// Expected tokens per ms of a round.
+    fn rate(&self, expected_accepted: f32, draft_ms: f64, batch: usize) -> f64 {
+        self.cost.rate(expected_accepted, draft_ms, batch)
+    }
+
+    /// Draft ms of a model chain of `len` tokens (catch-up + len - 1 single-node decodes).
+    fn chain_ms(&self, len: usize) -> f64 {
+        if len == 0 {
+            0.0
+        } else {
+            self.cost.draft.estimate(1) * len as f64
+        }
+    }
+
+    /// Best expected rate of a model chain at i.i.d. acceptance `a`, over lengths up to `max`,
+    /// on top of `extra` expected tokens from `extra_nodes` free nodes (lookups).
+    fn best_chain_rate(&self, a: f32, max: usize, extra: f32, extra_nodes: usize) -> f64 {
+        let (mut reach, mut sum) = (1.0f32, 0.0f32);
+        let mut best = 0.0f64;
+        for g in 1..=max {
+            reach *= a;
+            sum += reach;
+            best = best.max(self.rate(sum + extra, self.chain_ms(g), 1 + g + extra_nodes));
+        }
+        best
+    }
+
+    /// Whether the guard and the probe schedule allow a model-drafting round now.
+    fn model_allowed(&self) -> bool {
+        if self.fixed_costs {
+            return true;
+        }
+        let probe = self.rounds % 16 == 0;
+        let a = self.cost.first_choice.mean(PRIOR_ACCEPT);
+        let optimistic = (a + 0.15).min(0.98);
+        let max = AUTO_MAX_DEPTH.min(self.max_verify.saturating_sub(1));
+        let plain = self.rate(0.0, 0.0, 1);
+        // What actually happened beats what the model predicts: if drafting rounds have been
+        // slower than the others, stop drafting (re-try now and then); while drafting, run a
+        // round without the model now and then to keep the other rate current.
+        if let (Some(m), Some(o)) = (self.model_rate, self.other_rate) {
+            if m < o * 0.97 {
+                return self.rounds % 64 == 0 && self.best_chain_rate(optimistic, max, 0.0, 0) > plain;
+            }
+        }
+        if self.rounds % 16 == 8 || self.other_rate.is_none() && self.rounds > 1 {
+            return false;
+        }
+        self.best_chain_rate(a, max, 0.0, 0) > plain || probe && self.best_chain_rate(optimistic, max, 0.0, 0) > plain
+    }
+
+    /// Lookup nodes worth verifying on their own: the best prefix of each candidate (fast mode:
+    /// up to three branches; exact mode: the best chain), as (tokens, confidence, value).
+    fn lookup_plan(
+        &self,
+        l: &mut LookupDraft,
+        history: &[Token],
+        lim: &Limits,
+        base_nodes: usize,
+    ) -> Vec<(Vec<Token>, f32, f32)> {
+        let branches = if self.exact() { 1 } else { 3 };
+        let mut out = Vec::new();
+        let mut nodes = base_nodes;
+        for c in l.candidates(history).into_iter().take(branches) {
+            let conf = lookup::confidence(&c);
+            let a = self.cost.estimate(Origin::Lookup, conf);
+            let (mut reach, mut sum) = (1.0f32, 0.0f32);
+            let (mut best_len, mut best_rate, mut best_sum) = (0, self.rate(0.0, 0.0, 1 + nodes), 0.0);
+            let max = c.tokens.len().min(lim.max_depth).min(lim.max_nodes.saturating_sub(nodes)).min(AUTO_MAX_LOOKUP);
+            for len in 1..=max {
+                reach *= a;
+                sum += reach;
+                let r = self.rate(sum, 0.0, 1 + nodes + len);
+                if r > best_rate {
+                    (best_len, best_rate, best_sum) = (len, r, sum);
+                }
+            }
+            if best_len > 0 {
+                nodes += best_len;
+                out.push((c.tokens[..best_len].to_vec(), conf, best_sum));
+            }
+        }
+        out
+    }
+
+    /// `auto`: plain, lookup only, or a calibrated model chain (plus second choices and lookup
+    /// branches where a wider batch pays). Returns whether the model drafted.
+    fn auto(
+        &mut self,
+        d: Drafters<'_>,
+        history: &[Token],
+        lim: &Limits,
+        sp: &SamplingParams,
+        rng: &mut StdRng,
+        tree: &mut DraftTree,
+    ) -> Result<bool> {
+        let plan = match (self.lookup, d.lookup) {
+            (true, Some(l)) => self.lookup_plan(l, history, lim, 0),
+            _ => Vec::new(),
+        };
+        let lookup_value: f32 = plan.iter().map(|p| p.2).sum();
+        let lookup_nodes: usize = plan.iter().map(|p| p.0.len()).sum();
+        let without_model = self.rate(lookup_value, 0.0, 1 + lookup_nodes);
+        let a_bar = self.cost.first_choice.mean(PRIOR_ACCEPT);
+        let max_len = AUTO_MAX_DEPTH.min(lim.max_depth).min(lim.max_nodes);
+        let use_model = match d.model {
+            Some(_) if max_len > 0 && self.model_allowed() => {
+                // In exact mode the model chain replaces the lookup chain (no trees).
+                let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
+                self.fixed_costs
+                    || self.best_chain_rate(a_bar, max_len, extra, extra_nodes) > without_model
+                    || self.rounds % 16 == 0
+                        && self.best_chain_rate((a_bar + 0.15).min(0.98), max_len, extra, extra_nodes) > without_model
+            }
+            _ => false,
+        };
+        let Some(model) = d.model.filter(|_| use_model) else {
+            for (tokens, conf, _) in &plan {
+                LookupDraft::insert(tree, tokens, *conf, lim.max_nodes.saturating_sub(tree.n_draft()));
+            }
+            return Ok(false);
+        };
+
+        // The chain: before each token, draft it only if some longer chain beats stopping,
+        // judged from what is known then (the next token's confidence, the mean beyond).
+        let greedy = sp.is_greedy();
+        let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
+        let (mut reach, mut sum) = (1.0f32, 0.0f32);
+        let this = &*self;
+        let mut extend = |s: ChainStep| -> bool {
+            let a_next = this.cost.estimate(Origin::Draft(0), s.top_q);
+            let now = this.rate(sum + extra, this.chain_ms(s.drafted.max(1)), 1 + s.drafted + extra_nodes);
+            let (mut r, mut acc, mut best) = (reach * a_next, sum + reach * a_next, 0.0f64);
+            for len in s.drafted + 1..=max_len {
+                best = best.max(this.rate(acc + extra, this.chain_ms(len), 1 + len + extra_nodes));
+                r *= a_bar;
+                acc += r;
+            }
+            let go = best > now;
+            if go {
+                reach *= a_next;
+                sum += reach;
+            }
+            go
+        };
+        let mut alts: Vec<Alternative> = Vec::new();
+        let want_alts = greedy && !self.exact();
+        let req = Request {
+            history,
+            shape: Shape::Chain { max_len, extend: &mut extend },
+            max_nodes: lim.max_nodes,
+            sampling: sp,
+            rng,
+            alternatives: want_alts.then_some(&mut alts),
+        };
+        model.propose(req, tree)?;
+        self.annotate(tree);
+
+        // Deterministic chains may be cut to their best prefix now that it is known; sampled
+        // ones must not be (their tokens decided their fate) — except in the test variant.
+        if greedy || self.variant.truncate_sampled_chains {
+            let keep = self.best_prefix(tree, extra, extra_nodes);
+            *tree = tree.restrict(&keep);
+        }
+        if want_alts {
+            self.add_alternatives(tree, &alts, lim, extra, extra_nodes);
+        }
+        if self.exact() {
+            // One chain only: the lookup chain replaces the model's if it is worth more.
+            if let Some((tokens, conf, value)) = plan.first() {
+                let model_rate = self.rate(tree.expected_accepted(), self.chain_ms(tree.n_draft()), tree.len());
+                let lookup_rate = self.rate(*value, self.chain_ms(tree.n_draft()), 1 + tokens.len());
+                if lookup_rate > model_rate && (greedy || tree.is_empty()) {
+                    *tree = DraftTree::new(tree.nodes[0].token);
+                    LookupDraft::insert(tree, tokens, *conf, lim.max_nodes);
+                }
+            }
+        } else {
+            for (tokens, conf, _) in &plan {
+                LookupDraft::insert(tree, tokens, *conf, lim.max_nodes.saturating_sub(tree.n_draft()));
+            }
+        }
+        Ok(true)
+    }
+
+    /// The chain prefix (node indices) with the best expected rate.
+    fn best_prefix(&self, tree: &DraftTree, extra: f32, extra_nodes: usize) -> Vec<usize> {
+        let chain: Vec<usize> = (1..tree.len()).collect();
+        let drafted = chain.len();
+        let (mut reach, mut sum) = (1.0f32, 0.0f32);
+        let (mut best, mut best_len) = (self.rate(extra, self.chain_ms(drafted), 1 + extra_nodes), 0);
+        for (k, &i) in chain.iter().enumerate() {
+            reach *= tree.nodes[i].accept_p;
+            sum += reach;
+            let r = self.rate(sum + extra, self.chain_ms(drafted), 2 + k + extra_nodes);
+            if r > best {
+                (best, best_len) = (r, k + 1);
+            }
+        }
+        chain[..best_len].to_vec()
+    }
+
+    /// Adds the draft's second choices below kept chain nodes, most valuable first, while a
+    /// wider batch raises the expected rate.
+    fn add_alternatives(
+        &self,
+        tree: &mut DraftTree,
+        alts: &[Alternative],
+        lim: &Limits,
+        extra: f32,
+        extra_nodes: usize,
+    ) {
+        let draft_ms = self.chain_ms(tree.n_draft());
+        // Map each alternative's parent (an index in the unrestricted chain) to the kept tree:
+        // the kept chain is a prefix, so chain node k keeps index k.
+        let mut reach = vec![1.0f32; tree.len()];
+        for i in 1..tree.len() {
+            reach[i] = reach[tree.nodes[i].parent] * tree.nodes[i].accept_p;
+        }
+        let mut cands: Vec<(usize, Token, f32, f32)> = alts
+            .iter()
+            .filter(|a| a.parent < tree.len())
+            .map(|a| {
+                let conf = a.logq.exp();
+                let v = reach[a.parent] * self.cost.estimate(Origin::Draft(1), conf);
+                (a.parent, a.token, a.logq, v)
+            })
+            .collect();
+        cands.sort_by(|a, b| b.3.total_cmp(&a.3));
+        let mut sum = tree.expected_accepted() + extra;
+        let mut best = self.rate(sum, draft_ms, tree.len() + extra_nodes);
+        for (parent, token, logq, v) in cands {
+            if tree.n_draft() + extra_nodes >= lim.max_nodes {
+                break;
+            }
+            let r = self.rate(sum + v, draft_ms, tree.len() + 1 + extra_nodes);
+            if r > best {
+                best = r;
+                sum += v;
+                let c = tree.add(parent, token, logq, 0.0, Proposal::Deterministic);
+                tree.nodes[c].origin = Origin::Draft(1);
+                tree.nodes[c].accept_p = self.cost.estimate(Origin::Draft(1), tree.nodes[c].conf);
+            }
+        }
+    }
+
+    /// Learns from a verified round: acceptance per origin, verification cost, realized rate.
+    pub fn learn(
+        &mut self,
+        tree: &DraftTree,
+        verdict: &Verdict,
+        used_model: bool,
+        draft_timings: &[(usize, f64)],
+        verify_ms: f64,
+        round_ms: f64,
+    ) {
+        let mut on_path = vec![false; tree.len()];
+        on_path[0] = true;
+        for &i in &verdict.accepted {
+            on_path[i] = true;
+        }
+        for i in 1..tree.len() {
+            let n = &tree.nodes[i];
+            if on_path[n.parent] {
+                self.cost.calibration_mut(n.origin).observe(n.conf, on_path[i]);
+            }
+        }
+        if self.fixed_costs {
+            return;
+        }
+        self.cost.target.observe(tree.len(), verify_ms);
+        for &(b, ms) in draft_timings {
+            self.cost.draft.observe(b, ms);
+        }
+        let rate = (verdict.accepted.len() + 1) as f64 / round_ms.max(1e-3);
+        let slot = if used_model { &mut self.model_rate } else { &mut self.other_rate };
+        *slot = Some(slot.map_or(rate, |r| 0.8 * r + 0.2 * rate));
+    }
+}

@@ -1,0 +1,99 @@
+//! The lookup proposer: n-gram matches in the prompt and the generated text propose what
+//! followed them before (prompt-lookup decoding). It costs no model time, so the policy adds
+//! its branches wherever a wider verification batch pays.
+//!
+//! Its proposals are deterministic (q is one-hot), so they are verified with the target's own
+//! probability and may be pruned freely; it never touches a KV cache.
+
+use super::{Proposer, Request, Shape};
+use crate::backend::Token;
+use crate::error::Result;
+use crate::ngram::{Candidate, NgramConfig, NgramIndex};
+use crate::tree::{DraftTree, Origin, Proposal};
+
+/// An n-gram index over the session's history.
+pub struct LookupDraft {
+    index: NgramIndex,
+}
+
+impl Default for LookupDraft {
+    fn default() -> Self {
+        LookupDraft { index: NgramIndex::new(NgramConfig::default()) }
+    }
+}
+
+/// Confidence of a lookup token: the share of earlier occurrences that agree on it, shrunk
+/// towards 0 for a single occurrence (calibration learns the real acceptance).
+pub fn confidence(c: &Candidate) -> f32 {
+    c.support as f32 / (c.occurrences as f32 + 1.0)
+}
+
+impl LookupDraft {
+    /// Continuations of the history, best first.
+    pub fn candidates(&mut self, history: &[Token]) -> Vec<Candidate> {
+        self.index.sync(history);
+        self.index.propose(history)
+    }
+
+    /// Puts `tokens` into the tree below the root, sharing the nodes that already carry the
+    /// same tokens; returns the nodes added (at most `max_new`).
+    pub fn insert(tree: &mut DraftTree, tokens: &[Token], conf: f32, max_new: usize) -> Vec<usize> {
+        let mut node = 0;
+        let mut added = Vec::new();
+        for &t in tokens {
+            if let Some(c) = tree.child_with(node, t) {
+                node = c;
+                continue;
+            }
+            if added.len() >= max_new {
+                break;
+            }
+            let c = tree.add(node, t, 0.0, 0.0, Proposal::Deterministic);
+            tree.nodes[c].origin = Origin::Lookup;
+            tree.nodes[c].conf = conf;
+            added.push(c);
+            node = c;
+        }
+        added
+    }
+}
+
+impl Proposer for LookupDraft {
+    fn name(&self) -> &'static str {
+        "lookup"
+    }
+
+    fn reset(&mut self) {
+        self.index.clear();
+    }
+
+    fn rollback(&mut self, _len: usize) {
+        // The index re-syncs with the history on the next lookup.
+    }
+
+    fn prefill(&mut self, history: &[Token]) -> Result<()> {
+        self.index.sync(history);
+        Ok(())
+    }
+
+    /// Fixed strategies without a draft model: the best continuation for a chain, several for
+    /// trees, up to the shape's depth.
+    fn propose(&mut self, req: Request<'_>, tree: &mut DraftTree) -> Result<()> {
+        let (max_len, branches) = match req.shape {
+            Shape::Chain { max_len, .. } => (max_len, 1),
+            Shape::Dynamic { top_k, depth, .. } => (depth, top_k),
+            Shape::Static(s) => (s.depth(), s.max_width()),
+        };
+        let mut left = req.max_nodes;
+        for c in self.candidates(req.history).iter().take(branches) {
+            let len = c.tokens.len().min(max_len);
+            left -= Self::insert(tree, &c.tokens[..len], confidence(c), left).len();
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, _tree: &DraftTree, _accepted: &[usize], _n_commit: usize, _n_before: usize) {}
+}

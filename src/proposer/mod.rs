@@ -1,0 +1,83 @@
+//! Proposers: what puts draft tokens into a round's tree. A separate draft model (chains,
+//! EAGLE-2 dynamic trees, static trees) and n-gram lookups in the history; feature-level heads
+//! implement the same trait.
+//!
+//! A proposer only proposes: it never verifies, never commits to the session's history and
+//! never decides on its own whether speculation pays (that is the policy's job). Under sampling
+//! it must record every sampled token's proposal distribution ([`crate::tree::Proposal`]) and
+//! must never drop a sampled token after it was drawn (SPEC §3).
+
+pub mod lookup;
+pub mod model;
+
+use rand::rngs::StdRng;
+
+use crate::backend::Token;
+use crate::error::Result;
+use crate::sampling::SamplingParams;
+use crate::tree::{DraftTree, StaticShape};
+
+pub use lookup::LookupDraft;
+pub use model::ModelDraft;
+
+/// What the draft knows before it chooses its next chain token: the policy's "draft one more?"
+/// question is answered from this alone, so under sampling the decision never depends on the
+/// token it leads to.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainStep {
+    /// Chain tokens drafted so far.
+    pub drafted: usize,
+    /// The draft's largest probability at the node the next token would hang below.
+    pub top_q: f32,
+}
+
+/// The shape a model-like proposer drafts this round.
+pub enum Shape<'a> {
+    /// A chain below the root of up to `max_len` tokens; `extend` is asked before each token.
+    Chain { max_len: usize, extend: &'a mut dyn FnMut(ChainStep) -> bool },
+    /// EAGLE-2: top-`top_k` children per frontier node for `depth` levels, best `nodes` kept.
+    Dynamic { top_k: usize, depth: usize, nodes: usize },
+    /// A fixed tree of child-rank paths.
+    Static(&'a StaticShape),
+}
+
+/// A draft token that was not put in the tree but could be: the draft's second choice below
+/// a chain node (greedy only; the policy adds it when a wider tree pays).
+#[derive(Debug, Clone, Copy)]
+pub struct Alternative {
+    pub parent: usize,
+    pub token: Token,
+    pub logq: f32,
+}
+
+/// One round's request to a proposer.
+pub struct Request<'a> {
+    /// The committed history; its last token is the tree's root.
+    pub history: &'a [Token],
+    pub shape: Shape<'a>,
+    /// Most draft (non-root) nodes this round: free KV cells, the verification cap, budget.
+    pub max_nodes: usize,
+    pub sampling: &'a SamplingParams,
+    pub rng: &'a mut StdRng,
+    /// Collect [`Alternative`]s (greedy chains only).
+    pub alternatives: Option<&'a mut Vec<Alternative>>,
+}
+
+/// A source of draft tokens with its own state (a KV cache, an index) kept in step with the
+/// session's committed history.
+pub trait Proposer {
+    /// Short name for logs and reports.
+    fn name(&self) -> &'static str;
+    /// Forgets everything (new conversation).
+    fn reset(&mut self);
+    /// The history was cut to its first `len` tokens (later tokens may change): drop state
+    /// beyond them and any per-round leftovers. Also the recovery path after a failed round.
+    fn rollback(&mut self, len: usize);
+    /// Reads `history` ahead of the first round (prompt processing), if the proposer needs to.
+    fn prefill(&mut self, history: &[Token]) -> Result<()>;
+    /// Adds draft nodes to `tree` (whose root is the last history token).
+    fn propose(&mut self, req: Request<'_>, tree: &mut DraftTree) -> Result<()>;
+    /// After verification: `accepted` are the accepted nodes (root's child first) of which the
+    /// first `n_kept` were committed, on top of a history of `n_before` tokens.
+    fn accept(&mut self, tree: &DraftTree, accepted: &[usize], n_kept: usize, n_before: usize);
+}

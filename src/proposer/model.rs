@@ -1,0 +1,321 @@
+//! The separate-draft-model proposer: a small GGUF model with its own KV cache drafts chains,
+//! EAGLE-2 dynamic trees and static trees.
+//!
+//! KV invariant between rounds: seq 0 of the draft's cache holds `history[..past]` with
+//! `past = seq_pos_max(0) + 1 <= history.len() - 1`; no other sequence holds cells. Tree node i
+//! is decoded under seq id `i` (its `draft_seq`), attending to its own path only.
+//! Draft logits outside the target's vocabulary are never proposed (they are cut off).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Alternative, ChainStep, Proposer, Request, Shape};
+use crate::backend::{decode_span, Batch, Context, ContextParams, Model, Token};
+use crate::error::{Error, Result};
+use crate::sampling::{argmax, log_sum_exp, sample_from, top_k_indices, warp, SamplingParams};
+use crate::tree::{DraftTree, Origin, Proposal, StaticShape};
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// A draft model and its KV cache.
+pub struct ModelDraft {
+    ctx: Context,
+    batch: Batch,
+    /// Proposable vocabulary: min(draft vocab, target vocab).
+    n_vocab: usize,
+    /// (batch size, ms) of the decodes since the last [`ModelDraft::take_timings`].
+    timings: Vec<(usize, f64)>,
+}
+
+impl ModelDraft {
+    /// A context over `model` with room for `n_seq` node sequence ids.
+    pub fn new(
+        model: Arc<Model>,
+        target_vocab: usize,
+        n_ctx: u32,
+        n_batch: u32,
+        n_seq: u32,
+        n_threads: i32,
+    ) -> Result<Self> {
+        let n_vocab = model.n_vocab().min(target_vocab);
+        let ctx =
+            Context::new(model, &ContextParams { n_ctx, n_batch, n_seq_max: n_seq, n_threads, flash_attn: false })?;
+        let batch = Batch::new(ctx.n_batch(), n_seq as usize);
+        Ok(ModelDraft { ctx, batch, n_vocab, timings: Vec::new() })
+    }
+
+    /// The draft model.
+    pub fn model(&self) -> &Arc<Model> {
+        self.ctx.model()
+    }
+
+    /// The draft's context (start-up measurements).
+    pub(crate) fn context_mut(&mut self) -> (&mut Context, &mut Batch) {
+        (&mut self.ctx, &mut self.batch)
+    }
+
+    /// Decode timings since the last call, for the policy's cost model.
+    pub fn take_timings(&mut self) -> Vec<(usize, f64)> {
+        std::mem::take(&mut self.timings)
+    }
+
+    /// Tokens of the history in the draft's cache.
+    fn past(&self) -> usize {
+        (self.ctx.seq_pos_max(0) + 1).max(0) as usize
+    }
+
+    /// Free cells for draft nodes this round.
+    fn free_cells(&self) -> usize {
+        self.ctx.n_ctx().saturating_sub(self.past())
+    }
+
+    /// Feeds the draft the committed tokens it has not seen; returns its logits at the root.
+    fn catch_up(&mut self, history: &[Token]) -> Result<Vec<f32>> {
+        let n = history.len();
+        let mut past = self.past();
+        if past >= n {
+            // The root itself is cached (after a rollback): decode it again for its logits.
+            past = n - 1;
+            self.ctx.seq_rm(0, past as i32, -1);
+        }
+        let t = Instant::now();
+        let span = &history[past..n];
+        let mut logits = decode_span(&mut self.ctx, &mut self.batch, span, past, true)?;
+        logits.truncate(self.n_vocab);
+        if span.len() <= 4 {
+            self.timings.push((span.len(), ms_since(t)));
+        }
+        Ok(logits)
+    }
+
+    /// Decodes tree nodes, each attending to its own path; returns their (cut) logits.
+    fn decode_nodes(&mut self, tree: &mut DraftTree, nodes: &[usize], base: usize) -> Result<Vec<Vec<f32>>> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let t = Instant::now();
+        self.batch.clear();
+        for &i in nodes {
+            if i >= self.ctx.n_seq_max() {
+                return Err(Error::InvalidParam {
+                    name: "tree",
+                    reason: format!("draft node {i} exceeds the draft's {} sequence ids", self.ctx.n_seq_max()),
+                });
+            }
+            let parent_seq = tree.nodes[tree.nodes[i].parent].draft_seq;
+            if parent_seq < 0 {
+                return Err(Error::InvalidParam { name: "tree", reason: "parent not decoded by the draft".into() });
+            }
+            self.ctx.seq_cp(parent_seq, i as i32, -1, -1);
+            self.batch.add(tree.nodes[i].token, (base + tree.nodes[i].depth) as i32, &[i as i32], true)?;
+        }
+        self.ctx.decode(&self.batch)?;
+        let mut out = Vec::with_capacity(nodes.len());
+        for (j, &i) in nodes.iter().enumerate() {
+            out.push(self.ctx.logits(j)?[..self.n_vocab].to_vec());
+            tree.nodes[i].draft_seq = i as i32;
+        }
+        self.timings.push((nodes.len(), ms_since(t)));
+        Ok(out)
+    }
+
+    // The request's parts, split so the shape's `extend` closure can be borrowed alongside.
+    #[allow(clippy::too_many_arguments)]
+    fn chain(
+        &mut self,
+        tree: &mut DraftTree,
+        mut logits: Vec<f32>,
+        base: usize,
+        max_len: usize,
+        extend: &mut dyn FnMut(ChainStep) -> bool,
+        sp: &SamplingParams,
+        rng: &mut rand::rngs::StdRng,
+        mut alternatives: Option<&mut Vec<Alternative>>,
+    ) -> Result<()> {
+        let mut node = 0;
+        for d in 0..max_len {
+            let lse = log_sum_exp(&logits);
+            let top = top_k_indices(&logits, 2);
+            let top_q = top.first().map_or(0.0, |&(_, v)| (v - lse).exp());
+            if !extend(ChainStep { drafted: d, top_q }) {
+                break;
+            }
+            if let (Some(alts), Some(&(t2, v2))) = (alternatives.as_deref_mut(), top.get(1)) {
+                if sp.is_greedy() {
+                    alts.push(Alternative { parent: node, token: t2 as Token, logq: v2 - lse });
+                }
+            }
+            let child = add_choice(tree, node, &logits, lse, sp, rng);
+            node = child;
+            if d + 1 < max_len {
+                logits = self.decode_nodes(tree, &[child], base)?.pop().unwrap_or_default();
+            }
+        }
+        Ok(())
+    }
+
+    fn dynamic(
+        &mut self,
+        tree: &mut DraftTree,
+        root_logits: Vec<f32>,
+        base: usize,
+        k: usize,
+        depth: usize,
+        nodes: usize,
+    ) -> Result<()> {
+        // Candidates decoded by the draft need cells of their own (one per node).
+        let seq_cap = self.ctx.n_seq_max().min(self.free_cells());
+        let mut frontier: Vec<(usize, Vec<f32>)> = vec![(0, root_logits)];
+        for level in 1..=depth {
+            let mut cands: Vec<usize> = Vec::new();
+            for (parent, logits) in &frontier {
+                let lse = log_sum_exp(logits);
+                for (rank, (t, v)) in top_k_indices(logits, k).into_iter().enumerate() {
+                    if tree.len() >= seq_cap {
+                        break;
+                    }
+                    let c = tree.add(*parent, t as Token, v - lse, 0.0, Proposal::Deterministic);
+                    tree.nodes[c].origin = Origin::Draft(rank);
+                    cands.push(c);
+                }
+            }
+            if level == depth || cands.is_empty() || tree.len() >= seq_cap {
+                break;
+            }
+            cands.sort_by(|&a, &b| tree.nodes[b].score.total_cmp(&tree.nodes[a].score));
+            cands.truncate(k);
+            let logits = self.decode_nodes(tree, &cands, base)?;
+            frontier = cands.into_iter().zip(logits).collect();
+        }
+        *tree = tree.top_n(nodes);
+        Ok(())
+    }
+
+    /// A fixed shape: the node for path p is the p.last()-th best child of the node for p[..-1].
+    fn static_tree(
+        &mut self,
+        tree: &mut DraftTree,
+        root_logits: Vec<f32>,
+        base: usize,
+        shape: &StaticShape,
+        max_nodes: usize,
+    ) -> Result<()> {
+        let width = shape.max_width();
+        let mut level: Vec<(Vec<usize>, usize, Vec<f32>)> = vec![(Vec::new(), 0, root_logits)];
+        for _ in 0..shape.depth() {
+            let mut next: Vec<(Vec<usize>, usize)> = Vec::new();
+            for (path, node, logits) in &level {
+                let lse = log_sum_exp(logits);
+                for (rank, (t, v)) in top_k_indices(logits, width).into_iter().enumerate() {
+                    let mut p = path.clone();
+                    p.push(rank);
+                    if !shape.paths.contains(&p) || tree.n_draft() >= max_nodes {
+                        continue;
+                    }
+                    let c = tree.add(*node, t as Token, v - lse, 0.0, Proposal::Deterministic);
+                    tree.nodes[c].origin = Origin::Draft(rank);
+                    next.push((p, c));
+                }
+            }
+            // Decode only nodes that have children in the shape.
+            let expand: Vec<(Vec<usize>, usize)> = next
+                .into_iter()
+                .filter(|(p, _)| shape.paths.iter().any(|q| q.len() == p.len() + 1 && q.starts_with(p)))
+                .collect();
+            if expand.is_empty() {
+                break;
+            }
+            let ids: Vec<usize> = expand.iter().map(|(_, c)| *c).collect();
+            let logits = self.decode_nodes(tree, &ids, base)?;
+            level = expand.into_iter().zip(logits).map(|((p, c), l)| (p, c, l)).collect();
+        }
+        Ok(())
+    }
+}
+
+/// Adds the draft's choice below `parent`: its argmax (greedy) or a sample from its warped
+/// distribution (sampling), recording how it was proposed.
+fn add_choice(
+    tree: &mut DraftTree,
+    parent: usize,
+    logits: &[f32],
+    lse: f32,
+    sp: &SamplingParams,
+    rng: &mut rand::rngs::StdRng,
+) -> usize {
+    if sp.is_greedy() {
+        let t = argmax(logits);
+        tree.add(parent, t as Token, logits[t] - lse, 0.0, Proposal::Deterministic)
+    } else {
+        let q = warp(logits, sp);
+        let t = sample_from(&q, rng);
+        let top = q.iter().copied().fold(0.0f32, f32::max);
+        let c = tree.add(parent, t as Token, logits[t] - lse, 0.0, Proposal::Sampled(Arc::new(q)));
+        tree.nodes[c].conf = top;
+        c
+    }
+}
+
+impl Proposer for ModelDraft {
+    fn name(&self) -> &'static str {
+        "draft model"
+    }
+
+    fn reset(&mut self) {
+        self.ctx.clear();
+    }
+
+    fn rollback(&mut self, len: usize) {
+        self.ctx.seq_keep(0);
+        if self.past() > len {
+            self.ctx.seq_rm(0, len as i32, -1);
+        }
+    }
+
+    fn prefill(&mut self, history: &[Token]) -> Result<()> {
+        let n = history.len();
+        let past = self.past();
+        if past + 1 < n {
+            decode_span(&mut self.ctx, &mut self.batch, &history[past..n - 1], past, false)?;
+        }
+        Ok(())
+    }
+
+    fn propose(&mut self, req: Request<'_>, tree: &mut DraftTree) -> Result<()> {
+        if req.max_nodes == 0 {
+            return Ok(());
+        }
+        let base = req.history.len() - 1;
+        // Draft nodes need draft cells too: the root's catch-up takes what the cache lacks.
+        let max_nodes = req.max_nodes.min(self.ctx.n_ctx().saturating_sub(req.history.len()));
+        if max_nodes == 0 {
+            return Ok(());
+        }
+        let Request { history, shape, sampling, rng, alternatives, .. } = req;
+        let logits = self.catch_up(history)?;
+        match shape {
+            Shape::Chain { max_len, extend } => {
+                self.chain(tree, logits, base, max_len.min(max_nodes), extend, sampling, rng, alternatives)
+            }
+            Shape::Dynamic { top_k, depth, nodes } => {
+                self.dynamic(tree, logits, base, top_k, depth, nodes.min(max_nodes))
+            }
+            Shape::Static(s) => self.static_tree(tree, logits, base, s, max_nodes),
+        }
+    }
+
+    fn accept(&mut self, tree: &DraftTree, accepted: &[usize], n_commit: usize, n_before: usize) {
+        // The draft may cache the new history except its last token (the next root).
+        let valid = n_before + n_commit - 1;
+        let decoded = accepted.iter().take_while(|&&i| tree.nodes[i].draft_decoded()).last();
+        if let Some(&last) = decoded {
+            self.ctx.seq_cp(tree.nodes[last].draft_seq, 0, -1, -1);
+        }
+        self.ctx.seq_keep(0);
+        if self.past() > valid {
+            self.ctx.seq_rm(0, valid as i32, -1);
+        }
+    }
+}

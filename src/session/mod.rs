@@ -1,0 +1,511 @@
+//! A speculative generation session: the committed history, the round loop (policy drafts →
+//! verifier checks → commit) and its stop conditions. The parts live by role: proposers in
+//! [`crate::proposer`], the target pass in [`crate::verifier`], `auto` in [`crate::policy`],
+//! prompts and chat here in `prompt`, streaming in `stream`, counters in `stats`.
+//!
+//! Invariants between calls (n = history.len()): every KV cache holds a prefix of the history
+//! in seq 0 and nothing else, the target's at most n - 1 tokens (history[n-1], the *root*, is
+//! verified with the next tree). A call that fails leaves history, conversation and caches as
+//! they were before it. This module must never return tokens that differ from what the target
+//! alone would produce (up to `fast` mode's documented rounding).
+
+mod prompt;
+mod stats;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::backend::{ChatMessage, Model, Token};
+use crate::cost::{self, CostModel};
+use crate::error::{Error, Result};
+use crate::policy::{Drafters, Limits, Policy, TestVariant, AUTO_MAX_DEPTH, AUTO_MAX_LOOKUP};
+use crate::probe;
+use crate::proposer::{LookupDraft, ModelDraft, Proposer};
+use crate::sampling::SamplingParams;
+use crate::strategy::{NumericMode, Strategy};
+use crate::verifier::Verifier;
+
+pub use stats::{Generation, Stats, StopReason};
+use stream::TextStream;
+
+/// Session settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionParams {
+    /// KV-cache size in tokens (prompt + generated + one draft tree).
+    pub n_ctx: u32,
+    /// CPU threads for both models (0 = all cores).
+    pub n_threads: i32,
+    /// How the draft proposes tokens.
+    pub strategy: Strategy,
+    /// Numeric mode of the verification passes.
+    pub mode: NumericMode,
+    /// Let `auto` add n-gram lookups of the prompt and output (zero-cost drafts) where they pay.
+    /// Fixed strategies without a draft model always draft with lookups.
+    pub lookup: bool,
+}
+
+impl Default for SessionParams {
+    fn default() -> Self {
+        Self { n_ctx: 4096, n_threads: 0, strategy: Strategy::Auto, mode: NumericMode::Fast, lookup: true }
+    }
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Greedy or sampling settings.
+    pub sampling: SamplingParams,
+    /// Generation stops when the text contains one of these (the stop string is not returned).
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens (benchmarks with fixed lengths).
+    pub ignore_eog: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self { max_tokens: 128, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eog: false }
+    }
+}
+
+/// What to append to the session before generating.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Raw text (special tokens in it are parsed).
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<Token>),
+    /// New chat messages, formatted with the model's chat template together with the earlier
+    /// turns of this session; the assistant's reply is appended to the conversation.
+    Chat(Vec<ChatMessage>),
+}
+
+/// Where a test makes a round fail once, to check that the session recovers.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+    /// After the draft built the tree (draft cells of the tree are in its cache).
+    AfterDraft,
+    /// After the target's verification pass (tree cells in the target's cache), before commit.
+    AfterVerify,
+}
+
+/// Target + optional draft with their KV caches and the conversation so far.
+pub struct Session {
+    params: SessionParams,
+    verifier: Verifier,
+    draft: Option<ModelDraft>,
+    lookup: Option<LookupDraft>,
+    policy: Policy,
+    history: Vec<Token>,
+    messages: Vec<ChatMessage>,
+    fail_point: Option<FailPoint>,
+}
+
+/// Largest number of draft tokens per round, whatever the strategy.
+const MAX_DRAFT: usize = 254;
+/// Largest batch size the exact-mode self-check tries.
+const EXACT_PROBE_MAX: usize = 8;
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+impl Session {
+    /// Creates a session. With a draft, checks vocabulary compatibility; in `exact` mode the
+    /// target must be loaded with `repack = false` and the verification batch is capped at the
+    /// largest size the self-check finds bit-identical to one-token decoding.
+    pub fn new(target: Arc<Model>, draft: Option<Arc<Model>>, params: SessionParams) -> Result<Session> {
+        if params.n_ctx < 16 {
+            return Err(Error::InvalidParam { name: "n_ctx", reason: format!("{} is below 16", params.n_ctx) });
+        }
+        if params.n_threads < 0 {
+            return Err(Error::InvalidParam { name: "n_threads", reason: "must be >= 0".into() });
+        }
+        if params.mode == NumericMode::Exact && target.params().repack {
+            return Err(Error::InvalidParam {
+                name: "mode",
+                reason: "exact mode needs the target loaded with repack = false (weight repacking makes \
+                         batched logits differ from one-token logits)"
+                    .into(),
+            });
+        }
+        if let Some(d) = &draft {
+            crate::backend::check_vocab_compat(&target, d)?;
+        }
+        let draft = if params.strategy == Strategy::None { None } else { draft };
+        // Lookups draft for `auto` when enabled, and for fixed strategies without a model.
+        let lookup = match params.strategy {
+            Strategy::None => false,
+            Strategy::Auto => params.lookup,
+            _ => draft.is_none(),
+        };
+        // Sequence ids: the target needs one per tree leaf, the draft one per decoded node.
+        // llama.cpp allocates n_vocab logits per possible sequence, so size them tightly.
+        let (mut t_seq, d_seq) = seq_budget(&params.strategy, lookup);
+        if params.mode == NumericMode::Exact {
+            t_seq = t_seq.max(2); // the self-check makes holes with a second sequence
+        }
+        if t_seq.max(d_seq) > params.n_ctx as usize {
+            return Err(Error::InvalidParam {
+                name: "n_ctx",
+                reason: format!(
+                    "{} is too small for strategy {} (needs {})",
+                    params.n_ctx,
+                    params.strategy,
+                    t_seq.max(d_seq)
+                ),
+            });
+        }
+        let n_batch = (512u32.min(params.n_ctx)).max(t_seq.max(d_seq) as u32);
+        let verifier = Verifier::new(target.clone(), params.n_ctx, n_batch, t_seq as u32, params.n_threads)?;
+        let draft = match draft {
+            Some(d) => {
+                Some(ModelDraft::new(d, target.n_vocab(), params.n_ctx, n_batch, d_seq as u32, params.n_threads)?)
+            }
+            None => None,
+        };
+        let policy = Policy::new(params.strategy.clone(), params.mode, lookup, MAX_DRAFT + 1);
+        let mut s = Session {
+            params,
+            verifier,
+            draft,
+            lookup: lookup.then(LookupDraft::default),
+            policy,
+            history: Vec::new(),
+            messages: Vec::new(),
+            fail_point: None,
+        };
+        let speculates = s.draft.is_some() || s.lookup.is_some();
+        if s.params.mode == NumericMode::Exact && speculates {
+            let (ctx, batch) = s.verifier.context_mut();
+            s.policy.max_verify = probe::exact_cap(ctx, batch, &target, EXACT_PROBE_MAX)?;
+            tracing::info!("exact mode: verification batches capped at {}", s.policy.max_verify);
+        }
+        if s.params.strategy == Strategy::Auto && speculates {
+            s.measure_costs()?;
+        }
+        Ok(s)
+    }
+
+    /// The committed tokens (prompt and generated) of this session.
+    pub fn history(&self) -> &[Token] {
+        &self.history
+    }
+
+    /// The session settings.
+    pub fn params(&self) -> &SessionParams {
+        &self.params
+    }
+
+    /// The cost model `auto` uses (for reports).
+    pub fn cost_model(&self) -> &CostModel {
+        &self.policy.cost
+    }
+
+    /// Largest verification batch (root + draft tokens) this session will use.
+    pub fn max_verify_batch(&self) -> usize {
+        self.policy.max_verify
+    }
+
+    /// The target model.
+    pub fn target_model(&self) -> &Arc<Model> {
+        self.verifier.model()
+    }
+
+    /// The policy, for tests that fix its costs or select a test variant.
+    #[doc(hidden)]
+    pub fn policy_mut(&mut self) -> &mut Policy {
+        &mut self.policy
+    }
+
+    /// Makes the next round fail at `point` (once), for recovery tests.
+    #[doc(hidden)]
+    pub fn inject_failure(&mut self, point: FailPoint) {
+        self.fail_point = Some(point);
+    }
+
+    /// Selects a test-only policy variant (negative controls of the lossless tests).
+    #[doc(hidden)]
+    pub fn set_test_variant(&mut self, v: TestVariant) {
+        self.policy.set_test_variant(v);
+    }
+
+    /// Forgets the conversation and empties every cache.
+    pub fn reset(&mut self) {
+        self.history.clear();
+        self.messages.clear();
+        self.verifier.reset();
+        for p in self.proposers() {
+            p.reset();
+        }
+    }
+
+    fn proposers(&mut self) -> Vec<&mut dyn Proposer> {
+        let mut v: Vec<&mut dyn Proposer> = Vec::new();
+        if let Some(d) = self.draft.as_mut() {
+            v.push(d);
+        }
+        if let Some(l) = self.lookup.as_mut() {
+            v.push(l);
+        }
+        v
+    }
+
+    /// Drops history from `len` on, in every cache.
+    fn truncate_history(&mut self, len: usize) {
+        self.history.truncate(len);
+        self.verifier.rollback(len);
+        for p in self.proposers() {
+            p.rollback(len);
+        }
+    }
+
+    /// Measures target (and draft) decode time per batch size for `auto`, once per process
+    /// per model and setting.
+    fn measure_costs(&mut self) -> Result<()> {
+        let threads = self.params.n_threads;
+        let mode = self.params.mode;
+        let key = |m: &Model| format!("{}|{}|{}|{}", m.path().display(), threads, m.params().repack, mode);
+        let model = self.verifier.model().clone();
+        let tkey = key(&model);
+        let sizes: Vec<usize> =
+            [1, 2, 3, 4, 5, 6, 7, 8, 12, 16].into_iter().filter(|&b| b <= self.policy.max_verify).collect();
+        self.policy.cost.target = match cost::cached(&tkey) {
+            Some(c) => c,
+            None => {
+                let probe = probe::probe_tokens(&model, 32);
+                let (ctx, batch) = self.verifier.context_mut();
+                let c = probe::measure_batch_costs(ctx, batch, &probe, &sizes)?;
+                cost::store(&tkey, &c);
+                c
+            }
+        };
+        if let Some(d) = self.draft.as_mut() {
+            let model = d.model().clone();
+            let dkey = key(&model);
+            self.policy.cost.draft = match cost::cached(&dkey) {
+                Some(c) => c,
+                None => {
+                    let probe = probe::probe_tokens(&model, 24);
+                    let (ctx, batch) = d.context_mut();
+                    let c = probe::measure_batch_costs(ctx, batch, &probe, &[1, 2, 4])?;
+                    cost::store(&dkey, &c);
+                    c
+                }
+            };
+        }
+        tracing::debug!(
+            "cost model: target {:?} draft {:?}",
+            self.policy.cost.target.points(),
+            self.policy.cost.draft.points()
+        );
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- generation
+
+    /// Appends `prompt` to the session and generates. `on_commit(tokens, text)` is called for
+    /// each committed batch of tokens with the new text (held back while it could still turn
+    /// into a stop string); returning false stops generation.
+    ///
+    /// On error the session is left as it was before the call (history, conversation, caches).
+    /// After a stop string, the history ends with the tokens of the returned text: generated
+    /// tokens are kept while their text lies inside it, and a partial token's returned text is
+    /// re-tokenized ([`Generation::tokens`] are those tokens).
+    pub fn generate(
+        &mut self,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        on_commit: &mut dyn FnMut(&[Token], &str) -> bool,
+    ) -> Result<Generation> {
+        params.sampling.validate()?;
+        let saved = (self.history.clone(), self.messages.clone());
+        let result = self.generate_inner(prompt, params, on_commit);
+        if result.is_err() {
+            let (history, messages) = saved;
+            let common = history.iter().zip(&self.history).take_while(|(a, b)| a == b).count();
+            self.truncate_history(common);
+            self.history = history;
+            self.messages = messages;
+        }
+        result
+    }
+
+    fn generate_inner(
+        &mut self,
+        prompt: &Prompt,
+        params: &GenerateParams,
+        on_commit: &mut dyn FnMut(&[Token], &str) -> bool,
+    ) -> Result<Generation> {
+        let t_start = Instant::now();
+        let new_tokens = self.prepare_prompt(prompt)?;
+        if self.history.is_empty() && new_tokens.is_empty() {
+            return Err(Error::InvalidParam { name: "prompt", reason: "empty prompt".into() });
+        }
+        let n_ctx = self.verifier.n_ctx();
+        // The root must fit: at least one token can then be generated.
+        let needed = self.history.len() + new_tokens.len();
+        if needed > n_ctx {
+            return Err(Error::ContextFull { needed: needed + 1, n_ctx });
+        }
+        let mut stats = Stats { prompt_tokens: new_tokens.len(), ..Default::default() };
+        let n_before = self.history.len();
+        self.history.extend_from_slice(&new_tokens);
+
+        // Prefill the target with everything but the root; the draft reads the prompt now too
+        // (unless `auto` already knows it will not draft), so its prefill is billed as prompt
+        // processing, not to the first round.
+        let t0 = Instant::now();
+        self.verifier.prefill(&self.history)?;
+        let model_prefill = self.policy.wants_model_prefill();
+        if let Some(d) = self.draft.as_mut().filter(|_| model_prefill) {
+            d.prefill(&self.history)?;
+        }
+        if let Some(l) = self.lookup.as_mut() {
+            l.prefill(&self.history)?;
+        }
+        stats.prefill_ms = ms_since(t0);
+
+        let mut rng = StdRng::seed_from_u64(params.sampling.seed);
+        let mut out_tokens: Vec<Token> = Vec::new();
+        let mut text = TextStream::new(params.stop.clone());
+        let mut stop_reason = StopReason::MaxTokens;
+        let model = self.verifier.model().clone();
+        let t_gen = Instant::now();
+
+        while out_tokens.len() < params.max_tokens {
+            let n = self.history.len();
+            if n > n_ctx {
+                stop_reason = StopReason::ContextFull;
+                break;
+            }
+            let budget = params.max_tokens - out_tokens.len();
+            // Root + draft nodes must fit in the free cells (the tree shrinks near the end).
+            let free = n_ctx - (n - 1);
+            let lim = Limits { max_nodes: (free - 1).min(MAX_DRAFT), max_depth: budget - 1 };
+            let commit = self.round(&lim, &params.sampling, &mut rng, &mut stats)?;
+
+            // Cut at the budget and at end-of-generation.
+            let mut commit = commit;
+            commit.truncate(budget);
+            let mut hit_eog = false;
+            if let Some(k) = commit.iter().position(|&t| model.is_eog(t) && !params.ignore_eog) {
+                commit.truncate(k + 1);
+                hit_eog = true;
+            }
+            self.history.extend_from_slice(&commit);
+            out_tokens.extend_from_slice(&commit);
+
+            let visible: Vec<u8> =
+                commit.iter().filter(|&&t| !model.is_eog(t)).flat_map(|&t| model.token_to_piece(t)).collect();
+            let (piece, hit_stop) = text.push(&visible);
+            let keep_going = on_commit(&commit, &piece);
+            if hit_stop {
+                stop_reason = StopReason::StopString;
+                break;
+            }
+            if hit_eog {
+                stop_reason = StopReason::Eog;
+                break;
+            }
+            if !keep_going {
+                stop_reason = StopReason::Callback;
+                break;
+            }
+        }
+        let tail = text.finish();
+        if !tail.is_empty() && stop_reason != StopReason::Callback {
+            on_commit(&[], &tail);
+        }
+        let text = text.text();
+        if stop_reason == StopReason::StopString {
+            out_tokens = self.cut_at_stop(n_before + new_tokens.len(), &out_tokens, &text)?;
+        }
+        if let Prompt::Chat(_) = prompt {
+            self.messages.push(ChatMessage::new("assistant", text.clone()));
+        }
+        stats.tokens = out_tokens.len();
+        stats.total_ms = ms_since(t_start);
+        stats.finish(ms_since(t_gen));
+        Ok(Generation { tokens: out_tokens, text, stop_reason, stats })
+    }
+
+    /// One round: draft, verify, keep the accepted path. Returns the tokens to commit (the
+    /// accepted ones and the bonus); the caches hold them except the last. On error every cache
+    /// is back at the committed history.
+    fn round(&mut self, lim: &Limits, sp: &SamplingParams, rng: &mut StdRng, stats: &mut Stats) -> Result<Vec<Token>> {
+        let r = self.round_inner(lim, sp, rng, stats);
+        if r.is_err() {
+            let n = self.history.len();
+            self.truncate_history(n);
+        }
+        r
+    }
+
+    fn round_inner(
+        &mut self,
+        lim: &Limits,
+        sp: &SamplingParams,
+        rng: &mut StdRng,
+        stats: &mut Stats,
+    ) -> Result<Vec<Token>> {
+        let t_round = Instant::now();
+        let drafters = Drafters { model: self.draft.as_mut(), lookup: self.lookup.as_mut() };
+        let (tree, used_model) = self.policy.draft(drafters, &self.history, lim, sp, rng)?;
+        stats.draft_ms += ms_since(t_round);
+        self.fail_at(FailPoint::AfterDraft)?;
+
+        let n = self.history.len();
+        let v = self.verifier.verify(&tree, n, sp, rng)?;
+        self.fail_at(FailPoint::AfterVerify)?;
+        stats.verify_ms += v.verify_ms;
+        stats.sample_ms += v.sample_ms;
+        stats.rounds += 1;
+        stats.max_batch = stats.max_batch.max(tree.len());
+        stats.draft_proposed += tree.n_draft();
+        stats.draft_accepted += v.verdict.accepted.len();
+
+        let mut commit: Vec<Token> = v.verdict.accepted.iter().map(|&i| tree.nodes[i].token).collect();
+        commit.push(v.verdict.bonus);
+        let n_commit = commit.len().min(lim.max_depth + 1);
+        self.verifier.commit(&tree, &v, n, n_commit);
+        let timings = match self.draft.as_mut() {
+            Some(d) => {
+                d.accept(&tree, &v.verdict.accepted, n_commit, n);
+                d.take_timings()
+            }
+            None => Vec::new(),
+        };
+        self.policy.learn(&tree, &v.verdict, used_model, &timings, v.verify_ms, ms_since(t_round));
+        Ok(commit)
+    }
+
+    fn fail_at(&mut self, point: FailPoint) -> Result<()> {
+        if self.fail_point == Some(point) {
+            self.fail_point = None;
+            return Err(Error::Decode { code: -100, what: format!("injected failure at {point:?}") });
+        }
+        Ok(())
+    }
+}
+
+/// (target, draft) sequence ids a strategy can use in one round.
+fn seq_budget(strategy: &Strategy, lookup: bool) -> (usize, usize) {
+    let lookup_leaves = if lookup { 3 } else { 0 };
+    match strategy {
+        Strategy::None => (1, 1),
+        Strategy::Chain(g) => (1, g + 1),
+        Strategy::Tree { top_k, depth, nodes } => {
+            let candidates = top_k + top_k * top_k * depth.saturating_sub(1) + 1;
+            ((nodes + 1).min(256), candidates.min(256))
+        }
+        Strategy::Static(s) => ((s.paths.len() + 1).min(256), (s.paths.len() + 1).min(256)),
+        Strategy::Auto => (AUTO_MAX_DEPTH + 10 + lookup_leaves.max(AUTO_MAX_LOOKUP / 4), AUTO_MAX_DEPTH + 2),
+    }
+}
