@@ -84,8 +84,9 @@ impl Policy {
         }
     }
 
-    /// Replaces the measured costs (target ms by batch size from 1, draft ms per step) and
-    /// stops learning timings, so `auto` decides the same on any machine. For tests.
+    /// Replaces the measured costs (target ms by batch size from 1, draft ms per step), takes
+    /// every proposal's confidence as its acceptance and stops learning either, so `auto`
+    /// decides the same on any machine. For tests.
     #[doc(hidden)]
     pub fn fix_costs(&mut self, target_ms: &[f64], draft_ms: f64) {
         self.cost.target = Default::default();
@@ -168,10 +169,19 @@ impl Policy {
         Ok((tree, used_model))
     }
 
+    /// Estimated acceptance of a node of `origin` with confidence `conf`.
+    fn estimate(&self, origin: Origin, conf: f32) -> f32 {
+        if self.fixed_costs {
+            conf
+        } else {
+            self.cost.estimate(origin, conf)
+        }
+    }
+
     /// Sets every node's estimated acceptance from its origin's calibration.
     fn annotate(&self, tree: &mut DraftTree) {
         for n in &mut tree.nodes[1..] {
-            n.accept_p = self.cost.estimate(n.origin, n.conf);
+            n.accept_p = self.estimate(n.origin, n.conf);
         }
     }
 
@@ -240,7 +250,7 @@ impl Policy {
         let mut nodes = base_nodes;
         for c in l.candidates(history).into_iter().take(branches) {
             let conf = lookup::confidence(&c);
-            let a = self.cost.estimate(Origin::Lookup, conf);
+            let a = self.estimate(Origin::Lookup, conf);
             let (mut reach, mut sum) = (1.0f32, 0.0f32);
             let (mut best_len, mut best_rate, mut best_sum) = (0, self.rate(0.0, 0.0, 1 + nodes), 0.0);
             let max = c.tokens.len().min(lim.max_depth).min(lim.max_nodes.saturating_sub(nodes)).min(AUTO_MAX_LOOKUP);
@@ -304,8 +314,12 @@ impl Policy {
         let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
         let (mut reach, mut sum) = (1.0f32, 0.0f32);
         let this = &*self;
+        let explore = this.variant.truncate_sampled_chains;
         let mut extend = |s: ChainStep| -> bool {
-            let a_next = this.cost.estimate(Origin::Draft(0), s.top_q);
+            if explore {
+                return true; // the biased variant drafts deep, then truncates (below)
+            }
+            let a_next = this.estimate(Origin::Draft(0), s.top_q);
             let now = this.rate(sum + extra, this.chain_ms(s.drafted.max(1)), 1 + s.drafted + extra_nodes);
             let (mut r, mut acc, mut best) = (reach * a_next, sum + reach * a_next, 0.0f64);
             for len in s.drafted + 1..=max_len {
@@ -399,7 +413,7 @@ impl Policy {
             .filter(|a| a.parent < tree.len())
             .map(|a| {
                 let conf = a.logq.exp();
-                let v = reach[a.parent] * self.cost.estimate(Origin::Draft(1), conf);
+                let v = reach[a.parent] * self.estimate(Origin::Draft(1), conf);
                 (a.parent, a.token, a.logq, v)
             })
             .collect();
@@ -416,7 +430,7 @@ impl Policy {
                 sum += v;
                 let c = tree.add(parent, token, logq, 0.0, Proposal::Deterministic);
                 tree.nodes[c].origin = Origin::Draft(1);
-                tree.nodes[c].accept_p = self.cost.estimate(Origin::Draft(1), tree.nodes[c].conf);
+                tree.nodes[c].accept_p = self.estimate(Origin::Draft(1), tree.nodes[c].conf);
             }
         }
     }
@@ -436,14 +450,14 @@ impl Policy {
         for &i in &verdict.accepted {
             on_path[i] = true;
         }
+        if self.fixed_costs {
+            return;
+        }
         for i in 1..tree.len() {
             let n = &tree.nodes[i];
             if on_path[n.parent] {
                 self.cost.calibration_mut(n.origin).observe(n.conf, on_path[i]);
             }
-        }
-        if self.fixed_costs {
-            return;
         }
         self.cost.target.observe(tree.len(), verify_ms);
         for &(b, ms) in draft_timings {
