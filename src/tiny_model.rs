@@ -84,6 +84,9 @@ pub struct TinyModelConfig {
     pub logit_scale: f32,
     /// Store 2-D weights as f16 (default false: f32).
     pub f16: bool,
+    /// Control tokens `<|extra_i|>` appended to the vocabulary (default 0): a model pair whose
+    /// vocabulary sizes differ, as llama.cpp allows up to 128.
+    pub extra_tokens: usize,
 }
 
 impl Default for TinyModelConfig {
@@ -99,6 +102,7 @@ impl Default for TinyModelConfig {
             seed: 42,
             logit_scale: 6.0,
             f16: false,
+            extra_tokens: 0,
         }
     }
 }
@@ -429,7 +433,7 @@ fn f16_bits_to_f32(h: u16) -> f32 {
 /// Raw weights of the model `cfg` describes: `(gguf tensor name, row-major shape, values)`,
 /// in file order. See the module docs for the layout conventions.
 pub fn tiny_model_tensors(cfg: &TinyModelConfig) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let n_vocab = tiny_vocab().tokens.len();
+    let n_vocab = tiny_vocab().tokens.len() + cfg.extra_tokens;
     let mut rng = Normal::new(cfg.seed);
     let d = cfg.n_embd;
     let hd = cfg.head_dim();
@@ -506,7 +510,7 @@ fn write_gguf(path: &Path, cfg: &TinyModelConfig, tensors: &[(String, Vec<usize>
         w.add_metadata_u32(&format!("{arch}.attention.head_count"), u32v(cfg.n_head));
         w.add_metadata_u32(&format!("{arch}.attention.head_count_kv"), u32v(cfg.n_head_kv));
         w.add_metadata_u32(&format!("{arch}.rope.dimension_count"), u32v(cfg.head_dim()));
-        w.add_metadata_u32(&format!("{arch}.vocab_size"), u32v(vocab.tokens.len()));
+        w.add_metadata_u32(&format!("{arch}.vocab_size"), u32v(vocab.tokens.len() + cfg.extra_tokens));
         w.add_metadata_f32(&format!("{arch}.rope.freq_base"), 10000.0);
         w.add_metadata_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"), 1e-6);
 
@@ -514,11 +518,23 @@ fn write_gguf(path: &Path, cfg: &TinyModelConfig, tensors: &[(String, Vec<usize>
         w.add_metadata("tokenizer.ggml.pre", "qwen2");
         w.add_metadata_array(
             "tokenizer.ggml.tokens",
-            vocab.tokens.iter().map(|s| MetadataValue::String(s.clone())).collect(),
+            vocab
+                .tokens
+                .iter()
+                .cloned()
+                .chain((0..cfg.extra_tokens).map(|i| format!("<|extra_{i}|>")))
+                .map(MetadataValue::String)
+                .collect(),
         );
         w.add_metadata_array(
             "tokenizer.ggml.token_type",
-            vocab.token_types.iter().map(|&t| MetadataValue::Int32(t)).collect(),
+            vocab
+                .token_types
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(3, cfg.extra_tokens))
+                .map(MetadataValue::Int32)
+                .collect(),
         );
         w.add_metadata_array(
             "tokenizer.ggml.merges",
@@ -608,6 +624,41 @@ pub fn write_tiny_pair(dir: &Path, arch: TinyArch, draft_noise: f32, seed: u64) 
     let tensors = tiny_model_tensors(&cfg);
     write_gguf(&target, &cfg, &tensors)?;
     write_gguf(&draft, &cfg, &perturb_tensors(&tensors, draft_noise, seed))?;
+    Ok((target, draft))
+}
+
+/// A tiny pair whose vocabulary sizes differ: the target has `target_extra` and the draft
+/// `draft_extra` control tokens beyond the shared 512. The draft's head favours its extra
+/// tokens (their output rows are scaled up), so without masking it would propose ids the
+/// target does not have.
+pub fn write_tiny_pair_vocab(
+    dir: &Path,
+    arch: TinyArch,
+    seed: u64,
+    target_extra: usize,
+    draft_extra: usize,
+) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+    let tcfg = TinyModelConfig { arch, seed, extra_tokens: target_extra, ..TinyModelConfig::default() };
+    let dcfg = TinyModelConfig { extra_tokens: draft_extra, ..tcfg.clone() };
+    let base = tiny_vocab().tokens.len();
+    let t_tensors = tiny_model_tensors(&tcfg);
+    // The draft: the target's weights on the shared vocabulary, plus noise, plus its own rows.
+    let mut d_tensors = perturb_tensors(&t_tensors, DEFAULT_DRAFT_NOISE, seed);
+    let mut rng = Normal::new(seed ^ 0x5eed);
+    let d = tcfg.n_embd;
+    for (name, shape, data) in d_tensors.iter_mut() {
+        if name == "token_embd.weight" || name == "output.weight" {
+            let scale = if name == "output.weight" { 3.0 * tcfg.logit_scale / (d as f32).sqrt() } else { 1.0 };
+            data.truncate(base * d);
+            data.extend(rng.vec(draft_extra * d, scale, 0.0));
+            shape[0] = base + draft_extra;
+        }
+    }
+    let target = dir.join("target.gguf");
+    let draft = dir.join("draft.gguf");
+    write_gguf(&target, &tcfg, &t_tensors)?;
+    write_gguf(&draft, &dcfg, &d_tensors)?;
     Ok((target, draft))
 }
 

@@ -25,6 +25,9 @@ pub struct ModelDraft {
     batch: Batch,
     /// Proposable vocabulary: min(draft vocab, target vocab).
     n_vocab: usize,
+    /// The draft's own vocabulary size and what it reads in place of a target token it lacks.
+    draft_vocab: usize,
+    stand_in: Token,
     /// (batch size, ms) of the decodes since the last [`ModelDraft::take_timings`].
     timings: Vec<(usize, f64)>,
 }
@@ -39,11 +42,13 @@ impl ModelDraft {
         n_seq: u32,
         n_threads: i32,
     ) -> Result<Self> {
-        let n_vocab = model.n_vocab().min(target_vocab);
+        let draft_vocab = model.n_vocab();
+        let n_vocab = draft_vocab.min(target_vocab);
+        let stand_in = model.eos();
         let ctx =
             Context::new(model, &ContextParams { n_ctx, n_batch, n_seq_max: n_seq, n_threads, flash_attn: false })?;
         let batch = Batch::new(ctx.n_batch(), n_seq as usize);
-        Ok(ModelDraft { ctx, batch, n_vocab, timings: Vec::new() })
+        Ok(ModelDraft { ctx, batch, n_vocab, draft_vocab, stand_in, timings: Vec::new() })
     }
 
     /// The draft model.
@@ -59,6 +64,13 @@ impl ModelDraft {
     /// Decode timings since the last call, for the policy's cost model.
     pub fn take_timings(&mut self) -> Vec<(usize, f64)> {
         std::mem::take(&mut self.timings)
+    }
+
+    /// History tokens as the draft reads them: a target token beyond the draft's vocabulary
+    /// (they may differ by up to 128) becomes the draft's EOS — proposals get worse there,
+    /// never wrong, since the target verifies everything.
+    fn readable(&self, tokens: &[Token]) -> Vec<Token> {
+        tokens.iter().map(|&t| if (t as usize) < self.draft_vocab { t } else { self.stand_in }).collect()
     }
 
     /// Tokens of the history in the draft's cache.
@@ -81,8 +93,8 @@ impl ModelDraft {
             self.ctx.seq_rm(0, past as i32, -1);
         }
         let t = Instant::now();
-        let span = &history[past..n];
-        let mut logits = decode_span(&mut self.ctx, &mut self.batch, span, past, true)?;
+        let span = self.readable(&history[past..n]);
+        let mut logits = decode_span(&mut self.ctx, &mut self.batch, &span, past, true)?;
         logits.truncate(self.n_vocab);
         if span.len() <= 4 {
             self.timings.push((span.len(), ms_since(t)));
@@ -278,7 +290,8 @@ impl Proposer for ModelDraft {
         let n = history.len();
         let past = self.past();
         if past + 1 < n {
-            decode_span(&mut self.ctx, &mut self.batch, &history[past..n - 1], past, false)?;
+            let span = self.readable(&history[past..n - 1]);
+            decode_span(&mut self.ctx, &mut self.batch, &span, past, false)?;
         }
         Ok(())
     }
