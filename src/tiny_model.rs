@@ -532,7 +532,7 @@ fn write_gguf(path: &Path, cfg: &TinyModelConfig, tensors: &[(String, Vec<usize>
                 .token_types
                 .iter()
                 .copied()
-                .chain(std::iter::repeat_n(3, cfg.extra_tokens))
+                .chain(std::iter::repeat(3).take(cfg.extra_tokens))
                 .map(MetadataValue::Int32)
                 .collect(),
         );

@@ -128,7 +128,7 @@ fn a_failed_chat_turn_leaves_the_conversation_as_it_was() {
     s.generate(&user("Hello there"), &greedy(20), &mut |_, _| true).unwrap();
     let before = s.history().to_vec();
     let huge = "word ".repeat(400);
-    let err = s.generate(&user(&huge), &greedy(20), &mut |_, _| true).err().expect("context full");
+    let err = s.generate(&user(&huge), &greedy(20), &mut |_, _| true).expect_err("context full");
     assert!(matches!(err, Error::ContextFull { .. }), "{err}");
     assert_eq!(s.history(), &before[..]);
     let got = s.generate(&user("How are you?"), &greedy(20), &mut |_, _| true).unwrap();
@@ -180,7 +180,7 @@ fn the_tree_shrinks_at_the_end_of_the_context() {
         assert_eq!(got.tokens, want.tokens, "{st}");
         // A prompt that no longer fits is an error that changes nothing.
         let before = s.history().to_vec();
-        let e = s.generate(&Prompt::Text(" more".into()), &greedy(5), &mut |_, _| true).err().expect("full");
+        let e = s.generate(&Prompt::Text(" more".into()), &greedy(5), &mut |_, _| true).expect_err("full");
         assert!(matches!(e, Error::ContextFull { .. }), "{e}");
         assert_eq!(s.history(), &before[..]);
     }
