@@ -122,7 +122,8 @@ struct GenerateArgs {
 struct BenchArgs {
     #[command(flatten)]
     models: ModelArgs,
-    /// humaneval | gsm8k | mt_bench | FILE.jsonl (fields prompt/question/turns/text).
+    /// humaneval | humaneval_edit | gsm8k (held-out split) | mt_bench (built in, or from $ADASPEC_DATA),
+    /// or FILE.jsonl (fields prompt/question/text/turns/conversations).
     #[arg(long, default_value = "humaneval")]
     dataset: String,
     /// Number of prompts.
