@@ -241,13 +241,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    // Prompts first: a wrong --dataset fails before the models are loaded.
+    let prompts = adaspec::dataset::load_prompts(&a.dataset, a.n_prompts)?;
     let (target, draft, sp) = load_models(&ModelArgs { strategy: "none".into(), ..a.models.clone() }, true)?;
     let draft = draft.context("bench needs a draft")?;
     let mut strategies = Vec::new();
     for s in a.strategies.split(['/', ' ']).filter(|s| !s.is_empty()) {
         strategies.push(s.parse::<Strategy>()?);
     }
-    let prompts = adaspec::dataset::load_prompts(&a.dataset, a.n_prompts)?;
     let cfg = BenchConfig {
         prompts,
         strategies,

@@ -52,6 +52,8 @@ fn bad_inputs_fail_with_one_clear_line() {
     run(g(&["--target", t, "--draft", d, "--top-p", "0"]), "top_p");
     run(g(&["--target", t, "--draft", d, "--temp=-1"]), "temperature");
     run(vec!["generate".into(), "--prompt".into(), "x".into(), "--max-tokens".into(), "many".into()], "invalid value");
+    // A wrong data set fails before any model is loaded, naming the file.
+    run(vec!["bench".into(), "--dataset".into(), "/nonexistent.jsonl".into()], "cannot read /nonexistent.jsonl");
     if let Some(smol) = common::real_model(common::SMOLLM2) {
         run(g(&["--target", t, "--draft", smol.to_str().unwrap()]), "not compatible");
     }
