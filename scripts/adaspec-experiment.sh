@@ -6,9 +6,13 @@
 # drafts against the stock 0.5B draft and target alone.
 #
 # Every size is an environment variable (defaults: the run reported in README.md):
-#   N_HELD   held-out GSM8K questions (the first lines of dev.jsonl)           [100]
+#   N_HELD   held-out GSM8K questions (first lines of data/gsm8k/heldout.jsonl) [100]
 #   N_GSM    GSM8K training examples with their human answers                  [176]
 #   N_GEN    further GSM8K questions answered by the target (data generate)    [64]
+#            (training and generation questions: data/gsm8k/train.jsonl, lines 1..N_GSM and
+#            the N_GEN after them; none of them is in the held-out file)
+#   HELDOUT, TRAIN  other held-out / training files; or DATA=ONE.jsonl, split in order into
+#            N_HELD held-out, N_GSM training and N_GEN generation lines
 #   LAYERS   blocks of the 0.5B kept in the pruned draft                       [0,1,2,3,4,5,6,7,8,9,10,11,22,23]
 #   TRAIN_BLOCKS  blocks (indices in the pruned draft) that are trained        [8,9,10,11,12,13]
 #                 (embeddings and LM head stay frozen: with the 0.5B's untied 151,936-row head,
@@ -25,7 +29,9 @@ TRAIN_BLOCKS="${TRAIN_BLOCKS:-8,9,10,11,12,13}"
 STEPS="${STEPS:-60}"; BATCH="${BATCH:-4}"; K="${K:-0.4}"; LR="${LR:-3e-4}"
 N_EVAL="${N_EVAL:-40}"; N_BENCH="${N_BENCH:-5}"; BENCH_TOKENS="${BENCH_TOKENS:-96}"
 THREADS="${THREADS:-2}"
-DATA="${DATA:-../shared/data/gsm8k/dev.jsonl}"
+HELDOUT="${HELDOUT:-data/gsm8k/heldout.jsonl}"
+TRAIN="${TRAIN:-data/gsm8k/train.jsonl}"
+DATA="${DATA:-}"
 MODELS="${ADASPEC_MODELS:-$HOME/.cache/adaspec/models}"
 T="$MODELS/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 D="$MODELS/qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf"
@@ -37,10 +43,25 @@ X=./target/release/adaspec-export
 mkdir -p "$OUT"
 log() { echo "[experiment $(date +%H:%M:%S)] $*"; }
 
-# Splits: held-out questions first, then disjoint training and generation questions.
-sed -n "1,${N_HELD}p" "$DATA" > "$OUT/heldout.jsonl"
-sed -n "$((N_HELD + 1)),$((N_HELD + N_GSM))p" "$DATA" > "$OUT/gsm-train.jsonl"
-sed -n "$((N_HELD + N_GSM + 1)),$((N_HELD + N_GSM + N_GEN))p" "$DATA" > "$OUT/gen-prompts.jsonl"
+# Splits: held-out questions (evaluation only), then disjoint training and generation questions.
+# With the shipped files these are GSM8K records 1..100, 101..276 and 277..340 (data/README.md).
+need() { # file lines
+  [ -f "$1" ] || { echo "error: missing $1" >&2; exit 1; }
+  local n; n=$(wc -l < "$1")
+  [ "$n" -ge "$2" ] || { echo "error: $1 has $n lines, $2 needed" >&2; exit 1; }
+}
+if [ -n "$DATA" ]; then
+  need "$DATA" $((N_HELD + N_GSM + N_GEN))
+  sed -n "1,${N_HELD}p" "$DATA" > "$OUT/heldout.jsonl"
+  sed -n "$((N_HELD + 1)),$((N_HELD + N_GSM))p" "$DATA" > "$OUT/gsm-train.jsonl"
+  sed -n "$((N_HELD + N_GSM + 1)),$((N_HELD + N_GSM + N_GEN))p" "$DATA" > "$OUT/gen-prompts.jsonl"
+else
+  need "$HELDOUT" "$N_HELD"
+  need "$TRAIN" $((N_GSM + N_GEN))
+  sed -n "1,${N_HELD}p" "$HELDOUT" > "$OUT/heldout.jsonl"
+  sed -n "1,${N_GSM}p" "$TRAIN" > "$OUT/gsm-train.jsonl"
+  sed -n "$((N_GSM + 1)),$((N_GSM + N_GEN))p" "$TRAIN" > "$OUT/gen-prompts.jsonl"
+fi
 
 if [ ! -s "$OUT/gen.jsonl" ]; then
   log "target answers $N_GEN training questions (greedy, chat template)"

@@ -7,7 +7,8 @@
 #        the non-default p_min) OUT=llama-cpp-bench.json
 #        EXTRA_ARGS="--no-repack" (llama.cpp flags added to every run; --no-repack = no weight
 #        repacking, like our --mode exact; llama.cpp's default repacks, like --mode fast)
-#        MODELS=~/.cache/adaspec/models DATA=../shared/data/humaneval/dev.jsonl
+#        MODELS=~/.cache/adaspec/models DATA=data/humaneval/dev.jsonl (the repository's copy;
+#        any JSONL file with a "prompt" field)
 #
 # WHAT RUNS (see scripts/build-llama-tools.sh for why):
 #   The vendored llama.cpp (llama-cpp-sys-2 0.1.161) has no example sources, so
@@ -44,7 +45,7 @@ cd "$ROOT"
 
 N_PROMPTS="${1:-${N_PROMPTS:-10}}"
 MODELS="${MODELS:-$HOME/.cache/adaspec/models}"
-DATA="${DATA:-$ROOT/../shared/data/humaneval/dev.jsonl}"
+DATA="${DATA:-$ROOT/data/humaneval/dev.jsonl}"
 TARGET="${TARGET:-$MODELS/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}"
 DRAFT="${DRAFT:-$MODELS/qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf}"
 for f in "$TARGET" "$DRAFT" "$DATA"; do

@@ -127,7 +127,8 @@ struct GenerateArgs {
 struct BenchArgs {
     #[command(flatten)]
     models: ModelArgs,
-    /// humaneval | gsm8k | mt_bench | FILE.jsonl (fields prompt/question/turns/text).
+    /// humaneval | humaneval_edit | gsm8k (held-out split) | mt_bench (built in, or from $ADASPEC_DATA),
+    /// or FILE.jsonl (fields prompt/question/text/turns/conversations).
     #[arg(long, default_value = "humaneval")]
     dataset: String,
     /// Number of prompts.
@@ -248,13 +249,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    // Prompts first: a wrong --dataset fails before the models are loaded.
+    let prompts = adaspec::dataset::load_prompts(&a.dataset, a.n_prompts)?;
     let (target, draft, sp) = load_models(&ModelArgs { strategy: "none".into(), ..a.models.clone() }, true)?;
     let draft = draft.context("bench needs a draft model (lookup=... configurations run without it)")?;
     let mut strategies = Vec::new();
     for s in a.strategies.split(['/', ' ']).filter(|s| !s.is_empty()) {
         strategies.push(s.parse::<adaspec::bench::Variant>()?);
     }
-    let prompts = adaspec::dataset::load_prompts(&a.dataset, a.n_prompts)?;
     let cfg = BenchConfig {
         prompts,
         strategies,

@@ -1,6 +1,8 @@
 //! The `adaspec` binary: bad inputs print one clear `error:` line and exit non-zero, never a
 //! panic; a tiny-model generation works end to end and its JSON is machine-readable.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -50,8 +52,9 @@ fn bad_inputs_fail_with_one_clear_line() {
     run(g(&["--target", t, "--draft", d, "--top-p", "0"]), "top_p");
     run(g(&["--target", t, "--draft", d, "--temp=-1"]), "temperature");
     run(vec!["generate".into(), "--prompt".into(), "x".into(), "--max-tokens".into(), "many".into()], "invalid value");
-    let smol = adaspec::models::models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if smol.exists() {
+    // A wrong data set fails before any model is loaded, naming the file.
+    run(vec!["bench".into(), "--dataset".into(), "/nonexistent.jsonl".into()], "cannot read /nonexistent.jsonl");
+    if let Some(smol) = common::real_model(common::SMOLLM2) {
         run(g(&["--target", t, "--draft", smol.to_str().unwrap()]), "not compatible");
     }
 }

@@ -1,41 +1,27 @@
 //! The real pair (Qwen2.5-Coder 1.5B target + 0.5B draft): exact mode must be token-identical
 //! to target-alone decoding; fast mode's departures are measured and must sit at near-ties.
-//! Skipped with a notice when the models are absent (scripts/fetch-models.sh fetches them).
+//! A missing model fails the test (scripts/fetch-models.sh fetches them; see tests/common for
+//! the opt-out); the prompts are the first HumanEval and held-out GSM8K records built into the crate.
+
+mod common;
 
 use std::sync::Arc;
 
 use adaspec::backend::sequence_logits;
-use adaspec::models::{models_dir, DEFAULT_DRAFT, DEFAULT_TARGET};
+use adaspec::models::{DEFAULT_DRAFT, DEFAULT_TARGET};
 use adaspec::{ChatMessage, GenerateParams, Model, ModelParams, NumericMode, Prompt, Session, SessionParams, Strategy};
+use common::real_models;
 
 fn pair(repack: bool) -> Option<(Arc<Model>, Arc<Model>)> {
-    let t = models_dir().join(DEFAULT_TARGET);
-    let d = models_dir().join(DEFAULT_DRAFT);
-    if !t.exists() || !d.exists() {
-        eprintln!("real pair not found in {}; run scripts/fetch-models.sh — skipping", models_dir().display());
-        return None;
-    }
+    let [t, d] = real_models([DEFAULT_TARGET, DEFAULT_DRAFT])?;
     let target = Arc::new(Model::load(&t, &ModelParams { repack, ..Default::default() }).unwrap());
     let draft = Arc::new(Model::load(&d, &ModelParams::default()).unwrap());
     Some((target, draft))
 }
 
 fn prompts() -> Vec<String> {
-    let (Ok(mut v), Ok(g)) =
-        (adaspec::dataset::load_prompts("humaneval", 3), adaspec::dataset::load_prompts("gsm8k", 3))
-    else {
-        // The data sets live in ../shared/data (or $ADASPEC_DATA); fall back to fixed prompts.
-        eprintln!("data sets not found under {}; using built-in prompts", adaspec::dataset::data_dir().display());
-        return vec![
-            "def has_close_elements(numbers, threshold):\n    \"\"\"Return True if any two numbers are closer than threshold.\"\"\"\n".into(),
-            "def below_zero(operations):\n    \"\"\"Detect if a bank balance ever falls below zero.\"\"\"\n".into(),
-            "def truncate_number(number: float) -> float:\n    \"\"\"Return the decimal part of a positive float.\"\"\"\n".into(),
-            "Janet's ducks lay 16 eggs per day. She eats three and bakes muffins with four. She sells the rest at $2 each. How much does she make?".into(),
-            "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?".into(),
-            "Josh buys a house for $80,000 and puts in $50,000 in repairs, which increased the value by 150%. How much profit did he make?".into(),
-        ];
-    };
-    v.extend(g);
+    let mut v = adaspec::dataset::load_prompts("humaneval", 3).unwrap();
+    v.extend(adaspec::dataset::load_prompts("gsm8k", 3).unwrap());
     v
 }
 

@@ -2,6 +2,8 @@
 //! produce exactly the target-alone greedy output over long generations with many rollbacks,
 //! and sampling must stay seed-deterministic and distribution-preserving.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -309,22 +311,13 @@ fn incompatible_vocab_is_reported() {
     let dir = std::env::temp_dir().join(format!("adaspec-vocab-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = pair(TinyArch::Llama);
-    // A different vocabulary: the real SmolLM2 if present, otherwise a tiny model with a
-    // changed token text is not available, so check the size rule via the real model only.
-    let smol = dirs_models().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if smol.exists() {
+    // A different vocabulary: the real SmolLM2 (a tiny model with a changed token text is not
+    // generated, so the size rule is checked against the real model only).
+    if let Some(smol) = common::real_model(common::SMOLLM2) {
         let other = Arc::new(Model::load(&smol, &ModelParams::default()).unwrap());
         let e = Session::new(p.target.clone(), Some(other), SessionParams::default()).err().unwrap();
         assert!(matches!(e, Error::IncompatibleVocab(_)), "{e}");
         assert!(e.to_string().contains("differ"), "{e}");
-    } else {
-        eprintln!("SmolLM2 not present; vocab mismatch checked against the tiny pair only");
     }
     assert!(adaspec::check_vocab_compat(&p.target, &p.draft).is_ok());
-}
-
-fn dirs_models() -> PathBuf {
-    std::env::var_os("ADASPEC_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/adaspec/models"))
 }

@@ -184,7 +184,7 @@ fn both_archs_load_tokenize_and_chat() {
 }
 
 #[test]
-fn greedy_generation_is_fast_and_varied_and_pair_agrees_partly() {
+fn greedy_generation_is_varied_and_pair_agrees_partly() {
     let prompt_text = "The quick brown fox jumps over the lazy dog. Once upon a time";
     for arch in [TinyArch::Llama, TinyArch::Qwen2] {
         let dir = test_dir(&format!("pair-{arch:?}"));
@@ -212,7 +212,7 @@ fn greedy_generation_is_fast_and_varied_and_pair_agrees_partly() {
         let tail: std::collections::HashSet<i32> = gen[100..].iter().map(|t| t.0).collect();
         assert!(tail.len() >= 10, "tail collapsed: {} distinct", tail.len());
         assert!(sorted[sorted.len() / 2] > 0.5, "near-uniform model");
-        assert!(elapsed.as_secs_f32() < 3.0, "too slow: {elapsed:?}");
+        // Speed is measured by `cargo bench --bench tiny_decode`, not asserted here.
 
         // Batched teacher forcing reproduces one-token decoding on the target itself.
         let mut seq = prompt.clone();

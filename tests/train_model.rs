@@ -2,15 +2,19 @@
 //! GGUF import of tiny generated models and of real ones, parity with llama.cpp, pruned
 //! drafts, checkpoints, and `adaspec-export --gguf` round trips and refusals.
 //!
-//! Real-model tests skip with a notice when the files are absent (scripts/fetch-models.sh);
-//! they are sized to take well under a minute each on 2 cores.
+//! Real-model tests fail when the files are absent (scripts/fetch-models.sh fetches them;
+//! `ADASPEC_SKIP_REAL_MODELS=1` skips them outside CI, see tests/common); their prompts come
+//! from the data sets built into the crate. They are sized to take well under a minute each
+//! on 2 cores.
 #![cfg(feature = "train")]
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use adaspec::backend::sequence_logits;
-use adaspec::models::{models_dir, DEFAULT_DRAFT, DEFAULT_TARGET};
+use adaspec::models::{DEFAULT_DRAFT, DEFAULT_TARGET};
 use adaspec::tiny_model::{write_tiny_model, TinyArch, TinyModelConfig};
 use adaspec::train::gguf_import::{config_path, load_checkpoint, load_gguf, load_gguf_blocks, save_checkpoint};
 use adaspec::train::model::{check_weights, untie_head};
@@ -20,6 +24,7 @@ use adaspec::train::{
 };
 use adaspec::{GenerateParams, Model, ModelParams, NumericMode, Prompt, Session, SessionParams, Strategy};
 use candle_core::{DType, Device, Tensor};
+use common::{real_model, real_models, SMOLLM2};
 
 fn tmp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("adaspec-train-{tag}-{}", std::process::id()));
@@ -613,7 +618,7 @@ fn pruned_tiny_draft_exports_and_drafts_losslessly() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Real models (skipped when absent)
+// Real models (a missing file fails the test; see tests/common)
 // ---------------------------------------------------------------------------------------------
 
 /// Real-model tests take this lock: run one at a time, they keep peak memory (a few GB each)
@@ -623,20 +628,10 @@ fn real_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn real(name: &str) -> Option<PathBuf> {
-    let p = models_dir().join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("{} not found; run scripts/fetch-models.sh — skipping", p.display());
-        None
-    }
-}
-
 #[test]
 fn smollm2_loads_and_matches_llama_cpp() {
     let _guard = real_lock();
-    let Some(path) = real("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+    let Some(path) = real_model(SMOLLM2) else {
         return;
     };
     let (cfg, w) = load_gguf(&path).unwrap();
@@ -660,7 +655,7 @@ fn smollm2_loads_and_matches_llama_cpp() {
 #[test]
 fn real_draft_matches_llama_cpp() {
     let _guard = real_lock();
-    let Some(path) = real(DEFAULT_DRAFT) else {
+    let Some(path) = real_model(DEFAULT_DRAFT) else {
         return;
     };
     let (cfg, w) = load_gguf(&path).unwrap();
@@ -696,7 +691,7 @@ fn real_draft_matches_llama_cpp() {
 #[test]
 fn real_pruned_draft_exports_and_drafts_losslessly() {
     let _guard = real_lock();
-    let (Some(tp), Some(dp)) = (real(DEFAULT_TARGET), real(DEFAULT_DRAFT)) else {
+    let Some([tp, dp]) = real_models([DEFAULT_TARGET, DEFAULT_DRAFT]) else {
         return;
     };
     let dir = tmp_dir("real-prune");

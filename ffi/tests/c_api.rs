@@ -869,7 +869,6 @@ fn one_session_one_thread_at_a_time() {
 #[test]
 fn real_pair_greedy_is_lossless_through_the_c_api() {
     let Some((tp, dp)) = real_pair() else {
-        eprintln!("real model pair not found (run scripts/fetch-models.sh); skipping the real-pair C API test");
         return;
     };
     let api = api();
