@@ -107,11 +107,17 @@ impl Policy {
         self.mode == NumericMode::Exact
     }
 
-    /// Whether the draft model should read the prompt now (it will draft in the first round).
+    /// Whether the draft model should read the prompt with the target (billed as prompt
+    /// processing): whenever `auto` might draft with it at all, so that a later round never
+    /// pays for catching the draft up on the whole prompt.
     pub fn wants_model_prefill(&self) -> bool {
         match self.strategy {
             Strategy::None => false,
-            Strategy::Auto => self.model_allowed(),
+            Strategy::Auto => {
+                let optimistic = (self.cost.first_choice.mean(PRIOR_ACCEPT) + 0.15).min(0.98);
+                let max = AUTO_MAX_DEPTH.min(self.max_verify.saturating_sub(1));
+                self.fixed_costs || self.best_chain_rate(optimistic, max, 0.0, 0) > self.rate(0.0, 0.0, 1)
+            }
             _ => true,
         }
     }
