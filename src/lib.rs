@@ -4,10 +4,13 @@
 //! The engine (everything outside `train`) never depends on candle.
 
 pub mod backend;
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod cost;
+#[cfg(feature = "cli")]
 pub mod dataset;
 pub mod error;
+#[cfg(feature = "cli")]
 pub mod inspect;
 pub mod models;
 pub mod ngram;
@@ -17,6 +20,7 @@ pub mod proposer;
 pub mod sampling;
 pub mod session;
 pub mod strategy;
+#[cfg(feature = "fixtures")]
 pub mod tiny_model;
 pub mod tree;
 pub mod verifier;

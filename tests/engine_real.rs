@@ -89,3 +89,26 @@ fn fast_mode_departures_are_measured_and_only_at_near_ties() {
     }
     eprintln!("fast mode: {departures} of {} prompts departed from target alone within 64 tokens", ps.len());
 }
+
+/// Exact mode past 512 cells of context (where llama.cpp's attention steps to a larger n_kv)
+/// with many rollbacks: a conversation of several long turns, chain and `auto` (model + lookups).
+#[test]
+fn exact_mode_past_600_tokens_of_context_is_token_identical() {
+    let Some((target, draft)) = pair(false) else { return };
+    let gp = GenerateParams { max_tokens: 96, ignore_eog: true, ..Default::default() };
+    let turns: Vec<String> = prompts().into_iter().take(4).collect();
+    let run = |s: &mut Session| -> Vec<Vec<i32>> {
+        turns.iter().map(|p| s.generate(&chat(p), &gp, &mut |_, _| true).unwrap().tokens).collect()
+    };
+    let mut base = Session::new(target.clone(), None, params(Strategy::None, NumericMode::Exact)).unwrap();
+    let want = run(&mut base);
+    assert!(base.history().len() > 600, "context reached only {} tokens", base.history().len());
+    for st in [Strategy::Chain(3), Strategy::Auto] {
+        let mut s = Session::new(target.clone(), Some(draft.clone()), params(st.clone(), NumericMode::Exact)).unwrap();
+        let got = run(&mut s);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "exact mode {st} departed in turn {i} (context {} tokens)", s.history().len());
+        }
+        eprintln!("exact {st}: {} tokens of context, cap {}", s.history().len(), s.max_verify_batch());
+    }
+}
