@@ -132,8 +132,11 @@ pub struct CostModel {
     pub first_choice: Calibration,
     /// Acceptance of second-choice (sibling) children.
     pub second_choice: Calibration,
-    /// Acceptance of n-gram lookup tokens, by the share of matches that agree on them.
+    /// Acceptance of the first token of n-gram lookups, by the share of matches agreeing on it.
     pub lookup: Calibration,
+    /// Acceptance of later lookup tokens given the earlier ones were accepted (copied text
+    /// tends to go on being copied).
+    pub lookup_next: Calibration,
 }
 
 impl CostModel {
@@ -142,7 +145,8 @@ impl CostModel {
         match origin {
             Origin::Draft(0) => &self.first_choice,
             Origin::Draft(_) => &self.second_choice,
-            Origin::Lookup => &self.lookup,
+            Origin::Lookup(0) => &self.lookup,
+            Origin::Lookup(_) => &self.lookup_next,
         }
     }
 
@@ -151,7 +155,8 @@ impl CostModel {
         match origin {
             Origin::Draft(0) => &mut self.first_choice,
             Origin::Draft(_) => &mut self.second_choice,
-            Origin::Lookup => &mut self.lookup,
+            Origin::Lookup(0) => &mut self.lookup,
+            Origin::Lookup(_) => &mut self.lookup_next,
         }
     }
 

@@ -39,6 +39,11 @@ pub struct Limits {
     pub max_depth: usize,
 }
 
+/// Lookup branches chosen for a round: (tokens, confidence, expected accepted tokens).
+type LookupPlan = Vec<(Vec<Token>, f32, f32)>;
+/// A lookup candidate that was not verified, judged against the tokens the round commits.
+type Shadow = (Vec<Token>, f32);
+
 /// Test-only behaviour, to show that the tests catch what they guard against.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -65,6 +70,9 @@ pub struct Policy {
     other_rate: Option<f64>,
     /// Costs fixed by a test: no online timing, no realized-rate guard.
     fixed_costs: bool,
+    /// This round's best lookup candidate when none of it went into the tree: whether the
+    /// target would have accepted it is read off the committed tokens, for free.
+    shadow: Option<Shadow>,
     variant: TestVariant,
 }
 
@@ -80,6 +88,7 @@ impl Policy {
             model_rate: None,
             other_rate: None,
             fixed_costs: false,
+            shadow: None,
             variant: TestVariant::default(),
         }
     }
@@ -243,25 +252,21 @@ impl Policy {
     }
 
     /// Lookup nodes worth verifying on their own: the best prefix of each candidate (fast mode:
-    /// up to three branches; exact mode: the best chain), as (tokens, confidence, value).
-    fn lookup_plan(
-        &self,
-        l: &mut LookupDraft,
-        history: &[Token],
-        lim: &Limits,
-        base_nodes: usize,
-    ) -> Vec<(Vec<Token>, f32, f32)> {
+    /// up to three branches; exact mode: the best chain), as (tokens, confidence, value); and
+    /// the best candidate itself, for shadow evaluation when nothing of it is verified.
+    fn lookup_plan(&self, l: &mut LookupDraft, history: &[Token], lim: &Limits) -> (LookupPlan, Option<Shadow>) {
         let branches = if self.exact() { 1 } else { 3 };
         let mut out = Vec::new();
-        let mut nodes = base_nodes;
-        for c in l.candidates(history).into_iter().take(branches) {
+        let mut nodes = 0;
+        let cands = l.candidates(history);
+        let shadow = cands.first().map(|c| (c.tokens.clone(), lookup::confidence(c)));
+        for c in cands.into_iter().take(branches) {
             let conf = lookup::confidence(&c);
-            let a = self.estimate(Origin::Lookup, conf);
             let (mut reach, mut sum) = (1.0f32, 0.0f32);
             let (mut best_len, mut best_rate, mut best_sum) = (0, self.rate(0.0, 0.0, 1 + nodes), 0.0);
             let max = c.tokens.len().min(lim.max_depth).min(lim.max_nodes.saturating_sub(nodes)).min(AUTO_MAX_LOOKUP);
             for len in 1..=max {
-                reach *= a;
+                reach *= self.estimate(Origin::Lookup(len - 1), conf);
                 sum += reach;
                 let r = self.rate(sum, 0.0, 1 + nodes + len);
                 if r > best_rate {
@@ -273,7 +278,7 @@ impl Policy {
                 out.push((c.tokens[..best_len].to_vec(), conf, best_sum));
             }
         }
-        out
+        (out, shadow)
     }
 
     /// `auto`: plain, lookup only, or a calibrated model chain (plus second choices and lookup
@@ -287,16 +292,35 @@ impl Policy {
         rng: &mut StdRng,
         tree: &mut DraftTree,
     ) -> Result<bool> {
-        let plan = match (self.lookup, d.lookup) {
-            (true, Some(l)) => self.lookup_plan(l, history, lim, 0),
-            _ => Vec::new(),
+        let (plan, shadow) = match (self.lookup, d.lookup) {
+            (true, Some(l)) => self.lookup_plan(l, history, lim),
+            _ => (Vec::new(), None),
         };
+        let used = self.auto_tree(d.model, history, lim, sp, rng, tree, &plan)?;
+        if !tree.nodes.iter().any(|n| matches!(n.origin, Origin::Lookup(_))) {
+            self.shadow = shadow;
+        }
+        Ok(used)
+    }
+
+    /// The tree of an `auto` round given its lookup plan; returns whether the model drafted.
+    #[allow(clippy::too_many_arguments)]
+    fn auto_tree(
+        &mut self,
+        model: Option<&mut ModelDraft>,
+        history: &[Token],
+        lim: &Limits,
+        sp: &SamplingParams,
+        rng: &mut StdRng,
+        tree: &mut DraftTree,
+        plan: &LookupPlan,
+    ) -> Result<bool> {
         let lookup_value: f32 = plan.iter().map(|p| p.2).sum();
         let lookup_nodes: usize = plan.iter().map(|p| p.0.len()).sum();
         let without_model = self.rate(lookup_value, 0.0, 1 + lookup_nodes);
         let a_bar = self.cost.first_choice.mean(PRIOR_ACCEPT);
         let max_len = AUTO_MAX_DEPTH.min(lim.max_depth).min(lim.max_nodes);
-        let use_model = match d.model {
+        let use_model = match model {
             Some(_) if max_len > 0 && self.model_allowed() => {
                 // In exact mode the model chain replaces the lookup chain (no trees).
                 let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
@@ -307,8 +331,8 @@ impl Policy {
             }
             _ => false,
         };
-        let Some(model) = d.model.filter(|_| use_model) else {
-            for (tokens, conf, _) in &plan {
+        let Some(model) = model.filter(|_| use_model) else {
+            for (tokens, conf, _) in plan {
                 LookupDraft::insert(tree, tokens, *conf, lim.max_nodes.saturating_sub(tree.n_draft()));
             }
             return Ok(false);
@@ -373,7 +397,7 @@ impl Policy {
                 }
             }
         } else {
-            for (tokens, conf, _) in &plan {
+            for (tokens, conf, _) in plan {
                 LookupDraft::insert(tree, tokens, *conf, lim.max_nodes.saturating_sub(tree.n_draft()));
             }
         }
@@ -446,6 +470,7 @@ impl Policy {
         &mut self,
         tree: &DraftTree,
         verdict: &Verdict,
+        committed: &[Token],
         used_model: bool,
         draft_timings: &[(usize, f64)],
         verify_ms: f64,
@@ -456,8 +481,19 @@ impl Policy {
         for &i in &verdict.accepted {
             on_path[i] = true;
         }
+        let shadow = self.shadow.take();
         if self.fixed_costs {
             return;
+        }
+        if let Some((tokens, conf)) = shadow {
+            // A deterministic proposal x is accepted with probability p(x), the chance that
+            // the target's own next token is x: the committed tokens tell, at no cost.
+            for (j, (&x, &t)) in tokens.iter().zip(committed).enumerate() {
+                self.cost.calibration_mut(Origin::Lookup(j)).observe(conf, x == t);
+                if x != t {
+                    break;
+                }
+            }
         }
         for i in 1..tree.len() {
             let n = &tree.nodes[i];

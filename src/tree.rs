@@ -20,8 +20,8 @@ pub enum Proposal {
 pub enum Origin {
     /// The draft model's (or head's) choice of this rank at its parent (0 = its best token).
     Draft(usize),
-    /// An n-gram lookup in the history.
-    Lookup,
+    /// The i-th token (0 = first) of an n-gram lookup's continuation.
+    Lookup(usize),
 }
 
 /// One node. Node 0 is the root: the last committed token, which the target has not seen yet.

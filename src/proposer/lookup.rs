@@ -17,8 +17,11 @@ pub struct LookupDraft {
 }
 
 impl Default for LookupDraft {
+    /// Continuations up to the longest lookup chain `auto` verifies: copied text often runs
+    /// long, and on a CPU one 16-token batch costs far less than 16 one-token passes.
     fn default() -> Self {
-        LookupDraft { index: NgramIndex::new(NgramConfig::default()) }
+        let cfg = NgramConfig { max_len: crate::policy::AUTO_MAX_LOOKUP, ..NgramConfig::default() };
+        LookupDraft { index: NgramIndex::new(cfg) }
     }
 }
 
@@ -40,7 +43,7 @@ impl LookupDraft {
     pub fn insert(tree: &mut DraftTree, tokens: &[Token], conf: f32, max_new: usize) -> Vec<usize> {
         let mut node = 0;
         let mut added = Vec::new();
-        for &t in tokens {
+        for (i, &t) in tokens.iter().enumerate() {
             if let Some(c) = tree.child_with(node, t) {
                 node = c;
                 continue;
@@ -49,7 +52,7 @@ impl LookupDraft {
                 break;
             }
             let c = tree.add(node, t, 0.0, 0.0, Proposal::Deterministic);
-            tree.nodes[c].origin = Origin::Lookup;
+            tree.nodes[c].origin = Origin::Lookup(i);
             tree.nodes[c].conf = conf;
             added.push(c);
             node = c;

@@ -482,7 +482,7 @@ impl Session {
             }
             None => Vec::new(),
         };
-        self.policy.learn(&tree, &v.verdict, used_model, &timings, v.verify_ms, ms_since(t_round));
+        self.policy.learn(&tree, &v.verdict, &commit, used_model, &timings, v.verify_ms, ms_since(t_round));
         Ok(commit)
     }
 
