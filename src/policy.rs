@@ -44,6 +44,21 @@ type LookupPlan = Vec<(Vec<Token>, f32, f32)>;
 /// A lookup candidate that was not verified, judged against the tokens the round commits.
 type Shadow = (Vec<Token>, f32);
 
+/// What a verified round tells the policy.
+#[derive(Clone, Copy)]
+pub struct RoundRecord<'a> {
+    pub tree: &'a DraftTree,
+    pub verdict: &'a Verdict,
+    /// Accepted tokens and the bonus.
+    pub committed: &'a [Token],
+    /// Whether the draft model ran this round.
+    pub used_model: bool,
+    /// (batch size, ms) of the draft's decodes.
+    pub draft_timings: &'a [(usize, f64)],
+    pub verify_ms: f64,
+    pub round_ms: f64,
+}
+
 /// Test-only behaviour, to show that the tests catch what they guard against.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -466,16 +481,8 @@ impl Policy {
     }
 
     /// Learns from a verified round: acceptance per origin, verification cost, realized rate.
-    pub fn learn(
-        &mut self,
-        tree: &DraftTree,
-        verdict: &Verdict,
-        committed: &[Token],
-        used_model: bool,
-        draft_timings: &[(usize, f64)],
-        verify_ms: f64,
-        round_ms: f64,
-    ) {
+    pub fn learn(&mut self, r: &RoundRecord<'_>) {
+        let RoundRecord { tree, verdict, committed, used_model, draft_timings, verify_ms, round_ms } = *r;
         let mut on_path = vec![false; tree.len()];
         on_path[0] = true;
         for &i in &verdict.accepted {

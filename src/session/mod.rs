@@ -22,7 +22,7 @@ use rand::SeedableRng;
 use crate::backend::{ChatMessage, Model, Token};
 use crate::cost::{self, CostModel};
 use crate::error::{Error, Result};
-use crate::policy::{Drafters, Limits, Policy, TestVariant, AUTO_MAX_DEPTH, AUTO_MAX_LOOKUP};
+use crate::policy::{Drafters, Limits, Policy, RoundRecord, TestVariant, AUTO_MAX_DEPTH, AUTO_MAX_LOOKUP};
 use crate::probe;
 use crate::proposer::{LookupDraft, ModelDraft, Proposer};
 use crate::sampling::SamplingParams;
@@ -482,7 +482,15 @@ impl Session {
             }
             None => Vec::new(),
         };
-        self.policy.learn(&tree, &v.verdict, &commit, used_model, &timings, v.verify_ms, ms_since(t_round));
+        self.policy.learn(&RoundRecord {
+            tree: &tree,
+            verdict: &v.verdict,
+            committed: &commit,
+            used_model,
+            draft_timings: &timings,
+            verify_ms: v.verify_ms,
+            round_ms: ms_since(t_round),
+        });
         Ok(commit)
     }
 
