@@ -404,6 +404,12 @@ enum adaspec_status adaspec_session_last_text(struct adaspec_session *session,
 // processed; an empty prompt continues the conversation. `params` may be NULL (defaults).
 // `stats_out` may be NULL; its `struct_size` must be set. Returns `ADASPEC_STATUS_BUSY` when
 // the session is in use (including calls from this session's own callback).
+// A call that fails (any status but OK) leaves the session's history, conversation and
+// caches as they were before it; the session stays usable. After a stop string the history
+// ends with the tokens of the returned text (generated tokens whose text lies inside it, plus
+// the re-tokenized returned part of a token that straddled the stop string). When the
+// context fills up, generation ends with `ADASPEC_STOP_REASON_CONTEXT_FULL` and the text so
+// far; a prompt that does not fit fails with `ADASPEC_STATUS_CONTEXT_FULL`.
 enum adaspec_status adaspec_session_generate(struct adaspec_session *session,
                                              const char *prompt,
                                              const struct adaspec_generate_params *params,

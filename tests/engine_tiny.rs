@@ -321,3 +321,32 @@ fn incompatible_vocab_is_reported() {
     }
     assert!(adaspec::check_vocab_compat(&p.target, &p.draft).is_ok());
 }
+
+#[test]
+fn lookups_without_a_draft_model_are_token_identical() {
+    for arch in [TinyArch::Llama, TinyArch::Qwen2] {
+        let p = pair(arch);
+        // A prompt that repeats itself, so lookups find matches.
+        let prompt = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(";
+        let mut baseline = session(p, Strategy::None);
+        let want = run(&mut baseline, prompt, &greedy(200));
+        for st in [Strategy::Chain(4), "tree:3,4,12".parse().unwrap(), Strategy::Auto] {
+            let mut s = Session::new(
+                p.target.clone(),
+                None,
+                SessionParams { n_ctx: 1024, n_threads: 2, strategy: st.clone(), ..Default::default() },
+            )
+            .expect("session");
+            let got = run(&mut s, prompt, &greedy(200));
+            assert_eq!(got.tokens, want.tokens, "{arch:?} lookup {st}");
+            eprintln!(
+                "{arch:?} lookup {st}: accepted {}/{} tok/pass {:.2}",
+                got.stats.draft_accepted, got.stats.draft_proposed, got.stats.tokens_per_pass
+            );
+            if st != Strategy::Auto {
+                assert!(got.stats.draft_proposed > 0, "{st}: lookups proposed nothing");
+                assert!(got.stats.draft_accepted > 0, "{st}: no lookup was ever accepted");
+            }
+        }
+    }
+}

@@ -388,6 +388,12 @@ fn generate(
 /// processed; an empty prompt continues the conversation. `params` may be NULL (defaults).
 /// `stats_out` may be NULL; its `struct_size` must be set. Returns `ADASPEC_STATUS_BUSY` when
 /// the session is in use (including calls from this session's own callback).
+/// A call that fails (any status but OK) leaves the session's history, conversation and
+/// caches as they were before it; the session stays usable. After a stop string the history
+/// ends with the tokens of the returned text (generated tokens whose text lies inside it, plus
+/// the re-tokenized returned part of a token that straddled the stop string). When the
+/// context fills up, generation ends with `ADASPEC_STOP_REASON_CONTEXT_FULL` and the text so
+/// far; a prompt that does not fit fails with `ADASPEC_STATUS_CONTEXT_FULL`.
 #[no_mangle]
 pub extern "C" fn adaspec_session_generate(
     session: *mut adaspec_session,

@@ -377,8 +377,15 @@ fn generation_matches_engine_and_is_lossless() {
         (tree.tree_top_k, tree.tree_depth, tree.tree_nodes) = (3, 4, 12);
         let mut chain = api.session_params(STRATEGY_CHAIN);
         chain.chain_length = 3;
-        let spec: Vec<*mut Session> =
-            [chain, tree, api.session_params(STRATEGY_AUTO)].iter().map(|sp| api.new_session(t, d, sp)).collect();
+        let mut no_lookup = api.session_params(STRATEGY_AUTO);
+        no_lookup.lookup = 0;
+        let mut spec: Vec<*mut Session> = [chain, tree, api.session_params(STRATEGY_AUTO), no_lookup]
+            .iter()
+            .map(|sp| api.new_session(t, d, sp))
+            .collect();
+        // No draft model: n-gram lookups are the only draft (auto, and a lookup chain).
+        spec.push(api.new_session(t, null(), &api.session_params(STRATEGY_AUTO)));
+        spec.push(api.new_session(t, null(), &chain));
         let gp = api.greedy(96);
         let engine_ref = engine_generate(
             &p.target,
