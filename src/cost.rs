@@ -8,33 +8,55 @@ use std::sync::Mutex;
 
 use crate::tree::Origin;
 
-/// Exponential moving average weight of a new measurement.
-const EMA: f64 = 0.15;
+/// Weight of a new measurement in the curve's overall scale (the machine got busier or
+/// quieter: every batch size moves together).
+const SCALE_EMA: f64 = 0.1;
+/// Weight of a new measurement in its own batch size's point (the curve's shape).
+const POINT_EMA: f64 = 0.01;
 
-/// Measured milliseconds per decode call by batch size (index = batch size).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// Measured milliseconds per decode call by batch size: a shape (per-size points) times an
+/// overall scale. Online measurements mostly move the scale, so noise that slows every decode
+/// (another process, a frequency change) never makes one size look cheap next to stale
+/// neighbours; they move their own point slowly.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct BatchCost {
     ms: Vec<Option<f64>>,
+    scale: f64,
+}
+
+impl Default for BatchCost {
+    fn default() -> Self {
+        BatchCost { ms: Vec::new(), scale: 1.0 }
+    }
 }
 
 impl BatchCost {
-    /// Records a measurement (first one sets, later ones blend in).
+    /// Records a measurement: the first one of a size sets its point, later ones move the
+    /// scale and (less) the point.
     pub fn observe(&mut self, batch: usize, ms: f64) {
-        if batch == 0 || !ms.is_finite() {
+        if batch == 0 || !ms.is_finite() || ms < 0.0 {
             return;
         }
         if self.ms.len() <= batch {
             self.ms.resize(batch + 1, None);
         }
-        self.ms[batch] = Some(match self.ms[batch] {
-            Some(old) => old * (1.0 - EMA) + ms * EMA,
-            None => ms,
-        });
+        match self.ms[batch] {
+            None => self.ms[batch] = Some(ms / self.scale),
+            Some(old) => {
+                let ratio = ms / (old * self.scale).max(1e-9);
+                self.scale *= 1.0 + SCALE_EMA * (ratio.clamp(0.25, 4.0) - 1.0);
+                self.ms[batch] = Some(old * (1.0 - POINT_EMA) + (ms / self.scale) * POINT_EMA);
+            }
+        }
     }
 
     /// Estimated ms for a batch: measured, else interpolated between measured neighbours,
-    /// else extrapolated linearly from the largest two.
+    /// else extrapolated linearly from the largest two; times the scale.
     pub fn estimate(&self, batch: usize) -> f64 {
+        self.shape(batch) * self.scale
+    }
+
+    fn shape(&self, batch: usize) -> f64 {
         let batch = batch.max(1);
         if let Some(Some(v)) = self.ms.get(batch) {
             return *v;
@@ -66,9 +88,9 @@ impl BatchCost {
         self.ms.iter().all(Option::is_none)
     }
 
-    /// The measured points, for reporting.
+    /// The measured points (scaled), for reporting.
     pub fn points(&self) -> Vec<(usize, f64)> {
-        self.ms.iter().enumerate().filter_map(|(b, v)| v.map(|v| (b, v))).collect()
+        self.ms.iter().enumerate().filter_map(|(b, v)| v.map(|v| (b, v * self.scale))).collect()
     }
 }
 
@@ -205,6 +227,20 @@ mod tests {
         assert!(c.estimate(16) > 223.0);
         c.observe(1, 86.0);
         assert!(c.estimate(1) > 76.0 && c.estimate(1) < 86.0);
+    }
+
+    #[test]
+    fn a_slower_machine_moves_the_whole_curve() {
+        let mut c = BatchCost::default();
+        c.observe(1, 20.0);
+        c.observe(2, 36.0);
+        for _ in 0..60 {
+            c.observe(1, 40.0); // everything got twice as slow; only size 1 is seen
+        }
+        assert!((c.estimate(1) - 40.0).abs() < 2.0, "{}", c.estimate(1));
+        // The unseen size keeps its ratio to size 1 instead of looking cheap.
+        let ratio = c.estimate(2) / c.estimate(1);
+        assert!(ratio > 1.6 && ratio <= 1.8, "ratio {ratio}"); // measured 1.8 before the slowdown
     }
 
     #[test]

@@ -232,12 +232,18 @@ impl Policy {
     /// Best expected rate of a model chain at i.i.d. acceptance `a`, over lengths up to `max`,
     /// on top of `extra` expected tokens from `extra_nodes` free nodes (lookups).
     fn best_chain_rate(&self, a: f32, max: usize, extra: f32, extra_nodes: usize) -> f64 {
+        self.best_chain_rate_after(a, max, extra, extra_nodes, 0.0)
+    }
+
+    /// [`Policy::best_chain_rate`] when the draft first needs `catch_up_ms` to read history
+    /// it has not seen.
+    fn best_chain_rate_after(&self, a: f32, max: usize, extra: f32, extra_nodes: usize, catch_up_ms: f64) -> f64 {
         let (mut reach, mut sum) = (1.0f32, 0.0f32);
         let mut best = 0.0f64;
         for g in 1..=max {
             reach *= a;
             sum += reach;
-            best = best.max(self.rate(sum + extra, self.chain_ms(g), 1 + g + extra_nodes));
+            best = best.max(self.rate(sum + extra, catch_up_ms + self.chain_ms(g), 1 + g + extra_nodes));
         }
         best
     }
@@ -335,14 +341,16 @@ impl Policy {
         let without_model = self.rate(lookup_value, 0.0, 1 + lookup_nodes);
         let a_bar = self.cost.first_choice.mean(PRIOR_ACCEPT);
         let max_len = AUTO_MAX_DEPTH.min(lim.max_depth).min(lim.max_nodes);
-        let use_model = match model {
-            Some(_) if max_len > 0 && self.model_allowed() => {
+        let use_model = match &model {
+            Some(m) if max_len > 0 && self.model_allowed() => {
                 // In exact mode the model chain replaces the lookup chain (no trees).
                 let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
-                self.fixed_costs
-                    || self.best_chain_rate(a_bar, max_len, extra, extra_nodes) > without_model
-                    || self.rounds % 16 == 0
-                        && self.best_chain_rate((a_bar + 0.15).min(0.98), max_len, extra, extra_nodes) > without_model
+                // A draft that skipped rounds first reads the tokens it missed, in one batch.
+                let lag = m.lag(history);
+                let catch_up =
+                    if lag > 1 { (self.cost.draft.estimate(lag) - self.cost.draft.estimate(1)).max(0.0) } else { 0.0 };
+                let pays = |a: f32| self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model;
+                self.fixed_costs || pays(a_bar) || self.rounds % 16 == 0 && pays((a_bar + 0.15).min(0.98))
             }
             _ => false,
         };

@@ -73,6 +73,11 @@ impl ModelDraft {
         tokens.iter().map(|&t| if (t as usize) < self.draft_vocab { t } else { self.stand_in }).collect()
     }
 
+    /// History tokens the draft has not read yet (the root included).
+    pub fn lag(&self, history: &[Token]) -> usize {
+        history.len().saturating_sub(self.past())
+    }
+
     /// Tokens of the history in the draft's cache.
     fn past(&self) -> usize {
         (self.ctx.seq_pos_max(0) + 1).max(0) as usize
