@@ -349,7 +349,8 @@ impl Policy {
                 let lag = m.lag(history);
                 let catch_up =
                     if lag > 1 { (self.cost.draft.estimate(lag) - self.cost.draft.estimate(1)).max(0.0) } else { 0.0 };
-                let pays = |a: f32| self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model;
+                let pays =
+                    |a: f32| self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model;
                 self.fixed_costs || pays(a_bar) || self.rounds % 16 == 0 && pays((a_bar + 0.15).min(0.98))
             }
             _ => false,

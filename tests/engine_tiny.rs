@@ -350,3 +350,42 @@ fn lookups_without_a_draft_model_are_token_identical() {
         }
     }
 }
+
+/// `adaspec bench` runs each configuration as `adaspec generate` would (a fresh session per
+/// prompt): the same rounds and tokens per pass as a direct generation, for deterministic
+/// strategies and for `auto` with fixed behaviour (greedy, same inputs).
+#[test]
+fn bench_runs_what_generate_runs() {
+    use adaspec::bench::{run_bench, BenchConfig};
+    let p = pair(TinyArch::Qwen2);
+    let variants = ["chain:3", "tree:3,4,12", "lookup=chain:4"];
+    let cfg = BenchConfig {
+        prompts: PROMPTS.iter().map(|s| s.to_string()).collect(),
+        strategies: variants.iter().map(|v| v.parse().unwrap()).collect(),
+        max_tokens: 64,
+        chat: false,
+        threads: 2,
+        mode: NumericMode::Fast,
+        n_ctx: 1024,
+        ignore_eog: true,
+    };
+    let report = run_bench(p.target.clone(), p.draft.clone(), &cfg, &mut |_, _, _| {}).unwrap();
+    for (pi, prompt) in PROMPTS.iter().enumerate() {
+        for v in variants {
+            let (draft, strategy) = match v.strip_prefix("lookup=") {
+                Some(st) => (None, st.parse().unwrap()),
+                None => (Some(p.draft.clone()), v.parse().unwrap()),
+            };
+            let mut s = Session::new(
+                p.target.clone(),
+                draft,
+                SessionParams { n_ctx: 1024, n_threads: 2, strategy, ..Default::default() },
+            )
+            .unwrap();
+            let g = run(&mut s, prompt, &greedy(64));
+            let r = report.runs.iter().find(|r| r.prompt_index == pi && r.strategy == v).expect("bench run");
+            assert_eq!((r.tokens, r.rounds), (g.stats.tokens, g.stats.rounds), "{v} on prompt {pi}");
+            assert!(r.identical, "{v} on prompt {pi} differs from target alone");
+        }
+    }
+}
