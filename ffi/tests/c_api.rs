@@ -906,3 +906,29 @@ fn real_pair_greedy_is_lossless_through_the_c_api() {
         (api.model_free)(d);
     }
 }
+
+#[test]
+fn a_failed_generation_leaves_the_session_usable() {
+    let api = api();
+    let p = tiny(TinyArch::Qwen2);
+    let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
+    let mut sp = api.session_params(STRATEGY_CHAIN);
+    (sp.chain_length, sp.n_ctx) = (3, 128);
+    let (s, fresh) = (api.new_session(t, d, &sp), api.new_session(t, d, &sp));
+    let gp = api.greedy(16);
+    api.generate_text(s, "Hello", &gp).unwrap();
+    api.generate_text(fresh, "Hello", &gp).unwrap();
+    let (status, msg) = api.generate_text(s, &"word ".repeat(300), &gp).expect_err("prompt too long");
+    assert_eq!(status, CONTEXT_FULL, "{msg}");
+    // The failed call changed nothing: the session goes on exactly as one that never saw it.
+    let (a, _) = api.generate_text(s, " again", &gp).unwrap();
+    let (b, _) = api.generate_text(fresh, " again", &gp).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    // SAFETY: live handles, freed once.
+    unsafe {
+        (api.session_free)(s);
+        (api.session_free)(fresh);
+        (api.model_free)(t);
+        (api.model_free)(d);
+    }
+}
