@@ -14,8 +14,12 @@
  *   message naming the function, the argument and the expected value. Every fallible call
  *   clears it first. adaspec_status_name() names a status.
  * - Parameter structs are filled by *_default_params() and passed by pointer; their first
- *   field struct_size lets later versions grow the ABI. NULL params mean defaults. Enum-valued
- *   fields are int32_t; out-of-range values give ADASPEC_STATUS_INVALID_PARAM.
+ *   field struct_size lets the ABI grow at the end of each struct. A struct from an older
+ *   header (down to ABI version 1's size) gets defaults for the fields it lacks; one from a
+ *   newer header is accepted while the fields this library does not know are zero (else
+ *   ADASPEC_STATUS_STRUCT_SIZE); adaspec_stats is written up to the smaller of both sizes.
+ *   NULL params mean defaults. Enum-valued fields are int32_t; out-of-range values give
+ *   ADASPEC_STATUS_INVALID_PARAM. bool fields and arguments treat any non-zero byte as true.
  * - No Rust panic or abort crosses into the host: an internal panic is caught and returned as
  *   ADASPEC_STATUS_PANIC. NULL pointers give ADASPEC_STATUS_NULL_ARGUMENT.
  *

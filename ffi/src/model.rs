@@ -41,8 +41,8 @@ pub extern "C" fn adaspec_model_load(
         }
         let mp = engine::ModelParams {
             n_gpu_layers: if p.n_gpu_layers == -1 { i32::MAX as u32 } else { p.n_gpu_layers as u32 },
-            use_mmap: p.use_mmap,
-            repack: p.repack,
+            use_mmap: p.use_mmap.get(),
+            repack: p.repack.get(),
         };
         let model = engine::Model::load(path, &mp)?;
         let handle = Arc::new(ModelHandle { model: Arc::new(model), n_threads: p.n_threads });

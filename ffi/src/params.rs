@@ -1,14 +1,33 @@
 //! Parameter and result structs of the C ABI, their defaults, and their validation.
 //!
 //! Every struct starts with `struct_size`, which the host sets to `sizeof(the struct)` (the
-//! `*_default_params()` functions do it), so later versions can append fields and still
-//! accept structs from hosts compiled against this header. Enum-typed fields are `int32_t`
+//! `*_default_params()` functions do it), so later versions can append fields: a struct from
+//! an older header (down to ABI v1's size) gets defaults for the fields it lacks; one from a
+//! newer header is accepted while the fields this library does not know are zero; out-structs
+//! are written up to min(host size, library size). Enum-typed fields are `int32_t`
 //! so that an out-of-range value from C is a status, never undefined behaviour.
 //! This module must never trust a field it has not range-checked.
 
 use std::ffi::{c_char, CStr};
 
 use crate::status::{adaspec_status, FfiError, FfiResult};
+
+/// A C `bool` as this library reads it: one byte, any non-zero value true. A Rust `bool`
+/// read from C memory holding anything but 0 or 1 would be undefined behaviour. The header
+/// spells it `bool` (same size and alignment).
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CBool(u8);
+
+impl CBool {
+    pub const TRUE: CBool = CBool(1);
+    pub const FALSE: CBool = CBool(0);
+
+    /// Non-zero is true.
+    pub fn get(self) -> bool {
+        self.0 != 0
+    }
+}
 
 /// ABI version: bumped whenever a struct layout or function signature changes incompatibly.
 pub const ADASPEC_ABI_VERSION: u32 = 1;
@@ -72,10 +91,10 @@ pub struct adaspec_model_params {
     /// build of the library). Must be >= -1.
     pub n_gpu_layers: i32,
     /// Memory-map the file instead of reading it (default true).
-    pub use_mmap: bool,
+    pub use_mmap: CBool,
     /// Let llama.cpp repack weights for faster CPU matmuls (default true). Load the target
     /// with false to use `ADASPEC_NUMERIC_MODE_EXACT`.
-    pub repack: bool,
+    pub repack: CBool,
 }
 
 /// Session settings. Get defaults from `adaspec_session_default_params()`.
@@ -135,7 +154,7 @@ pub struct adaspec_generate_params {
     /// Number of entries in `stop_strings` (default 0, at most 64).
     pub n_stop_strings: usize,
     /// Keep generating past end-of-generation tokens (fixed-length benchmarks; default false).
-    pub ignore_eog: bool,
+    pub ignore_eog: CBool,
 }
 
 /// Counters and timings of one generation, written by the generate functions on success.
@@ -193,8 +212,8 @@ impl Default for adaspec_model_params {
             struct_size: std::mem::size_of::<Self>() as u32,
             n_threads: 0,
             n_gpu_layers: 0,
-            use_mmap: true,
-            repack: true,
+            use_mmap: CBool::TRUE,
+            repack: CBool::TRUE,
         }
     }
 }
@@ -229,7 +248,7 @@ impl Default for adaspec_generate_params {
             seed: ADASPEC_SEED_FROM_SESSION,
             stop_strings: std::ptr::null(),
             n_stop_strings: 0,
-            ignore_eog: false,
+            ignore_eog: CBool::FALSE,
         }
     }
 }
@@ -257,35 +276,96 @@ impl Default for adaspec_stats {
     }
 }
 
-/// Checks the `struct_size` a host wrote at the start of a struct.
+/// A struct of the C ABI: it starts with a `u32 struct_size`, and grows only at its end.
+pub(crate) trait AbiStruct: Copy + Default {
+    /// The smallest size this library ever shipped (ABI version 1): hosts built against any
+    /// header from that one to this library's may pass it.
+    const V1_SIZE: usize;
+}
+
+impl AbiStruct for adaspec_model_params {
+    const V1_SIZE: usize = std::mem::size_of::<Self>();
+}
+
+impl AbiStruct for adaspec_session_params {
+    // v1 ended with `seed`; `lookup` came after.
+    const V1_SIZE: usize = std::mem::offset_of!(adaspec_session_params, lookup);
+}
+
+impl AbiStruct for adaspec_generate_params {
+    const V1_SIZE: usize = std::mem::size_of::<Self>();
+}
+
+impl AbiStruct for adaspec_stats {
+    const V1_SIZE: usize = std::mem::size_of::<Self>();
+}
+
+/// Checks the `struct_size` a host wrote at the start of a struct and returns how many bytes
+/// of it this library reads or writes: min(the host's size, this library's size). Sizes from
+/// ABI v1's up are accepted, larger ones too (a newer header; see `read_params` for its tail).
 ///
 /// # Safety
 /// `p` must point to at least 4 readable bytes.
-pub(crate) unsafe fn check_struct_size<T>(p: *const T, arg: &str) -> FfiResult<()> {
+pub(crate) unsafe fn check_struct_size<T: AbiStruct>(p: *const T, arg: &str) -> FfiResult<usize> {
     // SAFETY: every params struct starts with a u32 struct_size (caller contract).
     let size = unsafe { std::ptr::read_unaligned(p as *const u32) } as usize;
-    let want = std::mem::size_of::<T>();
-    if size != want {
+    let ours = std::mem::size_of::<T>();
+    if size < T::V1_SIZE {
         return Err(FfiError::new(
             adaspec_status::StructSize,
-            format!("`{arg}->struct_size` is {size}, expected {want} (ABI version {ADASPEC_ABI_VERSION}); start from the *_default_params() function of this library's header"),
+            format!("`{arg}->struct_size` is {size}, expected at least {} (this library's is {ours}, ABI version {ADASPEC_ABI_VERSION}); start from the *_default_params() function of the header", T::V1_SIZE),
         ));
     }
-    Ok(())
+    Ok(size.min(ours))
 }
 
-/// Reads a params struct from C: NULL means defaults; otherwise `struct_size` must match.
+/// Reads a params struct from C: NULL means defaults; otherwise the host's `struct_size`
+/// bytes are copied over the defaults (fields an older header lacks keep their defaults), and
+/// a newer header's extra fields must be zero.
 ///
 /// # Safety
-/// `p` must be NULL or point to a readable, initialised `T`.
-pub(crate) unsafe fn read_params<T: Copy + Default>(p: *const T, arg: &str) -> FfiResult<T> {
+/// `p` must be NULL or point to a readable, initialised struct of its `struct_size` bytes.
+pub(crate) unsafe fn read_params<T: AbiStruct>(p: *const T, arg: &str) -> FfiResult<T> {
+    let mut out = T::default();
     if p.is_null() {
-        return Ok(T::default());
+        return Ok(out);
     }
     // SAFETY: non-NULL and readable (caller contract).
-    unsafe { check_struct_size(p, arg)? };
-    // SAFETY: the size matches this library's layout, so the whole struct is readable.
-    Ok(unsafe { std::ptr::read_unaligned(p) })
+    let n = unsafe { check_struct_size(p, arg)? };
+    // SAFETY: readable (caller contract): the first 4 bytes are the u32 struct_size.
+    let size = unsafe { std::ptr::read_unaligned(p as *const u32) } as usize;
+    if size > n {
+        // A newer header's fields: fine while unset (zero), refused when the host set one
+        // this library cannot honour (the rule of Linux's extensible-struct system calls).
+        // SAFETY: the host's struct holds `size` readable bytes (caller contract).
+        let tail = unsafe { std::slice::from_raw_parts((p as *const u8).add(n), size - n) };
+        if tail.iter().any(|&b| b != 0) {
+            return Err(FfiError::new(
+                adaspec_status::StructSize,
+                format!("`{arg}` sets fields past byte {n}, which this library (ABI version {ADASPEC_ABI_VERSION}) does not know"),
+            ));
+        }
+    }
+    // SAFETY: the host's struct holds at least n bytes (its struct_size), `out` holds
+    // size_of::<T>() >= n; the regions do not overlap. Every field is an integer or float, so
+    // any bytes are a valid value (booleans are read as bytes: `CBool`).
+    unsafe { std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, n) };
+    let size_field = std::mem::size_of::<T>() as u32;
+    // SAFETY: `out` starts with its u32 struct_size.
+    unsafe { std::ptr::write_unaligned(&mut out as *mut T as *mut u32, size_field) };
+    Ok(out)
+}
+
+/// Writes an out-struct to C: the first min(host size, library size) bytes, the host's
+/// `struct_size` left as it was.
+///
+/// # Safety
+/// `p` must point to a writable struct of its `struct_size` bytes, already size-checked.
+pub(crate) unsafe fn write_out<T: AbiStruct>(p: *mut T, value: &T, n: usize) {
+    let n = n.min(std::mem::size_of::<T>());
+    // SAFETY: (caller contract) `p` holds at least n writable bytes; skip the leading u32 so
+    // the host's struct_size stays.
+    unsafe { std::ptr::copy_nonoverlapping((value as *const T as *const u8).add(4), (p as *mut u8).add(4), n - 4) };
 }
 
 /// Reads a NUL-terminated UTF-8 string argument.

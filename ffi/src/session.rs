@@ -16,7 +16,7 @@ use crate::handles::{adaspec_model, adaspec_session, model_clone, session_into_r
 use crate::params::{
     adaspec_chat_message, adaspec_generate_params, adaspec_numeric_mode, adaspec_session_params, adaspec_stats,
     adaspec_stop_reason, adaspec_strategy, check_struct_size, read_params, read_slice, read_str, write_buffer,
-    ADASPEC_SEED_FROM_SESSION,
+    write_out, ADASPEC_SEED_FROM_SESSION,
 };
 use crate::status::{adaspec_status, boundary, boundary_value, set_last_error, FfiError, FfiResult};
 
@@ -299,7 +299,7 @@ fn generate_params(p: &adaspec_generate_params, session_seed: u64) -> FfiResult<
             seed,
         },
         stop,
-        ignore_eog: p.ignore_eog,
+        ignore_eog: p.ignore_eog.get(),
     })
 }
 
@@ -344,10 +344,12 @@ fn generate(
 ) -> FfiResult<()> {
     // SAFETY: NULL (checked inside) or a live handle.
     let h = unsafe { session_ref(session, "session") }?;
-    if !stats_out.is_null() {
+    let stats_size = if stats_out.is_null() {
+        0
+    } else {
         // SAFETY: non-NULL, host-owned struct starting with struct_size.
-        unsafe { check_struct_size(stats_out as *const adaspec_stats, "stats_out") }?;
-    }
+        unsafe { check_struct_size(stats_out as *const adaspec_stats, "stats_out") }?
+    };
     // SAFETY: NULL or a host-owned struct, size-checked inside.
     let p = unsafe { read_params(params, "params") }?;
     let prompt = make_prompt()?;
@@ -377,7 +379,7 @@ fn generate(
     inner.last_text = generation.text.clone().into_bytes();
     if !stats_out.is_null() {
         // SAFETY: non-NULL, size-checked above; written only on success.
-        unsafe { std::ptr::write_unaligned(stats_out, stats_to_c(&generation)) };
+        unsafe { write_out(stats_out, &stats_to_c(&generation), stats_size) };
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::ffi::c_char;
 
 use crate::handles::{adaspec_model, model_clone};
-use crate::params::{read_slice, write_buffer};
+use crate::params::{read_slice, write_buffer, CBool};
 use crate::status::{adaspec_status, boundary, FfiError};
 
 /// Converts UTF-8 text (`text_len` bytes, no NUL needed) to token ids.
@@ -19,8 +19,8 @@ pub extern "C" fn adaspec_tokenize(
     model: *const adaspec_model,
     text: *const c_char,
     text_len: usize,
-    add_special: bool,
-    parse_special: bool,
+    add_special: CBool,
+    parse_special: CBool,
     tokens: *mut i32,
     n_tokens_max: usize,
     n_tokens_out: *mut usize,
@@ -34,7 +34,7 @@ pub extern "C" fn adaspec_tokenize(
         let text = std::str::from_utf8(bytes).map_err(|e| {
             FfiError::new(adaspec_status::InvalidUtf8, format!("argument `text` is not valid UTF-8: {e}"))
         })?;
-        let ids = m.model.tokenize(text, add_special, parse_special)?;
+        let ids = m.model.tokenize(text, add_special.get(), parse_special.get())?;
         // SAFETY: `tokens` has `n_tokens_max` writable slots; `n_tokens_out` checked non-NULL.
         unsafe { write_buffer(&ids, tokens, n_tokens_max, n_tokens_out, "tokens") }
     })
@@ -51,7 +51,7 @@ pub extern "C" fn adaspec_detokenize(
     model: *const adaspec_model,
     tokens: *const i32,
     n_tokens: usize,
-    render_special: bool,
+    render_special: CBool,
     buf: *mut c_char,
     buf_len: usize,
     n_bytes_out: *mut usize,
@@ -66,7 +66,8 @@ pub extern "C" fn adaspec_detokenize(
         if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
             return Err(FfiError::param("tokens", format!("token id {bad} outside the vocabulary (0..{n_vocab})")));
         }
-        let mut bytes: Vec<u8> = ids.iter().flat_map(|&t| m.model.token_to_piece_ext(t, render_special)).collect();
+        let mut bytes: Vec<u8> =
+            ids.iter().flat_map(|&t| m.model.token_to_piece_ext(t, render_special.get())).collect();
         let text_len = bytes.len();
         bytes.push(0);
         let mut needed = 0usize;

@@ -143,13 +143,13 @@ fn model_load_reports_bad_inputs() {
     let mut m = null_mut();
     // SAFETY: NUL-terminated bytes.
     assert_eq!(unsafe { (api.model_load)(bad_utf8.as_ptr() as *const c_char, null(), &mut m) }, INVALID_UTF8);
-    // Params: wrong struct_size (smaller, larger, zero), negative threads, bad gpu layers.
+    // Params: wrong struct_size (smaller than ABI v1, zero), negative threads, bad gpu layers
+    // (larger sizes: struct_sizes_grow_both_ways).
     // SAFETY: by-value return.
     let base = unsafe { (api.model_default_params)() };
     let cases: Vec<(ModelParams, i32)> = vec![
         (ModelParams { struct_size: 0, ..base }, STRUCT_SIZE),
         (ModelParams { struct_size: base.struct_size - 4, ..base }, STRUCT_SIZE),
-        (ModelParams { struct_size: base.struct_size + 8, ..base }, STRUCT_SIZE),
         (ModelParams { n_threads: -1, ..base }, INVALID_PARAM),
         (ModelParams { n_gpu_layers: -2, ..base }, INVALID_PARAM),
     ];
@@ -312,7 +312,7 @@ fn session_new_rejects_bad_params() {
     let base = api.session_params(STRATEGY_CHAIN);
     let cases: Vec<(SessionParams, i32)> = vec![
         (SessionParams { struct_size: 4, ..base }, STRUCT_SIZE),
-        (SessionParams { struct_size: base.struct_size + 4, ..base }, STRUCT_SIZE),
+        (SessionParams { struct_size: 44, ..base }, STRUCT_SIZE), // below ABI v1's 48
         (SessionParams { n_ctx: -1, ..base }, INVALID_PARAM),
         (SessionParams { n_ctx: 8, ..base }, INVALID_PARAM),
         (SessionParams { n_threads: -4, ..base }, INVALID_PARAM),
@@ -583,7 +583,7 @@ fn generate_rejects_bad_arguments_without_touching_the_session() {
     let null_ptrs: [*const c_char; 1] = [null()];
     let cases: Vec<(GenerateParams, i32)> = vec![
         (GenerateParams { struct_size: 0, ..base }, STRUCT_SIZE),
-        (GenerateParams { struct_size: base.struct_size * 2, ..base }, STRUCT_SIZE),
+        (GenerateParams { struct_size: base.struct_size - 4, ..base }, STRUCT_SIZE),
         (GenerateParams { max_tokens: -1, ..base }, INVALID_PARAM),
         (GenerateParams { top_k: -2, ..base }, INVALID_PARAM),
         (GenerateParams { temperature: -0.5, ..base }, INVALID_PARAM),
@@ -930,5 +930,104 @@ fn a_failed_generation_leaves_the_session_usable() {
         (api.session_free)(fresh);
         (api.model_free)(t);
         (api.model_free)(d);
+    }
+}
+
+/// `value`'s bytes in a buffer of `size` bytes (zero-padded or cut), `struct_size` = `size`,
+/// and `tail` written over the bytes past the struct: a struct as another header version sees it.
+fn as_version<T: Copy>(value: &T, size: usize, tail: u8) -> Vec<u8> {
+    let n = std::mem::size_of::<T>();
+    // SAFETY: reading a plain-data struct's bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(value as *const T as *const u8, n) };
+    let mut v = vec![tail; size.max(n)];
+    v[..n.min(size)].copy_from_slice(&bytes[..n.min(size)]);
+    v.truncate(size);
+    v[..4].copy_from_slice(&(size as u32).to_ne_bytes());
+    v
+}
+
+#[test]
+fn struct_sizes_grow_both_ways() {
+    let api = api();
+    let p = tiny(TinyArch::Qwen2);
+    let t = api.load(&p.target, None);
+    let base = api.session_params(STRATEGY_AUTO);
+    let ours = std::mem::size_of::<SessionParams>();
+    let v1 = std::mem::offset_of!(SessionParams, lookup); // ABI v1 ended with `seed`
+    let try_new = |bytes: &[u8]| {
+        let mut s = null_mut();
+        // SAFETY: live handle; `bytes` holds struct_size readable bytes.
+        let st = unsafe { (api.session_new)(t, null(), bytes.as_ptr() as *const SessionParams, &mut s) };
+        if st == OK {
+            // SAFETY: live handle.
+            unsafe { (api.session_free)(s) };
+        }
+        (st, api.last_error_string())
+    };
+    // A host built with the v1 header: no `lookup` field; it gets the default.
+    assert_eq!(try_new(&as_version(&base, v1, 0)).0, OK);
+    // A host built with a newer header: unknown fields zero are fine, set ones are refused.
+    assert_eq!(try_new(&as_version(&base, ours + 16, 0)).0, OK);
+    let (st, msg) = try_new(&as_version(&base, ours + 16, 7));
+    assert_eq!(st, STRUCT_SIZE, "{msg}");
+    assert!(msg.contains("does not know"), "{msg}");
+    assert_eq!(try_new(&as_version(&base, v1 - 4, 0)).0, STRUCT_SIZE);
+
+    // Out-struct from a newer header: written up to this library's size, the rest untouched.
+    let s = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+    // SAFETY: by-value return.
+    let stats = unsafe { (api.stats_default)() };
+    let big = std::mem::size_of::<Stats>() + 24;
+    let mut buf = as_version(&stats, big, 0xAB);
+    let gp = api.greedy(4);
+    let prompt = cstr("hello");
+    // SAFETY: live session; `buf` holds struct_size writable bytes.
+    let st =
+        unsafe { (api.session_generate)(s, prompt.as_ptr(), &gp, None, null_mut(), buf.as_mut_ptr() as *mut Stats) };
+    assert_eq!(st, OK, "{}", api.last_error_string());
+    assert_eq!(u32::from_ne_bytes(buf[..4].try_into().unwrap()) as usize, big, "struct_size overwritten");
+    assert!(buf[std::mem::size_of::<Stats>()..].iter().all(|&b| b == 0xAB), "wrote past this library's struct");
+    // SAFETY: the prefix is a Stats written by the library.
+    let got: Stats = unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const Stats) };
+    assert_eq!(got.n_tokens, 4);
+    // SAFETY: live handles.
+    unsafe {
+        (api.session_free)(s);
+        (api.model_free)(t);
+    }
+}
+
+#[test]
+fn booleans_are_read_as_bytes() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    // SAFETY: by-value return.
+    let base = unsafe { (api.model_default_params)() };
+    let with_repack = |byte: u8| {
+        let mut bytes = as_version(&base, std::mem::size_of::<ModelParams>(), 0);
+        let at = std::mem::offset_of!(ModelParams, repack);
+        bytes[at] = byte;
+        let at = std::mem::offset_of!(ModelParams, use_mmap);
+        bytes[at] = 0xFF;
+        let path = cstr(p.target.to_str().unwrap());
+        let mut m = null_mut();
+        // SAFETY: valid path; `bytes` is a whole ModelParams.
+        let st = unsafe { (api.model_load)(path.as_ptr(), bytes.as_ptr() as *const ModelParams, &mut m) };
+        assert_eq!(st, OK, "{}", api.last_error_string());
+        m
+    };
+    let mut exact = api.session_params(STRATEGY_CHAIN);
+    exact.mode = 1; // needs repack = false
+    for (byte, want) in [(0x00u8, OK), (0x01, INVALID_PARAM), (0x02, INVALID_PARAM), (0xFF, INVALID_PARAM)] {
+        let t = with_repack(byte);
+        let mut s = null_mut();
+        // SAFETY: live handle, valid params.
+        let st = unsafe { (api.session_new)(t, null(), &exact, &mut s) };
+        assert_eq!(st, want, "repack byte {byte:#04x} must read as {}", byte != 0);
+        // SAFETY: live handles (s may be NULL).
+        unsafe {
+            (api.session_free)(s);
+            (api.model_free)(t);
+        }
     }
 }
