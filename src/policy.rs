@@ -156,6 +156,7 @@ impl Policy {
         rng: &mut StdRng,
     ) -> Result<(DraftTree, bool)> {
         self.rounds += 1;
+        self.shadow = None; // a failed round's candidate must not be judged against this one
         let mut tree = DraftTree::new(*history.last().unwrap_or(&0));
         let max_nodes = lim.max_nodes.min(self.max_verify.saturating_sub(1));
         if max_nodes == 0 || lim.max_depth == 0 {

@@ -271,6 +271,11 @@ impl StaticShape {
     pub fn depth(&self) -> usize {
         self.paths.iter().map(Vec::len).max().unwrap_or(0)
     }
+
+    /// Paths no other path extends (the tree's leaves).
+    pub fn leaves(&self) -> usize {
+        self.paths.iter().filter(|p| !self.paths.iter().any(|q| q.len() == p.len() + 1 && q.starts_with(p))).count()
+    }
 }
 
 impl TreeNode {

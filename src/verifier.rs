@@ -12,7 +12,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 
 use crate::backend::{decode_span, Batch, Context, ContextParams, Model, Token};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::sampling::{argmax, warp, SamplingParams};
 use crate::tree::DraftTree;
 use crate::verify::{verify_greedy, verify_sampled, Verdict};
@@ -64,6 +64,10 @@ impl Verifier {
     }
 
     /// Tokens of the history in the cache.
+    pub fn cached(&self) -> usize {
+        self.past()
+    }
+
     fn past(&self) -> usize {
         (self.ctx.seq_pos_max(0) + 1).max(0) as usize
     }
@@ -103,6 +107,12 @@ impl Verifier {
     ) -> Result<Verified> {
         let base = n_history - 1;
         let sets: Vec<Vec<i32>> = if tree.is_chain() { vec![vec![0]; tree.len()] } else { tree.seq_sets() };
+        if sets[0].len() > self.ctx.n_seq_max() {
+            return Err(Error::InvalidParam {
+                name: "tree",
+                reason: format!("{} leaves exceed the target's {} sequence ids", sets[0].len(), self.ctx.n_seq_max()),
+            });
+        }
         for s in 1..sets[0].len() {
             self.ctx.seq_cp(0, s as i32, -1, -1);
         }

@@ -157,6 +157,8 @@ fn after_a_stop_string_the_history_holds_the_returned_text() {
         assert_eq!(t.detokenize(&g.tokens), g.text, "{st}: returned tokens are not the returned text");
         let n = s.history().len();
         assert_eq!(&s.history()[n - g.tokens.len()..], &g.tokens[..], "{st}: history does not end with them");
+        let (target, draft) = s.cached_tokens();
+        assert!(target < n && draft.unwrap_or(0) < n, "{st}: caches {target}/{draft:?} hold the root");
         // The session continues from exactly that text.
         let next = s.generate(&Prompt::Text(" The end.".into()), &greedy(10), &mut |_, _| true).unwrap();
         let mut fresh = session(&t, None, Strategy::None, NumericMode::Fast, 1024);
@@ -183,5 +185,68 @@ fn the_tree_shrinks_at_the_end_of_the_context() {
         let e = s.generate(&Prompt::Text(" more".into()), &greedy(5), &mut |_, _| true).expect_err("full");
         assert!(matches!(e, Error::ContextFull { .. }), "{e}");
         assert_eq!(s.history(), &before[..]);
+    }
+}
+
+/// Tokens accepted after an end-of-generation token in the same round must leave every cache:
+/// the next call must continue exactly as the target alone does. Lookups make it happen: the
+/// prompt holds the target's own text across its first EOG token twice, so a lookup proposes
+/// the EOG token and what followed it.
+#[test]
+fn tokens_after_an_eog_token_leave_the_caches() {
+    let (t, d) = tiny(TinyArch::Qwen2, true);
+    let start = t.tokenize("Once upon a time", false, true).unwrap();
+    // Where the target itself first produces an end-of-generation token.
+    let mut base = session(&t, None, Strategy::None, NumericMode::Fast, 8192);
+    let long = base.generate(&Prompt::Tokens(start.clone()), &greedy(3000), &mut |_, _| true).unwrap();
+    let k = long.tokens.iter().position(|&x| t.is_eog(x)).expect("the tiny target never ends a generation");
+    eprintln!("first EOG token after {k} generated tokens");
+    let stop_at_eog = GenerateParams { max_tokens: 64, ..Default::default() };
+    let mut triggered = 0;
+    for back in 1..=8usize.min(k) {
+        let text = [start.clone(), long.tokens[..(k + 12).min(long.tokens.len())].to_vec()].concat();
+        let prompt = [text.clone(), text[..start.len() + k - back].to_vec()].concat();
+        let run = |s: &mut Session| {
+            let a = s.generate(&Prompt::Tokens(prompt.clone()), &stop_at_eog, &mut |_, _| true).unwrap();
+            let (target, draft) = s.cached_tokens();
+            let root = s.history().len() - 1;
+            assert!(target <= root && draft.unwrap_or(0) <= root, "caches {target}/{draft:?} past the root {root}");
+            let b = s
+                .generate(&Prompt::Text(" Then the story went on and on.".into()), &greedy(40), &mut |_, _| true)
+                .unwrap();
+            (a, b)
+        };
+        let mut plain = session(&t, None, Strategy::None, NumericMode::Fast, 8192);
+        let (want_a, want_b) = run(&mut plain);
+        let cases: [(Strategy, Option<&Arc<Model>>); 3] =
+            [(Strategy::Chain(8), None), (Strategy::Chain(6), Some(&d)), (Strategy::Auto, Some(&d))];
+        for (st, draft) in cases {
+            let mut s = session(&t, draft, st.clone(), NumericMode::Fast, 8192);
+            let (a, b) = run(&mut s);
+            assert_eq!(a.tokens, want_a.tokens, "{st}");
+            // Verified tokens the EOG cut dropped beyond the last round's bonus: draft tokens
+            // past the EOG token were accepted, the case at issue.
+            if want_a.stop_reason == StopReason::Eog && a.stats.draft_accepted + a.stats.rounds >= a.stats.tokens + 2 {
+                triggered += 1;
+            }
+            assert_eq!(b.tokens, want_b.tokens, "{st}, {back} back: the continuation after EOG differs");
+        }
+    }
+    assert!(triggered > 0, "no round accepted tokens past the EOG token: the test checked nothing");
+}
+
+/// A lookup tree may not have more leaves than the strategy's shape (the target's sequence
+/// ids are sized by it; llama.cpp aborts the process on an id past them).
+#[test]
+fn lookup_trees_keep_to_the_shape() {
+    let (t, _) = tiny(TinyArch::Llama, true);
+    let prompt = "a b c. a b d. a b e. a b f. a b";
+    let mut base = session(&t, None, Strategy::None, NumericMode::Fast, 512);
+    let want = gen(&mut base, prompt, &greedy(40));
+    for st in ["tree:3,4,1", "tree:4,3,2", "static:2", "static:0;1;2"] {
+        let mut s = session(&t, None, st.parse().unwrap(), NumericMode::Fast, 512);
+        let got = gen(&mut s, prompt, &greedy(40));
+        assert_eq!(got.tokens, want.tokens, "{st}");
+        assert!(got.stats.draft_proposed > 0, "{st}: lookups proposed nothing");
     }
 }

@@ -82,12 +82,17 @@ impl Proposer for LookupDraft {
     /// Fixed strategies without a draft model: the best continuation for a chain, several for
     /// trees, up to the shape's depth.
     fn propose(&mut self, req: Request<'_>, tree: &mut DraftTree) -> Result<()> {
-        let (max_len, branches) = match req.shape {
-            Shape::Chain { max_len, .. } => (max_len, 1),
-            Shape::Dynamic { top_k, depth, .. } => (depth, top_k),
-            Shape::Static(s) => (s.depth(), s.max_width()),
+        // Leaves and nodes stay within what the shape promised (the target's sequence ids
+        // were sized for it).
+        let (max_len, branches, nodes) = match req.shape {
+            Shape::Chain { max_len, .. } => (max_len, 1, max_len),
+            Shape::Dynamic { top_k, depth, nodes } => (depth, top_k.min(nodes), nodes),
+            Shape::Static(s) => (s.depth(), s.leaves(), s.paths.len()),
         };
-        let mut left = req.max_nodes;
+        let mut left = req.max_nodes.min(nodes);
+        if left == 0 {
+            return Ok(());
+        }
         for c in self.candidates(req.history).iter().take(branches) {
             let len = c.tokens.len().min(max_len);
             left -= Self::insert(tree, &c.tokens[..len], confidence(c), left).len();

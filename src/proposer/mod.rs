@@ -77,7 +77,7 @@ pub trait Proposer {
     fn prefill(&mut self, history: &[Token]) -> Result<()>;
     /// Adds draft nodes to `tree` (whose root is the last history token).
     fn propose(&mut self, req: Request<'_>, tree: &mut DraftTree) -> Result<()>;
-    /// After verification: `accepted` are the accepted nodes (root's child first) of which the
-    /// first `n_kept` were committed, on top of a history of `n_before` tokens.
-    fn accept(&mut self, tree: &DraftTree, accepted: &[usize], n_kept: usize, n_before: usize);
+    /// After verification: `accepted` are the accepted nodes (root's child first); `n_commit`
+    /// tokens (a prefix of the accepted tokens and the bonus) join a history of `n_before`.
+    fn accept(&mut self, tree: &DraftTree, accepted: &[usize], n_commit: usize, n_before: usize);
 }

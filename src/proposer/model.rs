@@ -79,6 +79,11 @@ impl ModelDraft {
     }
 
     /// Tokens of the history in the draft's cache.
+    pub fn cached(&self) -> usize {
+        self.past()
+    }
+
+    /// Tokens of the history in the draft's cache.
     fn past(&self) -> usize {
         (self.ctx.seq_pos_max(0) + 1).max(0) as usize
     }

@@ -22,7 +22,7 @@ use rand::SeedableRng;
 use crate::backend::{ChatMessage, Model, Token};
 use crate::cost::{self, CostModel};
 use crate::error::{Error, Result};
-use crate::policy::{Drafters, Limits, Policy, RoundRecord, TestVariant, AUTO_MAX_DEPTH, AUTO_MAX_LOOKUP};
+use crate::policy::{Drafters, Limits, Policy, RoundRecord, TestVariant, AUTO_MAX_DEPTH};
 use crate::probe;
 use crate::proposer::{LookupDraft, ModelDraft, Proposer};
 use crate::sampling::SamplingParams;
@@ -257,13 +257,22 @@ impl Session {
         v
     }
 
-    /// Drops history from `len` on, in every cache.
+    /// Drops history from `len` on; every cache keeps at most the first `len - 1` tokens
+    /// (the invariant between calls: the last token is the next round's root).
     fn truncate_history(&mut self, len: usize) {
         self.history.truncate(len);
-        self.verifier.rollback(len);
+        let keep = len.saturating_sub(1);
+        self.verifier.rollback(keep);
         for p in self.proposers() {
-            p.rollback(len);
+            p.rollback(keep);
         }
+    }
+
+    /// Tokens of the history held by the target's and the draft's caches, for tests of the
+    /// invariant (both at most `history().len() - 1` between calls).
+    #[doc(hidden)]
+    pub fn cached_tokens(&self) -> (usize, Option<usize>) {
+        (self.verifier.cached(), self.draft.as_ref().map(ModelDraft::cached))
     }
 
     /// Measures target (and draft) decode time per batch size for `auto`, once per process
@@ -389,16 +398,8 @@ impl Session {
             // Root + draft nodes must fit in the free cells (the tree shrinks near the end).
             let free = n_ctx - (n - 1);
             let lim = Limits { max_nodes: (free - 1).min(MAX_DRAFT), max_depth: budget - 1 };
-            let commit = self.round(&lim, &params.sampling, &mut rng, &mut stats)?;
-
-            // Cut at the budget and at end-of-generation.
-            let mut commit = commit;
-            commit.truncate(budget);
-            let mut hit_eog = false;
-            if let Some(k) = commit.iter().position(|&t| model.is_eog(t) && !params.ignore_eog) {
-                commit.truncate(k + 1);
-                hit_eog = true;
-            }
+            let commit = self.round(&lim, params.ignore_eog, &params.sampling, &mut rng, &mut stats)?;
+            let hit_eog = !params.ignore_eog && commit.last().is_some_and(|&t| model.is_eog(t));
             self.history.extend_from_slice(&commit);
             out_tokens.extend_from_slice(&commit);
 
@@ -437,10 +438,18 @@ impl Session {
     }
 
     /// One round: draft, verify, keep the accepted path. Returns the tokens to commit (the
-    /// accepted ones and the bonus); the caches hold them except the last. On error every cache
-    /// is back at the committed history.
-    fn round(&mut self, lim: &Limits, sp: &SamplingParams, rng: &mut StdRng, stats: &mut Stats) -> Result<Vec<Token>> {
-        let r = self.round_inner(lim, sp, rng, stats);
+    /// accepted ones and the bonus, cut at the budget and after an end-of-generation token
+    /// unless `ignore_eog`); the caches hold them except the last. On error every cache is back
+    /// at the committed history.
+    fn round(
+        &mut self,
+        lim: &Limits,
+        ignore_eog: bool,
+        sp: &SamplingParams,
+        rng: &mut StdRng,
+        stats: &mut Stats,
+    ) -> Result<Vec<Token>> {
+        let r = self.round_inner(lim, ignore_eog, sp, rng, stats);
         if r.is_err() {
             let n = self.history.len();
             self.truncate_history(n);
@@ -451,6 +460,7 @@ impl Session {
     fn round_inner(
         &mut self,
         lim: &Limits,
+        ignore_eog: bool,
         sp: &SamplingParams,
         rng: &mut StdRng,
         stats: &mut Stats,
@@ -473,7 +483,15 @@ impl Session {
 
         let mut commit: Vec<Token> = v.verdict.accepted.iter().map(|&i| tree.nodes[i].token).collect();
         commit.push(v.verdict.bonus);
-        let n_commit = commit.len().min(lim.max_depth + 1);
+        // Nothing after the budget or an end-of-generation token may stay in any cache.
+        let model = self.verifier.model().clone();
+        let mut keep = commit.len().min(lim.max_depth + 1);
+        if let Some(k) = commit[..keep].iter().position(|&t| !ignore_eog && model.is_eog(t)) {
+            keep = k + 1;
+        }
+        let full = commit.clone();
+        commit.truncate(keep);
+        let n_commit = commit.len();
         self.verifier.commit(&tree, &v, n, n_commit);
         let timings = match self.draft.as_mut() {
             Some(d) => {
@@ -485,7 +503,7 @@ impl Session {
         self.policy.learn(&RoundRecord {
             tree: &tree,
             verdict: &v.verdict,
-            committed: &commit,
+            committed: &full,
             used_model,
             draft_timings: &timings,
             verify_ms: v.verify_ms,
@@ -514,6 +532,6 @@ fn seq_budget(strategy: &Strategy, lookup: bool) -> (usize, usize) {
             ((nodes + 1).min(256), candidates.min(256))
         }
         Strategy::Static(s) => ((s.paths.len() + 1).min(256), (s.paths.len() + 1).min(256)),
-        Strategy::Auto => (AUTO_MAX_DEPTH + 10 + lookup_leaves.max(AUTO_MAX_LOOKUP / 4), AUTO_MAX_DEPTH + 2),
+        Strategy::Auto => (AUTO_MAX_DEPTH + 10 + lookup_leaves, AUTO_MAX_DEPTH + 2),
     }
 }
