@@ -652,11 +652,31 @@ impl Context {
         unsafe { sys::llama_memory_seq_pos_max(self.mem(), seq) }
     }
 
+    /// Length of the prefix seq 0 holds (its positions run 0..len): the history tokens this
+    /// cache has read.
+    pub fn prefix_len(&self) -> usize {
+        (self.seq_pos_max(0) + 1).max(0) as usize
+    }
+
+    /// Drops every sequence but 0, and seq 0's cells from position `len` on: what a rollback
+    /// of the history to `len` tokens (or a failed round) leaves.
+    pub fn keep_prefix(&mut self, len: usize) {
+        self.seq_keep(0);
+        if self.prefix_len() > len {
+            self.seq_rm(0, len as i32, -1);
+        }
+    }
+
     /// Empties the KV cache.
     pub fn clear(&mut self) {
         // SAFETY: valid memory handle.
         unsafe { sys::llama_memory_clear(self.mem(), true) }
     }
+}
+
+/// Milliseconds since `t`.
+pub fn ms_since(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// Decodes `tokens` at positions start.. in seq 0, in chunks; returns the last row's logits

@@ -4,13 +4,9 @@
 
 use std::time::Instant;
 
-use crate::backend::{decode_span, Batch, Context, Model, Token};
+use crate::backend::{decode_span, ms_since, Batch, Context, Model, Token};
 use crate::cost::BatchCost;
 use crate::error::Result;
-
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
 
 /// `n` tokens of fixed text (repeated), tokenized by `model`.
 pub fn probe_tokens(model: &Model, n: usize) -> Vec<Token> {

@@ -11,15 +11,11 @@ use std::time::Instant;
 
 use rand::rngs::StdRng;
 
-use crate::backend::{decode_span, Batch, Context, ContextParams, Model, Token};
+use crate::backend::{decode_span, ms_since, Batch, Context, ContextParams, Model, Token};
 use crate::error::{Error, Result};
 use crate::sampling::{argmax, warp, SamplingParams};
 use crate::tree::DraftTree;
 use crate::verify::{verify_greedy, verify_sampled, Verdict};
-
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
 
 /// A verified round, before commit.
 pub struct Verified {
@@ -65,11 +61,7 @@ impl Verifier {
 
     /// Tokens of the history in the cache.
     pub fn cached(&self) -> usize {
-        self.past()
-    }
-
-    fn past(&self) -> usize {
-        (self.ctx.seq_pos_max(0) + 1).max(0) as usize
+        self.ctx.prefix_len()
     }
 
     /// Empties the cache.
@@ -80,17 +72,14 @@ impl Verifier {
     /// The history was cut to `len` tokens (or a round failed): keep seq 0's first `len`
     /// cells at most, drop every other sequence.
     pub fn rollback(&mut self, len: usize) {
-        self.ctx.seq_keep(0);
-        if self.past() > len {
-            self.ctx.seq_rm(0, len as i32, -1);
-        }
+        self.ctx.keep_prefix(len);
     }
 
     /// Brings the cache to `history[..n-1]` (the root is verified with the next tree).
     pub fn prefill(&mut self, history: &[Token]) -> Result<()> {
         let n = history.len();
         self.rollback(n.saturating_sub(1));
-        let past = self.past();
+        let past = self.ctx.prefix_len();
         if past + 1 < n {
             decode_span(&mut self.ctx, &mut self.batch, &history[past..n - 1], past, false)?;
         }

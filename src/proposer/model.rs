@@ -10,14 +10,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Alternative, ChainStep, Proposer, Request, Shape};
-use crate::backend::{decode_span, Batch, Context, ContextParams, Model, Token};
+use crate::backend::{decode_span, ms_since, Batch, Context, ContextParams, Model, Token};
 use crate::error::{Error, Result};
 use crate::sampling::{argmax, log_sum_exp, sample_from, top_k_indices, warp, SamplingParams};
 use crate::tree::{DraftTree, Origin, Proposal, StaticShape};
-
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
 
 /// A draft model and its KV cache.
 pub struct ModelDraft {
@@ -75,28 +71,23 @@ impl ModelDraft {
 
     /// History tokens the draft has not read yet (the root included).
     pub fn lag(&self, history: &[Token]) -> usize {
-        history.len().saturating_sub(self.past())
+        history.len().saturating_sub(self.ctx.prefix_len())
     }
 
     /// Tokens of the history in the draft's cache.
     pub fn cached(&self) -> usize {
-        self.past()
-    }
-
-    /// Tokens of the history in the draft's cache.
-    fn past(&self) -> usize {
-        (self.ctx.seq_pos_max(0) + 1).max(0) as usize
+        self.ctx.prefix_len()
     }
 
     /// Free cells for draft nodes this round.
     fn free_cells(&self) -> usize {
-        self.ctx.n_ctx().saturating_sub(self.past())
+        self.ctx.n_ctx().saturating_sub(self.ctx.prefix_len())
     }
 
     /// Feeds the draft the committed tokens it has not seen; returns its logits at the root.
     fn catch_up(&mut self, history: &[Token]) -> Result<Vec<f32>> {
         let n = history.len();
-        let mut past = self.past();
+        let mut past = self.ctx.prefix_len();
         if past >= n {
             // The root itself is cached (after a rollback): decode it again for its logits.
             past = n - 1;
@@ -290,15 +281,12 @@ impl Proposer for ModelDraft {
     }
 
     fn rollback(&mut self, len: usize) {
-        self.ctx.seq_keep(0);
-        if self.past() > len {
-            self.ctx.seq_rm(0, len as i32, -1);
-        }
+        self.ctx.keep_prefix(len);
     }
 
     fn prefill(&mut self, history: &[Token]) -> Result<()> {
         let n = history.len();
-        let past = self.past();
+        let past = self.ctx.prefix_len();
         if past + 1 < n {
             let span = self.readable(&history[past..n - 1]);
             decode_span(&mut self.ctx, &mut self.batch, &span, past, false)?;
@@ -336,9 +324,6 @@ impl Proposer for ModelDraft {
         if let Some(&last) = decoded {
             self.ctx.seq_cp(tree.nodes[last].draft_seq, 0, -1, -1);
         }
-        self.ctx.seq_keep(0);
-        if self.past() > valid {
-            self.ctx.seq_rm(0, valid as i32, -1);
-        }
+        self.ctx.keep_prefix(valid);
     }
 }

@@ -19,7 +19,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::backend::{ChatMessage, Model, Token};
+use crate::backend::{ms_since, ChatMessage, Model, Token};
 use crate::cost::{self, CostModel};
 use crate::error::{Error, Result};
 use crate::policy::{Drafters, Limits, Policy, RoundRecord, TestVariant, AUTO_MAX_DEPTH};
@@ -111,10 +111,6 @@ pub struct Session {
 const MAX_DRAFT: usize = 254;
 /// Largest batch size the exact-mode self-check tries.
 const EXACT_PROBE_MAX: usize = 8;
-
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
 
 impl Session {
     /// Creates a session. With a draft, checks vocabulary compatibility; in `exact` mode the
