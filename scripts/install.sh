@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the C ABI plugin under a prefix:
-#   PREFIX/lib/libadaspec.so, PREFIX/lib/libadaspec.a, PREFIX/include/adaspec.h,
-#   PREFIX/lib/pkgconfig/adaspec.pc
+#   PREFIX/lib/libadaspec.so.X.Y.Z (soname libadaspec.so.X) with the symlinks
+#   libadaspec.so -> libadaspec.so.X -> libadaspec.so.X.Y.Z, PREFIX/lib/libadaspec.a,
+#   PREFIX/include/adaspec.h, PREFIX/lib/pkgconfig/adaspec.pc
 # so that hosts build with `pkg-config --cflags --libs adaspec` (add --static for the .a).
 #
 # usage: scripts/install.sh [--prefix DIR] [--no-build] [--target-dir DIR]
@@ -42,7 +43,10 @@ done
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
 prefix="$(mkdir -p "$prefix" && cd "$prefix" && pwd)"
 install -d "$prefix/lib/pkgconfig" "$prefix/include"
-install -m 0755 "$release/libadaspec.so" "$prefix/lib/libadaspec.so"
+major="${version%%.*}"
+install -m 0755 "$release/libadaspec.so" "$prefix/lib/libadaspec.so.$version"
+ln -sfn "libadaspec.so.$version" "$prefix/lib/libadaspec.so.$major"
+ln -sfn "libadaspec.so.$major" "$prefix/lib/libadaspec.so"
 install -m 0644 "$release/libadaspec.a" "$prefix/lib/libadaspec.a"
 install -m 0644 include/adaspec.h "$prefix/include/adaspec.h"
 # Libs.private: what the static library needs (rustc --print native-static-libs; llama.cpp

@@ -54,7 +54,15 @@ fn build_c_host(out: &Path, extra: &[&str]) {
 fn build_cpp_host(out: &Path) {
     let src = root().join("examples/cpp/host_link.cpp");
     let inc = root().join("include");
-    let lib = lib_dir();
+    // The library carries the soname libadaspec.so.0: link through a folder that has that name
+    // too, as an installed copy does.
+    let lib = out.with_extension("lib");
+    std::fs::create_dir_all(&lib).expect("lib dir");
+    for name in ["libadaspec.so", &format!("libadaspec.so.{}", env!("CARGO_PKG_VERSION_MAJOR"))] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib_dir().join("libadaspec.so"), &link).expect("symlink");
+    }
     run_ok(
         Command::new("c++")
             .args(CXX_FLAGS)
@@ -303,6 +311,17 @@ fn install_script_and_pkg_config() {
     for f in ["lib/libadaspec.so", "lib/libadaspec.a", "include/adaspec.h", "lib/pkgconfig/adaspec.pc"] {
         assert!(prefix.join(f).is_file(), "{f} not installed");
     }
+    // Versioned file, soname and the symlink chain .so -> .so.MAJOR -> .so.X.Y.Z.
+    let (version, major) = (env!("CARGO_PKG_VERSION"), env!("CARGO_PKG_VERSION_MAJOR"));
+    let lib = prefix.join("lib");
+    assert_eq!(std::fs::read_link(lib.join("libadaspec.so")).unwrap(), Path::new(&format!("libadaspec.so.{major}")));
+    assert_eq!(
+        std::fs::read_link(lib.join(format!("libadaspec.so.{major}"))).unwrap(),
+        Path::new(&format!("libadaspec.so.{version}"))
+    );
+    let dynamic = run_ok(Command::new("readelf").arg("-d").arg(lib.join(format!("libadaspec.so.{version}"))));
+    let dynamic = String::from_utf8_lossy(&dynamic.stdout);
+    assert!(dynamic.contains(&format!("Library soname: [libadaspec.so.{major}]")), "{dynamic}");
     let pc_path = prefix.join("lib/pkgconfig");
     let pkg = |args: &[&str]| -> Vec<String> {
         let out = run_ok(Command::new("pkg-config").args(args).arg("adaspec").env("PKG_CONFIG_PATH", &pc_path));
