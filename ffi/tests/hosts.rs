@@ -414,3 +414,27 @@ fn header_example_compiles() {
     std::fs::write(&cpp, &code).expect("write example");
     run_ok(Command::new("c++").args(CXX_FLAGS).arg("-fsyntax-only").arg("-I").arg(&inc).arg(&cpp));
 }
+
+/// The shared library exports the C API and nothing else: the llama.cpp it carries stays
+/// hidden, so a host that links its own llama.cpp never gets ours interposed (or the reverse).
+#[test]
+fn only_adaspec_symbols_are_exported() {
+    let lib = lib_path();
+    let out = run_ok(Command::new("nm").args(["-D", "--defined-only"]).arg(&lib));
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .collect();
+    let foreign: Vec<&String> = names.iter().filter(|n| !n.starts_with("adaspec_")).collect();
+    assert!(
+        foreign.is_empty(),
+        "libadaspec.so exports {} other symbols, e.g. {:?}",
+        foreign.len(),
+        &foreign[..foreign.len().min(8)]
+    );
+    let mut exported: Vec<&str> = names.iter().map(String::as_str).collect();
+    exported.sort_unstable();
+    let mut declared: Vec<&str> = EXPORTS.to_vec();
+    declared.sort_unstable();
+    assert_eq!(exported, declared, "exports differ from the C API");
+}
