@@ -175,6 +175,11 @@ typedef struct adaspec_model adaspec_model;
 // session from one thread at a time (a concurrent call returns `ADASPEC_STATUS_BUSY`).
 typedef struct adaspec_session adaspec_session;
 
+// Receives one log line of the llama.cpp inside libadaspec: `level` is 1 (debug), 2 (info),
+// 3 (warning) or 4 (error); `text` is NUL-terminated, without the newline, valid only during
+// the call. Called on whichever thread logs; it must not call back into libadaspec.
+typedef void (*adaspec_log_callback)(int32_t level, const char *text, void *user_data);
+
 // How a model is loaded. Get defaults from `adaspec_model_default_params()`.
 typedef struct adaspec_model_params {
     // `sizeof(adaspec_model_params)`.
@@ -323,6 +328,10 @@ const char *adaspec_last_error(void);
 // `buf_len - 1` bytes). Returns the full message length in bytes without the NUL, so a
 // return value >= `buf_len` means it was truncated. `buf` may be NULL when `buf_len` is 0.
 size_t adaspec_last_error_copy(char *buf, size_t buf_len);
+
+// Installs `callback` (with `user_data`) for the library's log lines; NULL removes it (the
+// default: nothing is logged). Process-wide, for every model and session of this library.
+void adaspec_set_log_callback(adaspec_log_callback callback, void *user_data);
 
 // Loads a GGUF model. `params` may be NULL (defaults). On success writes a new handle to
 // `*out_model`; release it with `adaspec_model_free`. Fails with

@@ -25,7 +25,22 @@ static BACKEND_INIT: Once = Once::new();
 /// The last error-level line llama.cpp logged, so failures can say *why*.
 static LAST_LLAMA_ERROR: Mutex<String> = Mutex::new(String::new());
 
-/// Forwards llama.cpp's log lines to `tracing` (debug level) and remembers errors.
+/// Where llama.cpp's log lines go besides `tracing`: (level, line) with ggml's levels
+/// (1 debug ... 4 error). A host installs one through the C API; none by default, so the
+/// library prints nothing of its own.
+pub type LogSink = Box<dyn Fn(i32, &str) + Send + Sync>;
+
+static LOG_SINK: std::sync::RwLock<Option<LogSink>> = std::sync::RwLock::new(None);
+
+/// Installs (or, with `None`, removes) the sink for llama.cpp's log lines.
+pub fn set_log_sink(sink: Option<LogSink>) {
+    if let Ok(mut s) = LOG_SINK.write() {
+        *s = sink;
+    }
+}
+
+/// Forwards llama.cpp's log lines to `tracing` (debug level) and the log sink, and remembers
+/// errors.
 unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
     if text.is_null() {
         return;
@@ -33,6 +48,11 @@ unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_c
     // SAFETY: llama.cpp passes a NUL-terminated string valid for the duration of the call.
     let line = unsafe { CStr::from_ptr(text) }.to_string_lossy();
     let line = line.trim_end();
+    if let Ok(sink) = LOG_SINK.read() {
+        if let Some(f) = sink.as_ref() {
+            f(level as i32, line);
+        }
+    }
     if level == sys::GGML_LOG_LEVEL_ERROR {
         tracing::warn!(target: "llama.cpp", "{line}");
         if let Ok(mut last) = LAST_LLAMA_ERROR.lock() {

@@ -2,7 +2,7 @@
 //!
 //! One module per API area: `status` (status codes, last error, panic boundary), `handles`
 //! (opaque handle conversions; the only raw casts), `params` (parameter structs), `model`,
-//! `session`, `tokenize`, `version`. `include/adaspec.h` is generated from these modules by
+//! `session`, `tokenize`, `version`, `log`. `include/adaspec.h` is generated from these modules by
 //! cbindgen (see `ffi/cbindgen.toml`) and committed; a test fails when it drifts.
 //!
 //! Nothing here may unwind into C: every export runs its body inside [`status::boundary`].
@@ -11,6 +11,7 @@
 #[macro_use]
 mod status;
 mod handles;
+mod log;
 mod model;
 mod params;
 mod session;

@@ -1031,3 +1031,38 @@ fn booleans_are_read_as_bytes() {
         }
     }
 }
+
+static LOG_LINES: AtomicI32 = AtomicI32::new(0);
+
+unsafe extern "C" fn count_lines(level: i32, text: *const c_char, user_data: *mut c_void) {
+    assert!((1..=5).contains(&level) || level == 0, "level {level}");
+    // SAFETY: a NUL-terminated line valid during the call (header contract).
+    let line = unsafe { CStr::from_ptr(text) };
+    assert!(!line.to_bytes().ends_with(b"\n"));
+    assert_eq!(user_data as usize, 0x5eed);
+    LOG_LINES.fetch_add(1, Ordering::SeqCst);
+}
+
+#[test]
+fn log_lines_reach_the_host_only_through_its_callback() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    // SAFETY: our own library; the symbol has the header's signature.
+    let set: libloading::Symbol<
+        unsafe extern "C" fn(Option<unsafe extern "C" fn(i32, *const c_char, *mut c_void)>, *mut c_void),
+    > = unsafe { api.lib().get(b"adaspec_set_log_callback\0") }.expect("dlsym adaspec_set_log_callback");
+    // SAFETY: a 'static callback; user_data is only passed back.
+    unsafe { set(Some(count_lines), 0x5eed as *mut c_void) };
+    let t = api.load(&p.target, None);
+    let seen = LOG_LINES.load(Ordering::SeqCst);
+    assert!(seen > 0, "loading a model logged nothing to the callback");
+    // SAFETY: removing the callback; then a load must not call it.
+    unsafe { set(None, null_mut()) };
+    let t2 = api.load(&p.target, None);
+    assert_eq!(LOG_LINES.load(Ordering::SeqCst), seen, "the callback ran after it was removed");
+    // SAFETY: live handles.
+    unsafe {
+        (api.model_free)(t);
+        (api.model_free)(t2);
+    }
+}

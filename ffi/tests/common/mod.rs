@@ -107,7 +107,7 @@ pub type Callback = Option<unsafe extern "C" fn(*const i32, usize, *const c_char
 
 /// Every export, resolved by name from the shared library.
 pub struct Api {
-    _lib: libloading::Library,
+    lib: libloading::Library,
     pub version: unsafe extern "C" fn() -> *const c_char,
     pub abi_version: unsafe extern "C" fn() -> u32,
     pub status_name: unsafe extern "C" fn(i32) -> *const c_char,
@@ -191,6 +191,7 @@ pub const EXPORTS: &[&str] = &[
     "adaspec_session_generate",
     "adaspec_session_generate_tokens",
     "adaspec_session_chat",
+    "adaspec_set_log_callback",
 ];
 
 /// Workspace root.
@@ -271,12 +272,17 @@ pub fn api() -> &'static Api {
             session_generate: sym!(lib, "adaspec_session_generate"),
             session_generate_tokens: sym!(lib, "adaspec_session_generate_tokens"),
             session_chat: sym!(lib, "adaspec_session_chat"),
-            _lib: lib,
+            lib,
         }
     })
 }
 
 impl Api {
+    /// The loaded library, for symbols the tests resolve themselves.
+    pub fn lib(&self) -> &libloading::Library {
+        &self.lib
+    }
+
     pub fn last_error_string(&self) -> String {
         // SAFETY: never NULL, NUL-terminated, valid until the next call on this thread.
         unsafe { CStr::from_ptr((self.last_error)()) }.to_string_lossy().into_owned()
