@@ -185,7 +185,7 @@ typedef struct adaspec_model_params {
     // `sizeof(adaspec_model_params)`.
     uint32_t struct_size;
     // CPU threads of sessions whose target is this model and whose own `n_threads` is 0
-    // (0 = all cores; default 0). Must be >= 0.
+    // (0 = all cores; default 0), 0..=1024.
     int32_t n_threads;
     // Layers offloaded to a GPU (0 = CPU only, the default; -1 = all layers; needs a GPU
     // build of the library). Must be >= -1.
@@ -202,9 +202,9 @@ typedef struct adaspec_session_params {
     // `sizeof(adaspec_session_params)`.
     uint32_t struct_size;
     // KV-cache size in tokens: whole conversation + one draft tree (0 = 4096, the default;
-    // otherwise >= 16).
+    // otherwise 16..=1048576).
     int32_t n_ctx;
-    // CPU threads (0 = the target's `adaspec_model_params.n_threads`, the default). >= 0.
+    // CPU threads (0 = the target's `adaspec_model_params.n_threads`, the default), 0..=1024.
     int32_t n_threads;
     // One of `adaspec_strategy` (default `ADASPEC_STRATEGY_AUTO`).
     int32_t strategy;

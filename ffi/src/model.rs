@@ -30,8 +30,8 @@ pub extern "C" fn adaspec_model_load(
         let path = unsafe { read_str(path, "path") }?;
         // SAFETY: NULL or a host-owned struct, size-checked inside.
         let p = unsafe { read_params(params, "params") }?;
-        if p.n_threads < 0 {
-            return Err(FfiError::param("params->n_threads", format!("{} is negative", p.n_threads)));
+        if !(0..=1024).contains(&p.n_threads) {
+            return Err(FfiError::param("params->n_threads", format!("{} is outside 0..=1024", p.n_threads)));
         }
         if p.n_gpu_layers < -1 {
             return Err(FfiError::param(

@@ -85,7 +85,7 @@ pub struct adaspec_model_params {
     /// `sizeof(adaspec_model_params)`.
     pub struct_size: u32,
     /// CPU threads of sessions whose target is this model and whose own `n_threads` is 0
-    /// (0 = all cores; default 0). Must be >= 0.
+    /// (0 = all cores; default 0), 0..=1024.
     pub n_threads: i32,
     /// Layers offloaded to a GPU (0 = CPU only, the default; -1 = all layers; needs a GPU
     /// build of the library). Must be >= -1.
@@ -104,9 +104,9 @@ pub struct adaspec_session_params {
     /// `sizeof(adaspec_session_params)`.
     pub struct_size: u32,
     /// KV-cache size in tokens: whole conversation + one draft tree (0 = 4096, the default;
-    /// otherwise >= 16).
+    /// otherwise 16..=1048576).
     pub n_ctx: i32,
-    /// CPU threads (0 = the target's `adaspec_model_params.n_threads`, the default). >= 0.
+    /// CPU threads (0 = the target's `adaspec_model_params.n_threads`, the default), 0..=1024.
     pub n_threads: i32,
     /// One of `adaspec_strategy` (default `ADASPEC_STRATEGY_AUTO`).
     pub strategy: i32,

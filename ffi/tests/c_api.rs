@@ -151,6 +151,7 @@ fn model_load_reports_bad_inputs() {
         (ModelParams { struct_size: 0, ..base }, STRUCT_SIZE),
         (ModelParams { struct_size: base.struct_size - 4, ..base }, STRUCT_SIZE),
         (ModelParams { n_threads: -1, ..base }, INVALID_PARAM),
+        (ModelParams { n_threads: i32::MAX, ..base }, INVALID_PARAM),
         (ModelParams { n_gpu_layers: -2, ..base }, INVALID_PARAM),
     ];
     for (mp, want) in cases {
@@ -316,6 +317,8 @@ fn session_new_rejects_bad_params() {
         (SessionParams { n_ctx: -1, ..base }, INVALID_PARAM),
         (SessionParams { n_ctx: 8, ..base }, INVALID_PARAM),
         (SessionParams { n_threads: -4, ..base }, INVALID_PARAM),
+        (SessionParams { n_threads: 100_000, ..base }, INVALID_PARAM),
+        (SessionParams { n_ctx: i32::MAX, ..base }, INVALID_PARAM),
         (SessionParams { strategy: 9, ..base }, INVALID_PARAM),
         (SessionParams { strategy: -1, ..base }, INVALID_PARAM),
         (SessionParams { chain_length: 0, ..base }, INVALID_PARAM),

@@ -109,6 +109,10 @@ pub struct Session {
 
 /// Largest number of draft tokens per round, whatever the strategy.
 const MAX_DRAFT: usize = 254;
+/// Largest context a session accepts (tokens).
+const MAX_CTX: u32 = 1 << 20;
+/// Most CPU threads a session accepts.
+const MAX_THREADS: i32 = 1024;
 /// Largest batch size the exact-mode self-check tries.
 const EXACT_PROBE_MAX: usize = 8;
 
@@ -120,8 +124,17 @@ impl Session {
         if params.n_ctx < 16 {
             return Err(Error::InvalidParam { name: "n_ctx", reason: format!("{} is below 16", params.n_ctx) });
         }
-        if params.n_threads < 0 {
-            return Err(Error::InvalidParam { name: "n_threads", reason: "must be >= 0".into() });
+        if params.n_ctx > MAX_CTX {
+            return Err(Error::InvalidParam {
+                name: "n_ctx",
+                reason: format!("{} is above {MAX_CTX} (llama.cpp would try to allocate it)", params.n_ctx),
+            });
+        }
+        if !(0..=MAX_THREADS).contains(&params.n_threads) {
+            return Err(Error::InvalidParam {
+                name: "n_threads",
+                reason: format!("{} is outside 0..={MAX_THREADS}", params.n_threads),
+            });
         }
         if params.mode == NumericMode::Exact && target.params().repack {
             return Err(Error::InvalidParam {
