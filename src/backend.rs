@@ -156,6 +156,47 @@ pub fn check_gguf_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a vocabulary llama.cpp would abort the process on (a `GGML_ASSERT` in
+/// llama-vocab.cpp): token texts that are not unique. Reads the metadata only, with
+/// llama.cpp's own GGUF parser (which returns NULL, not aborts, on a malformed header).
+fn check_tokenizer(path: &Path, c_path: &CStr) -> Result<()> {
+    let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
+    take_llama_error();
+    // SAFETY: NUL-terminated path; with no_alloc and a NULL ctx only metadata is read.
+    let ctx = unsafe { sys::gguf_init_from_file(c_path.as_ptr(), params) };
+    if ctx.is_null() {
+        return Err(Error::InvalidGguf {
+            path: path.to_path_buf(),
+            reason: format!("unreadable header: {}", take_llama_error()),
+        });
+    }
+    let mut result = Ok(());
+    // SAFETY: ctx is a valid gguf context until gguf_free below; keys and indices are checked.
+    unsafe {
+        let key = sys::gguf_find_key(ctx, c"tokenizer.ggml.tokens".as_ptr());
+        if key >= 0 && sys::gguf_get_arr_type(ctx, key) == sys::GGUF_TYPE_STRING {
+            let n = sys::gguf_get_arr_n(ctx, key);
+            let mut seen: std::collections::HashMap<Vec<u8>, usize> = std::collections::HashMap::with_capacity(n);
+            for i in 0..n {
+                let p = sys::gguf_get_arr_str(ctx, key, i);
+                let text = if p.is_null() { Vec::new() } else { CStr::from_ptr(p).to_bytes().to_vec() };
+                if let Some(first) = seen.insert(text.clone(), i) {
+                    result = Err(Error::InvalidGguf {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "tokenizer.ggml.tokens holds the token text {:?} twice (ids {first} and {i}); llama.cpp cannot load such a vocabulary",
+                            String::from_utf8_lossy(&text)
+                        ),
+                    });
+                    break;
+                }
+            }
+        }
+        sys::gguf_free(ctx);
+    }
+    result
+}
+
 impl Model {
     /// Loads a GGUF model.
     pub fn load(path: impl AsRef<Path>, params: &ModelParams) -> Result<Model> {
@@ -164,6 +205,7 @@ impl Model {
         check_gguf_file(path)?;
         let c_path = CString::new(path.to_string_lossy().as_bytes())
             .map_err(|_| Error::ModelFile { path: path.to_path_buf(), reason: "path contains a NUL byte".into() })?;
+        check_tokenizer(path, &c_path)?;
         // SAFETY: returns a plain struct of defaults.
         let mut mp = unsafe { sys::llama_model_default_params() };
         mp.n_gpu_layers = i32::try_from(params.n_gpu_layers).unwrap_or(i32::MAX);

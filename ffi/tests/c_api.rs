@@ -1069,3 +1069,41 @@ fn log_lines_reach_the_host_only_through_its_callback() {
         (api.model_free)(t2);
     }
 }
+
+/// A tokenizer whose token texts repeat makes llama.cpp abort the process
+/// (`GGML_ASSERT(id_to_token.size() == token_to_id.size())`); the library refuses it first.
+#[test]
+fn a_vocabulary_with_duplicate_tokens_is_refused_not_fatal() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let mut bytes = std::fs::read(&p.target).expect("read tiny model");
+    // Two different tokens with texts of the same length: overwrite the second's text with
+    // the first's, in place (GGUF strings are a u64 length and the bytes).
+    let vocab = &engine::tiny_model::tiny_vocab().tokens;
+    let find = |hay: &[u8], text: &str| -> Option<usize> {
+        let mut needle = (text.len() as u64).to_le_bytes().to_vec();
+        needle.extend_from_slice(text.as_bytes());
+        hay.windows(needle.len()).position(|w| w == needle).map(|i| i + 8)
+    };
+    let (a, b) = vocab
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.len() >= 4)
+        .find_map(|(i, a)| vocab[i + 1..].iter().find(|b| b.len() == a.len()).map(|b| (a.clone(), b.clone())))
+        .expect("two tokens of equal length");
+    let at = find(&bytes, &b).expect("token text in the file");
+    bytes[at..at + a.len()].copy_from_slice(a.as_bytes());
+    let dir = std::env::temp_dir().join(format!("adaspec-dup-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dup.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let c = cstr(path.to_str().unwrap());
+    let mut m = null_mut();
+    // SAFETY: valid path and out pointer.
+    let st = unsafe { (api.model_load)(c.as_ptr(), null(), &mut m) };
+    let msg = api.last_error_string();
+    assert_eq!(st, MODEL_FILE, "{msg}");
+    assert!(msg.contains("twice"), "{msg}");
+    assert!(m.is_null());
+    let _ = std::fs::remove_dir_all(&dir);
+}
