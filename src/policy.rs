@@ -25,6 +25,12 @@ pub const AUTO_MAX_LOOKUP: usize = 16;
 /// Acceptance assumed for a draft before anything was measured.
 const PRIOR_ACCEPT: f32 = 0.7;
 
+/// The acceptance a probe round assumes: what was measured, plus a margin for a draft
+/// whose acceptance was measured on little data.
+fn optimistic(a: f32) -> f32 {
+    (a + 0.15).min(0.98)
+}
+
 /// What a round may use.
 pub struct Drafters<'a> {
     pub model: Option<&'a mut ModelDraft>,
@@ -72,7 +78,6 @@ pub struct TestVariant {
 pub struct Policy {
     strategy: Strategy,
     mode: NumericMode,
-    lookup: bool,
     /// Costs and calibrations.
     pub cost: CostModel,
     /// Largest verification batch (root + draft tokens).
@@ -92,11 +97,10 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn new(strategy: Strategy, mode: NumericMode, lookup: bool, max_verify: usize) -> Self {
+    pub fn new(strategy: Strategy, mode: NumericMode, max_verify: usize) -> Self {
         Policy {
             strategy,
             mode,
-            lookup,
             cost: CostModel::default(),
             max_verify,
             rounds: 0,
@@ -127,6 +131,11 @@ impl Policy {
         self.variant = v;
     }
 
+    /// Longest chain the verification cap allows `auto`.
+    fn max_chain(&self) -> usize {
+        AUTO_MAX_DEPTH.min(self.max_verify.saturating_sub(1))
+    }
+
     fn exact(&self) -> bool {
         self.mode == NumericMode::Exact
     }
@@ -138,8 +147,8 @@ impl Policy {
         match self.strategy {
             Strategy::None => false,
             Strategy::Auto => {
-                let optimistic = (self.cost.first_choice.mean(PRIOR_ACCEPT) + 0.15).min(0.98);
-                let max = AUTO_MAX_DEPTH.min(self.max_verify.saturating_sub(1));
+                let optimistic = optimistic(self.cost.first_choice.mean(PRIOR_ACCEPT));
+                let max = self.max_chain();
                 self.fixed_costs || self.best_chain_rate(optimistic, max, 0.0, 0) > self.rate(0.0, 0.0, 1)
             }
             _ => true,
@@ -256,8 +265,8 @@ impl Policy {
         }
         let probe = self.rounds % 16 == 0;
         let a = self.cost.first_choice.mean(PRIOR_ACCEPT);
-        let optimistic = (a + 0.15).min(0.98);
-        let max = AUTO_MAX_DEPTH.min(self.max_verify.saturating_sub(1));
+        let optimistic = optimistic(a);
+        let max = self.max_chain();
         let plain = self.rate(0.0, 0.0, 1);
         // What actually happened beats what the model predicts: if drafting rounds have been
         // slower than the others, stop drafting (re-try now and then); while drafting, run a
@@ -314,9 +323,10 @@ impl Policy {
         rng: &mut StdRng,
         tree: &mut DraftTree,
     ) -> Result<bool> {
-        let (plan, shadow) = match (self.lookup, d.lookup) {
-            (true, Some(l)) => self.lookup_plan(l, history, lim),
-            _ => (Vec::new(), None),
+        // The session creates a lookup proposer exactly when lookups are on.
+        let (plan, shadow) = match d.lookup {
+            Some(l) => self.lookup_plan(l, history, lim),
+            None => (Vec::new(), None),
         };
         let used = self.auto_tree(d.model, history, lim, sp, rng, tree, &plan)?;
         if !tree.nodes.iter().any(|n| matches!(n.origin, Origin::Lookup(_))) {
@@ -352,7 +362,7 @@ impl Policy {
                     if lag > 1 { (self.cost.draft.estimate(lag) - self.cost.draft.estimate(1)).max(0.0) } else { 0.0 };
                 let pays =
                     |a: f32| self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model;
-                self.fixed_costs || pays(a_bar) || self.rounds % 16 == 0 && pays((a_bar + 0.15).min(0.98))
+                self.fixed_costs || pays(a_bar) || self.rounds % 16 == 0 && pays(optimistic(a_bar))
             }
             _ => false,
         };

@@ -179,7 +179,7 @@ impl Session {
             }
             None => None,
         };
-        let policy = Policy::new(params.strategy.clone(), params.mode, lookup, MAX_DRAFT + 1);
+        let policy = Policy::new(params.strategy.clone(), params.mode, MAX_DRAFT + 1);
         let mut s = Session {
             params,
             verifier,
