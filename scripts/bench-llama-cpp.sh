@@ -19,7 +19,7 @@
 #   the draft's top-1 probability < --spec-draft-p-min; llama.cpp's default p_min is 0.0 in
 #   this version, i.e. always draft n_max) and common_sampler_sample_and_accept_n
 #   (greedy verify of [last, d0..dn-1] in one target batch), linked against the very same
-#   llama.cpp static libraries cargo built for our engine (GGML_NATIVE=ON, GGML_LLAMAFILE=OFF,
+#   llama.cpp static libraries cargo built for our engine (GGML_NATIVE=ON, GGML_LLAMAFILE=ON,
 #   OpenMP, Release). Without -md the same loop runs with an empty draft = plain target decoding
 #   (one token per llama_decode, like llama-simple). The tree/multi-sequence llama-speculative
 #   (p_split, -np) exists only in the stripped examples/speculative/speculative.cpp: not run.

@@ -32,11 +32,11 @@
 # LIBRARIES / CPU FLAGS
 #   Default (LLAMA_TOOLS_LIBS=auto): link against the static libs cargo already built for our
 #   engine (target/release/build/llama-cpp-sys-2-*/out, the newest one whose CMakeCache says
-#   GGML_NATIVE=ON, GGML_LLAMAFILE=OFF, GGML_OPENMP=ON, Release, static). That is the very same
+#   GGML_NATIVE=ON, GGML_LLAMAFILE=ON, GGML_OPENMP=ON, Release, static). That is the very same
 #   llama.cpp object code our engine runs, so CPU flags are identical by construction.
 #   Otherwise (none found, or LLAMA_TOOLS_LIBS=cmake): cmake-build llama + llama-common from the
 #   vendored source (found with `cargo metadata`) into target/llama-tools/build with
-#   -DGGML_NATIVE=ON -DGGML_LLAMAFILE=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF
+#   -DGGML_NATIVE=ON -DGGML_LLAMAFILE=ON -DGGML_OPENMP=ON -DLLAMA_CURL=OFF
 #   -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release, `--target llama-common -j2`
 #   (~30+ min on 2 cores).
 set -euo pipefail
@@ -58,7 +58,7 @@ SRC="$LLAMA_SYS_DIR/llama.cpp"
 [ -f "$SRC/CMakeLists.txt" ] || { echo "error: vendored llama.cpp not found (cargo metadata gave '$LLAMA_SYS_DIR'); run 'cargo fetch' first" >&2; exit 1; }
 echo "llama.cpp source: $SRC"
 
-CMAKE_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_LLAMAFILE=OFF -DGGML_OPENMP=ON
+CMAKE_FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_LLAMAFILE=ON -DGGML_OPENMP=ON
              -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_COMMON=ON
              -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF)
 
@@ -82,7 +82,7 @@ find_cargo_libs() {
     for d in "$ROOT"/target/release/build/llama-cpp-sys-2-*/out; do
         c="$d/build/CMakeCache.txt"
         [ -f "$d/lib/libllama.a" ] && [ -f "$d/lib/libllama-common.a" ] && [ -f "$c" ] || continue
-        grep -q '^GGML_NATIVE:BOOL=ON' "$c" && grep -q '^GGML_LLAMAFILE:BOOL=OFF' "$c" &&
+        grep -q '^GGML_NATIVE:BOOL=ON' "$c" && grep -q '^GGML_LLAMAFILE:BOOL=ON' "$c" &&
             grep -q '^GGML_OPENMP:BOOL=ON' "$c" && grep -q '^CMAKE_BUILD_TYPE:STRING=Release' "$c" &&
             grep -q '^BUILD_SHARED_LIBS:BOOL=OFF' "$c" || continue
         # must be built from this very source tree
@@ -137,7 +137,10 @@ int main(int argc, char ** argv) {
     if (!common_params_parse(argc, argv, params, LLAMA_EXAMPLE_SPECULATIVE)) return 1;
     if (params.n_predict <= 0) return fail("-n must be > 0");
 
-    const bool use_spec = params.speculative.has_dft();
+    // a draft model (draft-simple), or a drafter that needs none (ngram-mod, ngram-*)
+    const bool use_dft  = params.speculative.has_dft();
+    const bool use_spec = use_dft || std::any_of(params.speculative.types.begin(), params.speculative.types.end(),
+                                                 [](auto t) { return t != COMMON_SPECULATIVE_TYPE_NONE; });
     if (use_spec) {
         const auto lim = common_speculative_get_output_limits(
             params.n_batch, params.n_parallel, common_speculative_n_max(&params.speculative));
@@ -156,7 +159,7 @@ int main(int argc, char ** argv) {
 
     common_speculative_init_result_ptr spec_init;
     llama_context * ctx_dft = nullptr;
-    if (use_spec) {
+    if (use_dft) {
         common_params params_dft = common_base_params_to_speculative(params);
         spec_init = common_speculative_init_from_params(params_dft, model_tgt, ctx_tgt);
         params.speculative.draft.ctx_tgt = ctx_tgt;

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, Once};
 
 use llama_cpp_sys_2 as sys;
 
+use crate::cpu_kernels::{create_capturing, CpuBackend, KernelPlan};
 use crate::error::{Error, Result};
 
 /// A llama.cpp token id.
@@ -482,6 +483,82 @@ impl ChatMessage {
     }
 }
 
+/// A GGUF file type llama.cpp's quantizer can write (`llama_ftype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum FileType {
+    F16,
+    Bf16,
+    Q8_0,
+    Q4KM,
+}
+
+impl FileType {
+    fn ftype(self) -> sys::llama_ftype {
+        match self {
+            FileType::F16 => sys::LLAMA_FTYPE_MOSTLY_F16,
+            FileType::Bf16 => sys::LLAMA_FTYPE_MOSTLY_BF16,
+            FileType::Q8_0 => sys::LLAMA_FTYPE_MOSTLY_Q8_0,
+            FileType::Q4KM => sys::LLAMA_FTYPE_MOSTLY_Q4_K_M,
+        }
+    }
+
+    /// Lower-case name as in GGUF file names (`q8_0`, `f16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            FileType::F16 => "f16",
+            FileType::Bf16 => "bf16",
+            FileType::Q8_0 => "q8_0",
+            FileType::Q4KM => "q4_k_m",
+        }
+    }
+}
+
+impl std::str::FromStr for FileType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(FileType::F16),
+            "bf16" => Ok(FileType::Bf16),
+            "q8_0" => Ok(FileType::Q8_0),
+            "q4_k_m" => Ok(FileType::Q4KM),
+            other => Err(Error::InvalidParam {
+                name: "format",
+                reason: format!("{other:?}: expected f16, bf16, q8_0 or q4_k_m"),
+            }),
+        }
+    }
+}
+
+/// Writes a copy of the GGUF model `src` with its weights converted to `to` (llama.cpp's
+/// `llama_model_quantize`; requantizing a quantized file is allowed: the copy keeps the
+/// source's precision in a different storage format, which is what sets its speed).
+pub fn convert_model(src: &Path, dst: &Path, to: FileType, n_threads: i32) -> Result<()> {
+    init();
+    check_gguf_file(src)?;
+    let c = |p: &Path| {
+        CString::new(p.to_string_lossy().as_bytes())
+            .map_err(|_| Error::ModelFile { path: p.to_path_buf(), reason: "path contains a NUL byte".into() })
+    };
+    let (c_src, c_dst) = (c(src)?, c(dst)?);
+    check_tokenizer(src, &c_src)?;
+    // SAFETY: returns a plain struct of defaults.
+    let mut qp = unsafe { sys::llama_model_quantize_default_params() };
+    qp.nthread = n_threads;
+    qp.ftype = to.ftype();
+    qp.allow_requantize = true;
+    take_llama_error();
+    // SAFETY: NUL-terminated paths and a valid params struct that outlives the call.
+    let code = unsafe { sys::llama_model_quantize(c_src.as_ptr(), c_dst.as_ptr(), &qp) };
+    if code != 0 {
+        let _ = std::fs::remove_file(dst);
+        return Err(Error::ModelFile {
+            path: src.to_path_buf(),
+            reason: format!("llama_model_quantize to {} failed ({code}): {}", to.name(), take_llama_error()),
+        });
+    }
+    Ok(())
+}
+
 /// Checks that a draft can propose tokens for a target: same vocabulary type, sizes within
 /// 128, same BOS/EOS, identical token texts over the shared range (llama.cpp's own rules).
 pub fn check_vocab_compat(target: &Model, draft: &Model) -> Result<()> {
@@ -536,11 +613,14 @@ pub struct ContextParams {
     pub n_threads: i32,
     /// Flash attention (off by default: on this CPU it was slower for batches >= 2).
     pub flash_attn: bool,
+    /// ggml's reference CPU kernels, whose results do not depend on how tokens are batched
+    /// (exact mode); off = the fastest kernels (tinyBLAS, tiled matmuls, fused ops).
+    pub reference_kernels: bool,
 }
 
 impl Default for ContextParams {
     fn default() -> Self {
-        Self { n_ctx: 4096, n_batch: 512, n_seq_max: 1, n_threads: 0, flash_attn: false }
+        Self { n_ctx: 4096, n_batch: 512, n_seq_max: 1, n_threads: 0, flash_attn: false, reference_kernels: false }
     }
 }
 
@@ -557,6 +637,14 @@ pub struct Context {
     n_batch: u32,
     n_seq_max: u32,
     n_vocab: usize,
+    /// The context's CPU backend, when it could be learned (kernel switch).
+    cpu: Option<CpuBackend>,
+    /// Reference kernels for every decode (exact mode).
+    reference_always: bool,
+    /// Otherwise, which kernels each batch size uses.
+    plan: KernelPlan,
+    /// What the backend is set to now.
+    reference_now: bool,
 }
 
 // SAFETY: a context is used by one thread at a time (&mut for every mutation); llama.cpp
@@ -606,12 +694,47 @@ impl Context {
         cp.no_perf = true;
         take_llama_error();
         // SAFETY: model pointer valid; cp is a valid params struct.
-        let raw = unsafe { sys::llama_init_from_model(model.raw(), cp) };
+        let (raw, cpu) = create_capturing(|| unsafe { sys::llama_init_from_model(model.raw(), cp) });
         let raw = NonNull::new(raw).ok_or_else(|| Error::ContextCreate(take_llama_error()))?;
+        if let Some(b) = cpu {
+            b.set_reference(params.reference_kernels);
+        } else if params.reference_kernels {
+            tracing::warn!("reference CPU kernels requested but the context's CPU backend is unknown");
+        }
+        let (reference_always, reference_now) = (params.reference_kernels, params.reference_kernels);
         let n_vocab = model.n_vocab();
         // SAFETY: valid context.
         let n_ctx = unsafe { sys::llama_n_ctx(raw.as_ptr()) };
-        Ok(Context { raw, model, n_ctx, n_batch, n_seq_max: params.n_seq_max, n_vocab })
+        Ok(Context {
+            raw,
+            model,
+            n_ctx,
+            n_batch,
+            n_seq_max: params.n_seq_max,
+            n_vocab,
+            cpu,
+            reference_always,
+            plan: KernelPlan::default(),
+            reference_now,
+        })
+    }
+
+    /// Whether this context picks its CPU kernels per batch size (fast mode with a known CPU
+    /// backend); exact-mode contexts always use the reference kernels.
+    pub fn kernels_switchable(&self) -> bool {
+        self.cpu.is_some() && !self.reference_always
+    }
+
+    /// Sets which kernels each batch size uses (ignored where not switchable).
+    pub fn set_kernel_plan(&mut self, plan: KernelPlan) {
+        if self.kernels_switchable() {
+            self.plan = plan;
+        }
+    }
+
+    /// Which kernels each batch size uses.
+    pub fn kernel_plan(&self) -> &KernelPlan {
+        &self.plan
     }
 
     /// The model this context runs.
@@ -650,6 +773,11 @@ impl Context {
                 name: "batch",
                 reason: format!("seq id {} exceeds n_seq_max {}", batch.max_seq_id, self.n_seq_max),
             });
+        }
+        let reference = self.reference_always || self.plan.reference_for(batch.n_tokens());
+        if let (Some(cpu), true) = (self.cpu, reference != self.reference_now) {
+            cpu.set_reference(reference);
+            self.reference_now = reference;
         }
         take_llama_error();
         // SAFETY: batch.raw is a fully initialised llama_batch whose arrays hold n_tokens entries;
@@ -888,7 +1016,7 @@ pub fn sequence_logits_rows(
             n_batch: n_batch as u32,
             n_seq_max: 1,
             n_threads,
-            flash_attn: false,
+            ..Default::default()
         },
     )?;
     let n_vocab = model.n_vocab();

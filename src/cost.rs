@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::cpu_kernels::KernelPlan;
 use crate::tree::Origin;
 
 /// Weight of a new measurement in the curve's overall scale (the machine got busier or
@@ -198,17 +199,18 @@ impl CostModel {
 
 /// Start-up measurements shared by all sessions of a process, keyed by model file, threads and
 /// settings, so a benchmark or a host with many sessions measures once.
-static MEASURED: Mutex<Option<HashMap<String, BatchCost>>> = Mutex::new(None);
+/// Each holds the curve and the kernel choice per batch size that produced it.
+static MEASURED: Mutex<Option<HashMap<String, (BatchCost, KernelPlan)>>> = Mutex::new(None);
 
 /// Returns a cached start-up measurement.
-pub fn cached(key: &str) -> Option<BatchCost> {
+pub fn cached(key: &str) -> Option<(BatchCost, KernelPlan)> {
     MEASURED.lock().ok()?.as_ref()?.get(key).cloned()
 }
 
 /// Stores a start-up measurement.
-pub fn store(key: &str, cost: &BatchCost) {
+pub fn store(key: &str, cost: &BatchCost, plan: &KernelPlan) {
     if let Ok(mut m) = MEASURED.lock() {
-        m.get_or_insert_with(HashMap::new).insert(key.to_string(), cost.clone());
+        m.get_or_insert_with(HashMap::new).insert(key.to_string(), (cost.clone(), plan.clone()));
     }
 }
 

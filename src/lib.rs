@@ -7,6 +7,7 @@ pub mod backend;
 #[cfg(feature = "cli")]
 pub mod bench;
 pub mod cost;
+pub mod cpu_kernels;
 #[cfg(feature = "cli")]
 pub mod dataset;
 pub mod error;

@@ -151,6 +151,27 @@ struct BenchArgs {
     /// Write the JSON report here.
     #[arg(long, default_value = "bench-results.json")]
     out: PathBuf,
+    /// Run the matrix: every --formats target format × every --datasets data set (--dataset is
+    /// then ignored), each cell side by side with its ratios, the format's ceiling (speedup of a
+    /// free, always-right draft on its measured verification curve) and `auto` against the best
+    /// fixed strategy; stops at end-of-generation (like llama.cpp).
+    #[arg(long)]
+    matrix: bool,
+    /// Target formats for --matrix: the given target where its file name says the format, else a
+    /// copy converted with llama.cpp's quantizer, cached in $ADASPEC_MODELS/converted.
+    #[arg(long, default_value = "q4_k_m,q8_0,f16", value_delimiter = ',')]
+    formats: Vec<String>,
+    /// Data sets for --matrix.
+    #[arg(long, default_value = "humaneval,gsm8k,mt_bench,humaneval_edit", value_delimiter = ',')]
+    datasets: Vec<String>,
+    /// llama.cpp's speculative decoding in the same --matrix run: the `llama-spec-bench` binary
+    /// that scripts/build-llama-tools.sh builds (target/llama-tools/bin/llama-spec-bench).
+    #[arg(long)]
+    peer: Option<PathBuf>,
+    /// llama.cpp configurations for --peer: draft-simple:K (draft-model chains of up to K) and
+    /// ngram-mod (its n-gram drafter).
+    #[arg(long, default_value = "draft-simple:3,ngram-mod", value_delimiter = ',')]
+    peer_variants: Vec<String>,
 }
 
 fn load_models(m: &ModelArgs, need_draft: bool) -> Result<(Arc<Model>, Option<Arc<Model>>, SessionParams)> {
@@ -249,6 +270,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    if a.matrix {
+        return bench_matrix(a);
+    }
     // Prompts first: a wrong --dataset fails before the models are loaded.
     let prompts = adaspec::dataset::load_prompts(&a.dataset, a.n_prompts)?;
     let (target, draft, sp) = load_models(&ModelArgs { strategy: "none".into(), ..a.models.clone() }, true)?;
@@ -271,6 +295,59 @@ fn bench(a: BenchArgs) -> Result<()> {
     println!("{}", format_table(&report));
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(&a.out, json).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn bench_matrix(a: BenchArgs) -> Result<()> {
+    use adaspec::bench::matrix::{format_matrix, run_matrix, MatrixConfig};
+    let mode: NumericMode = a.models.mode.parse()?;
+    let target = resolve(a.models.target.clone(), DEFAULT_TARGET)?;
+    let draft = resolve(a.models.draft.clone(), DEFAULT_DRAFT)?;
+    let threads = if a.models.threads > 0 { a.models.threads } else { adaspec::backend::default_threads() };
+    let mut strategies = Vec::new();
+    for s in a.strategies.split(['/', ' ']).filter(|s| !s.is_empty()) {
+        strategies.push(s.parse::<adaspec::bench::Variant>()?);
+    }
+    let formats = a.formats.iter().map(|f| f.parse()).collect::<adaspec::Result<Vec<_>>>()?;
+    let peer = match &a.peer {
+        Some(bin) => Some(adaspec::bench::peer::Peer {
+            bin: bin.clone(),
+            variants: a.peer_variants.iter().map(|v| v.parse()).collect::<adaspec::Result<Vec<_>>>()?,
+            threads,
+            n_ctx: a.models.ctx.min(2048),
+            workdir: std::env::temp_dir().join("adaspec-peer"),
+        }),
+        None => None,
+    };
+    let cfg = MatrixConfig {
+        target,
+        draft,
+        formats,
+        datasets: a.datasets.clone(),
+        n_prompts: a.n_prompts,
+        bench: BenchConfig {
+            prompts: Vec::new(),
+            strategies,
+            max_tokens: a.max_tokens,
+            chat: !a.raw,
+            threads,
+            mode,
+            n_ctx: a.models.ctx.min(2048),
+            ignore_eog: false,
+        },
+        cache_dir: adaspec::models::models_dir().join("converted"),
+        peer,
+    };
+    let out = a.out.clone();
+    let save = |r: &adaspec::bench::matrix::MatrixReport| {
+        if let Ok(json) = serde_json::to_string_pretty(r) {
+            let _ = std::fs::write(&out, json);
+        }
+    };
+    let report = run_matrix(&cfg, &mut |line| eprintln!("{line}"), &mut |r| save(r))?;
+    println!("{}", format_matrix(&report));
+    save(&report);
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }

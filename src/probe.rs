@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::backend::{decode_span, ms_since, Batch, Context, Model, Token};
 use crate::cost::BatchCost;
+use crate::cpu_kernels::KernelPlan;
 use crate::error::Result;
 
 /// `n` tokens of fixed text (repeated), tokenized by `model`.
@@ -24,6 +25,9 @@ pub fn probe_tokens(model: &Model, n: usize) -> Vec<Token> {
 }
 
 /// Times one decode per batch size on scratch positions (warm-up first); leaves the cache empty.
+/// Where the context can switch CPU kernels (fast mode), times both the fast and the reference
+/// kernels, installs the cheaper per size as the context's [`KernelPlan`] and returns that
+/// curve.
 pub fn measure_batch_costs(
     ctx: &mut Context,
     batch: &mut Batch,
@@ -31,6 +35,9 @@ pub fn measure_batch_costs(
     sizes: &[usize],
 ) -> Result<BatchCost> {
     let mut cost = BatchCost::default();
+    let switchable = ctx.kernels_switchable();
+    let max = sizes.iter().copied().max().unwrap_or(1);
+    ctx.set_kernel_plan(KernelPlan::default());
     ctx.clear();
     let prefix = 8.min(probe.len());
     decode_span(ctx, batch, &probe[..prefix], 0, false)?;
@@ -46,16 +53,29 @@ pub fn measure_batch_costs(
     };
     run(ctx, batch, 1)?;
     // Two interleaved passes, keeping each size's faster run, so a moment of machine noise
-    // does not skew one batch size against the others.
-    let mut best = vec![f64::INFINITY; sizes.len()];
+    // does not skew one batch size (or one kernel set) against the others.
+    let mut fast = vec![f64::INFINITY; sizes.len()];
+    let mut reference = vec![f64::INFINITY; sizes.len()];
     for _ in 0..2 {
         for (k, &b) in sizes.iter().enumerate() {
-            best[k] = best[k].min(run(ctx, batch, b)?);
+            ctx.set_kernel_plan(KernelPlan::default());
+            fast[k] = fast[k].min(run(ctx, batch, b)?);
+            if switchable {
+                ctx.set_kernel_plan(KernelPlan::reference_up_to(max));
+                reference[k] = reference[k].min(run(ctx, batch, b)?);
+            }
         }
     }
-    for (&b, &ms) in sizes.iter().zip(&best) {
-        cost.observe(b, ms);
+    let pairs = |v: &[f64]| sizes.iter().copied().zip(v.iter().copied()).collect::<Vec<_>>();
+    let plan = if switchable {
+        KernelPlan::from_measurements(&pairs(&fast), &pairs(&reference))
+    } else {
+        KernelPlan::default()
+    };
+    for (k, &b) in sizes.iter().enumerate() {
+        cost.observe(b, if plan.reference_for(b) { reference[k] } else { fast[k] });
     }
+    ctx.set_kernel_plan(plan);
     ctx.clear();
     Ok(cost)
 }

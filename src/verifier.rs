@@ -33,10 +33,18 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// A unified-KV context with `n_seq` sequence ids (tree leaves).
-    pub fn new(model: Arc<Model>, n_ctx: u32, n_batch: u32, n_seq: u32, n_threads: i32) -> Result<Self> {
-        let ctx =
-            Context::new(model, &ContextParams { n_ctx, n_batch, n_seq_max: n_seq, n_threads, flash_attn: false })?;
+    /// A unified-KV context with `n_seq` sequence ids (tree leaves); `reference_kernels` for
+    /// batch-invariant logits (exact mode).
+    pub fn new(
+        model: Arc<Model>,
+        n_ctx: u32,
+        n_batch: u32,
+        n_seq: u32,
+        n_threads: i32,
+        reference_kernels: bool,
+    ) -> Result<Self> {
+        let cp = ContextParams { n_ctx, n_batch, n_seq_max: n_seq, n_threads, reference_kernels, ..Default::default() };
+        let ctx = Context::new(model, &cp)?;
         let batch = Batch::new(ctx.n_batch(), n_seq as usize);
         Ok(Verifier { ctx, batch })
     }

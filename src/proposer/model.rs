@@ -42,7 +42,7 @@ impl ModelDraft {
         let n_vocab = draft_vocab.min(target_vocab);
         let stand_in = model.eos();
         let ctx =
-            Context::new(model, &ContextParams { n_ctx, n_batch, n_seq_max: n_seq, n_threads, flash_attn: false })?;
+            Context::new(model, &ContextParams { n_ctx, n_batch, n_seq_max: n_seq, n_threads, ..Default::default() })?;
         let batch = Batch::new(ctx.n_batch(), n_seq as usize);
         Ok(ModelDraft { ctx, batch, n_vocab, draft_vocab, stand_in, timings: Vec::new() })
     }

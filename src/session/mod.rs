@@ -172,7 +172,8 @@ impl Session {
             });
         }
         let n_batch = (512u32.min(params.n_ctx)).max(t_seq.max(d_seq) as u32);
-        let verifier = Verifier::new(target.clone(), params.n_ctx, n_batch, t_seq as u32, params.n_threads)?;
+        let exact = params.mode == NumericMode::Exact;
+        let verifier = Verifier::new(target.clone(), params.n_ctx, n_batch, t_seq as u32, params.n_threads, exact)?;
         let draft = match draft {
             Some(d) => {
                 Some(ModelDraft::new(d, target.n_vocab(), params.n_ctx, n_batch, d_seq as u32, params.n_threads)?)
@@ -196,7 +197,9 @@ impl Session {
             s.policy.max_verify = probe::exact_cap(ctx, batch, &target, EXACT_PROBE_MAX)?;
             tracing::info!("exact mode: verification batches capped at {}", s.policy.max_verify);
         }
-        if s.params.strategy == Strategy::Auto && speculates {
+        // auto plans with the measured curves; in fast mode every speculating session also gets
+        // the cheaper kernels per batch size that the same measurement finds.
+        if speculates && (s.params.strategy == Strategy::Auto || s.params.mode == NumericMode::Fast) {
             s.measure_costs()?;
         }
         Ok(s)
@@ -294,29 +297,13 @@ impl Session {
         let tkey = key(&model);
         let sizes: Vec<usize> =
             [1, 2, 3, 4, 5, 6, 7, 8, 12, 16].into_iter().filter(|&b| b <= self.policy.max_verify).collect();
-        self.policy.cost.target = match cost::cached(&tkey) {
-            Some(c) => c,
-            None => {
-                let probe = probe::probe_tokens(&model, 32);
-                let (ctx, batch) = self.verifier.context_mut();
-                let c = probe::measure_batch_costs(ctx, batch, &probe, &sizes)?;
-                cost::store(&tkey, &c);
-                c
-            }
-        };
+        let (ctx, batch) = self.verifier.context_mut();
+        self.policy.cost.target = measured(&tkey, ctx, batch, &probe::probe_tokens(&model, 32), &sizes)?;
         if let Some(d) = self.draft.as_mut() {
-            let model = d.model().clone();
-            let dkey = key(&model);
-            self.policy.cost.draft = match cost::cached(&dkey) {
-                Some(c) => c,
-                None => {
-                    let probe = probe::probe_tokens(&model, 24);
-                    let (ctx, batch) = d.context_mut();
-                    let c = probe::measure_batch_costs(ctx, batch, &probe, &[1, 2, 4])?;
-                    cost::store(&dkey, &c);
-                    c
-                }
-            };
+            let dkey = key(d.model());
+            let probe = probe::probe_tokens(d.model(), 24);
+            let (ctx, batch) = d.context_mut();
+            self.policy.cost.draft = measured(&dkey, ctx, batch, &probe, &[1, 2, 3, 4, 6, 8])?;
         }
         tracing::debug!(
             "cost model: target {:?} draft {:?}",
@@ -543,4 +530,29 @@ fn seq_budget(strategy: &Strategy, lookup: bool) -> (usize, usize) {
         Strategy::Static(s) => ((s.paths.len() + 1).min(256), (s.paths.len() + 1).min(256)),
         Strategy::Auto => (AUTO_MAX_DEPTH + 10 + lookup_leaves, AUTO_MAX_DEPTH + 2),
     }
+}
+
+/// The decode-cost curve of a context, measured once per process and key; installs the kernel
+/// choice per batch size that goes with it.
+fn measured(
+    key: &str,
+    ctx: &mut crate::backend::Context,
+    batch: &mut crate::backend::Batch,
+    probe: &[crate::backend::Token],
+    sizes: &[usize],
+) -> Result<crate::cost::BatchCost> {
+    if let Some((c, plan)) = cost::cached(key) {
+        ctx.set_kernel_plan(plan);
+        return Ok(c);
+    }
+    let c = probe::measure_batch_costs(ctx, batch, probe, sizes)?;
+    cost::store(key, &c, ctx.kernel_plan());
+    if !ctx.kernel_plan().reference_sizes().is_empty() {
+        tracing::info!(
+            "{}: reference kernels measured cheaper for batch sizes {:?}",
+            ctx.model().path().display(),
+            ctx.kernel_plan().reference_sizes()
+        );
+    }
+    Ok(c)
 }

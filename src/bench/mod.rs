@@ -1,6 +1,10 @@
 //! Side-by-side benchmark: target alone and each strategy on the same prompts, interleaved
 //! prompt by prompt in one process, so that machine noise hits every configuration alike.
-//! Ratios are computed per prompt against the target-alone run of that prompt.
+//! Ratios are computed per prompt against the target-alone run of that prompt. [`matrix`] runs
+//! it over target formats × data sets, with llama.cpp's own speculation as a [`peer`].
+
+pub mod matrix;
+pub mod peer;
 
 use std::sync::Arc;
 
@@ -132,7 +136,7 @@ pub struct BenchReport {
     pub target_cost_ms: Vec<(usize, f64)>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
