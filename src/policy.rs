@@ -47,8 +47,11 @@ pub struct Limits {
 
 /// Lookup branches chosen for a round: (tokens, confidence, expected accepted tokens).
 type LookupPlan = Vec<(Vec<Token>, f32, f32)>;
-/// A lookup candidate that was not verified, judged against the tokens the round commits.
+/// A lookup candidate that was not verified, judged against the tokens this and the following
+/// rounds commit.
 type Shadow = (Vec<Token>, f32);
+/// Most unverified lookup candidates followed at once.
+const MAX_SHADOWS: usize = 32;
 
 /// What a verified round tells the policy.
 #[derive(Clone, Copy)]
@@ -93,6 +96,8 @@ pub struct Policy {
     /// This round's best lookup candidate when none of it went into the tree: whether the
     /// target would have accepted it is read off the committed tokens, for free.
     shadow: Option<Shadow>,
+    /// Earlier rounds' shadows still being judged: (candidate, confidence, tokens judged).
+    shadows: Vec<(Vec<Token>, f32, usize)>,
     variant: TestVariant,
 }
 
@@ -108,6 +113,7 @@ impl Policy {
             other_rate: None,
             fixed_costs: false,
             shadow: None,
+            shadows: Vec::new(),
             variant: TestVariant::default(),
         }
     }
@@ -153,6 +159,13 @@ impl Policy {
             }
             _ => true,
         }
+    }
+
+    /// Forgets the lookup candidates still being judged: the history they continue changed
+    /// (a new prompt, or a failed call rolled it back).
+    pub fn forget_shadows(&mut self) {
+        self.shadow = None;
+        self.shadows.clear();
     }
 
     /// Builds this round's tree (root only when not speculating).
@@ -512,16 +525,24 @@ impl Policy {
         if self.fixed_costs {
             return;
         }
+        // A deterministic proposal x is accepted with probability p(x), the chance that the
+        // target's own next token is x: the committed tokens tell, at no cost. A candidate's
+        // later tokens are judged by the following rounds' tokens (a plain round commits one),
+        // so the acceptance of long lookups is learned while none is verified.
         if let Some((tokens, conf)) = shadow {
-            // A deterministic proposal x is accepted with probability p(x), the chance that
-            // the target's own next token is x: the committed tokens tell, at no cost.
-            for (j, (&x, &t)) in tokens.iter().zip(committed).enumerate() {
-                self.cost.calibration_mut(Origin::Lookup(j)).observe(conf, x == t);
-                if x != t {
-                    break;
-                }
+            if self.shadows.len() >= MAX_SHADOWS {
+                self.shadows.remove(0);
+            }
+            self.shadows.push((tokens, conf, 0));
+        }
+        for (tokens, conf, judged) in &mut self.shadows {
+            for &t in committed {
+                let Some(&x) = tokens.get(*judged) else { break };
+                self.cost.calibration_mut(Origin::Lookup(*judged)).observe(*conf, x == t);
+                *judged = if x == t { *judged + 1 } else { usize::MAX };
             }
         }
+        self.shadows.retain(|(tokens, _, judged)| *judged < tokens.len());
         for i in 1..tree.len() {
             let n = &tree.nodes[i];
             if on_path[n.parent] {

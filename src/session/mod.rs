@@ -253,6 +253,7 @@ impl Session {
         self.history.clear();
         self.messages.clear();
         self.verifier.reset();
+        self.policy.forget_shadows();
         for p in self.proposers() {
             p.reset();
         }
@@ -331,6 +332,7 @@ impl Session {
     ) -> Result<Generation> {
         params.sampling.validate()?;
         let saved = (self.history.clone(), self.messages.clone());
+        self.policy.forget_shadows();
         let result = self.generate_inner(prompt, params, on_commit);
         if result.is_err() {
             let (history, messages) = saved;
