@@ -42,11 +42,14 @@
  *
  * LOSSLESSNESS
  * - ADASPEC_NUMERIC_MODE_EXACT (target loaded with repack = false): greedy output is
- *   bit-identical to decoding with the target alone in the same mode (verification runs
- *   chains of at most the batch size a start-up self-check finds bit-identical).
- * - ADASPEC_NUMERIC_MODE_FAST (default): greedy output is the target's own choice at every
- *   token as llama.cpp computes it for the verification batch; where batched and one-token
- *   logits round differently at a near-tie, the text can depart from target-alone decoding.
+ *   bit-identical to decoding with the target alone in the same mode. The session's target
+ *   context runs ggml's reference CPU kernels (batch-invariant; no tinyBLAS, tiled matmuls or
+ *   fused ops), and verification runs chains of at most the batch size a start-up self-check
+ *   finds bit-identical.
+ * - ADASPEC_NUMERIC_MODE_FAST (default): the fastest CPU kernels per batch size (measured at
+ *   start-up). Greedy output is the target's own choice at every token as llama.cpp computes
+ *   it for the verification batch; where batched and one-token logits round differently at a
+ *   near-tie, the text can depart from target-alone decoding.
  * - Sampling (temperature > 0), every strategy and draft (model, lookups, both): the output
  *   has exactly the target's (warped) distribution; no draft token is kept or dropped after
  *   it was drawn.

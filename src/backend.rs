@@ -725,6 +725,12 @@ impl Context {
         self.cpu.is_some() && !self.reference_always
     }
 
+    /// Whether the context's CPU backend is known, so its kernels can be chosen (reference or
+    /// fast); false where the layout check failed (see `cpu_kernels`).
+    pub fn cpu_backend_known(&self) -> bool {
+        self.cpu.is_some()
+    }
+
     /// Sets which kernels each batch size uses (ignored where not switchable).
     pub fn set_kernel_plan(&mut self, plan: KernelPlan) {
         if self.kernels_switchable() {

@@ -92,13 +92,14 @@ impl FromStr for Strategy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NumericMode {
-    /// Fastest llama.cpp settings. Lossless in distribution; greedy output may differ from
-    /// target-alone decoding where llama.cpp's batch-dependent rounding flips a near-tie.
+    /// Fastest llama.cpp settings (the cheaper of the fast and the reference CPU kernels per
+    /// batch size, measured at start-up). Lossless in distribution; greedy output may differ
+    /// from target-alone decoding where llama.cpp's batch-dependent rounding flips a near-tie.
     #[default]
     Fast,
-    /// Batch-invariant settings (no weight repacking, verification batches capped at the
-    /// largest size measured bit-identical at start-up): greedy output bit-identical to
-    /// target-alone decoding in the same mode.
+    /// Batch-invariant settings (ggml's reference CPU kernels, no weight repacking,
+    /// verification batches capped at the largest size measured bit-identical at start-up):
+    /// greedy output bit-identical to target-alone decoding in the same mode.
     Exact,
 }
 

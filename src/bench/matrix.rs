@@ -70,6 +70,10 @@ pub struct MatrixCell {
     /// llama.cpp's speculative decoding, each against llama.cpp's target alone on the same
     /// prompts (empty without a peer).
     pub peer: Vec<CellEntry>,
+    /// llama.cpp's target alone: median tok/s, and on how many prompts its output equals ours
+    /// (same prompt tokens, same greedy decoding: a check that both sides ran the same task).
+    pub peer_target_tokens_per_second: Option<f64>,
+    pub peer_target_matches_ours: Option<usize>,
     pub auto_speedup: Option<f64>,
     pub best_fixed: Option<(String, f64)>,
     /// auto / best fixed strategy.
@@ -209,9 +213,20 @@ pub fn run_matrix(
                     .map(|x| x.tokens_per_second)
                     .collect(),
             );
-            let peer = match &cfg.peer {
-                Some(p) => run_peer(p, &target, &cfg.draft, texts, &bc, ceiling)?,
-                None => Vec::new(),
+            let base_outputs: Vec<&[crate::backend::Token]> = (0..texts.len())
+                .map(|pi| {
+                    r.runs
+                        .iter()
+                        .find(|x| x.prompt_index == pi && x.strategy == Strategy::None.to_string())
+                        .map_or(&[][..], |x| &x.output[..])
+                })
+                .collect();
+            let (peer, peer_target) = match &cfg.peer {
+                Some(p) => {
+                    let (entries, tps, matches) = run_peer(p, &target, &cfg.draft, texts, &bc, ceiling, &base_outputs)?;
+                    (entries, Some((tps, matches)))
+                }
+                None => (Vec::new(), None),
             };
             let auto = ours.iter().find(|e| e.name == Strategy::Auto.to_string());
             let is_fixed =
@@ -239,13 +254,17 @@ pub fn run_matrix(
                 None => None,
             };
             progress(&format!(
-                "{} × {dataset}: target {:.1} tok/s, auto {}, best fixed {}, auto/best {}, llama.cpp best {}",
+                "{} × {dataset}: target {:.1} tok/s, auto {}, best fixed {}, auto/best {}, llama.cpp best {}{}",
                 format.name(),
                 base_tps,
                 auto.map_or("-".into(), |a| format!("{:.2}x", a.median_speedup)),
                 best_fixed.as_ref().map_or("-".into(), |(n, x)| format!("{n} {x:.2}x")),
                 auto_vs_best_fixed.map_or("-".into(), |x| format!("{x:.2}")),
                 best_peer.as_ref().map_or("-".into(), |(n, x)| format!("{n} {x:.2}x")),
+                peer_target.map_or(String::new(), |(tps, m)| format!(
+                    " (llama.cpp target {tps:.1} tok/s, same output as ours on {m}/{})",
+                    texts.len()
+                )),
             ));
             let auto_speedup = auto.map(|a| a.median_speedup);
             report.cells.push(MatrixCell {
@@ -259,6 +278,8 @@ pub fn run_matrix(
                 auto_vs_best_fixed,
                 best_peer,
                 auto_vs_peer,
+                peer_target_tokens_per_second: peer_target.map(|p| p.0),
+                peer_target_matches_ours: peer_target.map(|p| p.1),
                 report: r,
             });
             partial(&report);
@@ -268,6 +289,9 @@ pub fn run_matrix(
 }
 
 /// llama.cpp on the same prompts: its target alone, then each variant; ratios per prompt.
+/// Also returns llama.cpp's target-alone median tok/s and on how many prompts its output
+/// equals `ours` (our target-alone outputs).
+#[allow(clippy::too_many_arguments)]
 fn run_peer(
     p: &Peer,
     target: &Arc<Model>,
@@ -275,15 +299,19 @@ fn run_peer(
     texts: &[String],
     bc: &BenchConfig,
     ceiling: f64,
-) -> Result<Vec<CellEntry>> {
+    ours: &[&[crate::backend::Token]],
+) -> Result<(Vec<CellEntry>, f64, usize)> {
     let mut per: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, usize)> = vec![(vec![], vec![], vec![], 0); p.variants.len()];
-    for text in texts {
+    let (mut base_tps, mut matches) = (Vec::new(), 0);
+    for (pi, text) in texts.iter().enumerate() {
         let rendered = if bc.chat {
             target.apply_chat_template(&[ChatMessage::new("user", text.clone())], true)?
         } else {
             text.clone()
         };
         let base = p.run(&PeerVariant::Target, target.path(), draft, &rendered, bc.max_tokens)?;
+        base_tps.push(base.tokens_per_second);
+        matches += usize::from(ours.get(pi).is_some_and(|o| *o == &base.tokens[..]));
         for (k, v) in p.variants.iter().enumerate() {
             let r = p.run(v, target.path(), draft, &rendered, bc.max_tokens)?;
             eprintln!(
@@ -298,7 +326,8 @@ fn run_peer(
             per[k].3 += usize::from(r.tokens == base.tokens);
         }
     }
-    Ok(p.variants.iter().zip(per).map(|(v, (s, t, q, i))| entry(v.to_string(), s, t, q, i, ceiling)).collect())
+    let entries = p.variants.iter().zip(per).map(|(v, (s, t, q, i))| entry(v.to_string(), s, t, q, i, ceiling)).collect();
+    Ok((entries, median(base_tps), matches))
 }
 
 /// The matrix as a table for people.

@@ -107,6 +107,9 @@ pub struct BenchRun {
     pub identical: bool,
     /// Index of the first differing generated token, if any.
     pub first_difference: Option<usize>,
+    /// The generated tokens (not in the JSON report).
+    #[serde(skip)]
+    pub output: Vec<Token>,
 }
 
 /// Summary of one strategy over all prompts.
@@ -219,6 +222,7 @@ pub fn run_bench(
                 rounds: g.stats.rounds,
                 identical: first_difference.is_none(),
                 first_difference,
+                output: g.tokens,
             };
             done += 1;
             progress(

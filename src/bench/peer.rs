@@ -82,7 +82,9 @@ impl Peer {
         };
         std::fs::create_dir_all(&self.workdir).map_err(io(&self.workdir))?;
         let prompt_file = self.workdir.join(format!("prompt-{}.txt", std::process::id()));
-        std::fs::write(&prompt_file, prompt_text).map_err(io(&prompt_file))?;
+        // llama.cpp's `-f` drops one trailing newline of the file (common/arg.cpp); add one so
+        // that it reads exactly `prompt_text` (a chat prompt ends with "assistant\n").
+        std::fs::write(&prompt_file, format!("{prompt_text}\n")).map_err(io(&prompt_file))?;
         let t = self.threads.to_string();
         let mut cmd = Command::new(&self.bin);
         cmd.arg("-m").arg(target).arg("-f").arg(&prompt_file).arg("--no-escape");
