@@ -988,10 +988,12 @@ impl Batch {
     }
 }
 
-/// Teacher-forced logits at every position of `tokens`, row-major (tokens.len() × n_vocab).
-/// Used by parity tests; the trainer asks for the rows it needs with [`sequence_logits_rows`].
+/// Teacher-forced logits at every position of `tokens`, row-major (tokens.len() × n_vocab),
+/// computed with ggml's reference CPU kernels: the same bits as decoding the tokens one at a
+/// time (no batch-dependent rounding). Used by parity tests; the trainer asks for the rows it
+/// needs, on the fast kernels, with [`sequence_logits_rows`].
 pub fn sequence_logits(model: &Arc<Model>, tokens: &[Token], n_threads: i32) -> Result<Vec<f32>> {
-    sequence_logits_rows(model, tokens, 0..tokens.len(), n_threads)
+    logits_of_rows(model, tokens, 0..tokens.len(), n_threads, true)
 }
 
 /// Teacher-forced logits at positions `rows` of `tokens`, row-major (rows.len() × n_vocab).
@@ -1003,6 +1005,16 @@ pub fn sequence_logits_rows(
     tokens: &[Token],
     rows: std::ops::Range<usize>,
     n_threads: i32,
+) -> Result<Vec<f32>> {
+    logits_of_rows(model, tokens, rows, n_threads, false)
+}
+
+fn logits_of_rows(
+    model: &Arc<Model>,
+    tokens: &[Token],
+    rows: std::ops::Range<usize>,
+    n_threads: i32,
+    reference_kernels: bool,
 ) -> Result<Vec<f32>> {
     if rows.start > rows.end || rows.end > tokens.len() {
         return Err(Error::InvalidParam {
@@ -1022,6 +1034,7 @@ pub fn sequence_logits_rows(
             n_batch: n_batch as u32,
             n_seq_max: 1,
             n_threads,
+            reference_kernels,
             ..Default::default()
         },
     )?;

@@ -157,10 +157,17 @@ pub struct CostModel {
     pub second_choice: Calibration,
     /// Acceptance of the first token of n-gram lookups, by the share of matches agreeing on it.
     pub lookup: Calibration,
-    /// Acceptance of later lookup tokens given the earlier ones were accepted (copied text
-    /// tends to go on being copied).
+    /// Acceptance of lookup tokens 2..=LOOKUP_DEEP given the earlier ones were accepted
+    /// (copied text tends to go on being copied).
     pub lookup_next: Calibration,
+    /// The same past the first [`LOOKUP_DEEP`] tokens: a copy that got this far is far more
+    /// likely to go on than one that just started, so long branches are priced by their own
+    /// acceptance, not by the short ones'.
+    pub lookup_deep: Calibration,
 }
+
+/// Lookup tokens judged by `lookup` and `lookup_next`; later ones by `lookup_deep`.
+pub const LOOKUP_DEEP: usize = 8;
 
 impl CostModel {
     /// The calibration that learns the acceptance of nodes of this origin.
@@ -169,7 +176,8 @@ impl CostModel {
             Origin::Draft(0) => &self.first_choice,
             Origin::Draft(_) => &self.second_choice,
             Origin::Lookup(0) => &self.lookup,
-            Origin::Lookup(_) => &self.lookup_next,
+            Origin::Lookup(j) if j < LOOKUP_DEEP => &self.lookup_next,
+            Origin::Lookup(_) => &self.lookup_deep,
         }
     }
 
@@ -179,7 +187,8 @@ impl CostModel {
             Origin::Draft(0) => &mut self.first_choice,
             Origin::Draft(_) => &mut self.second_choice,
             Origin::Lookup(0) => &mut self.lookup,
-            Origin::Lookup(_) => &mut self.lookup_next,
+            Origin::Lookup(j) if j < LOOKUP_DEEP => &mut self.lookup_next,
+            Origin::Lookup(_) => &mut self.lookup_deep,
         }
     }
 

@@ -21,7 +21,7 @@ use crate::verify::Verdict;
 /// Longest chain `auto` drafts.
 pub const AUTO_MAX_DEPTH: usize = 12;
 /// Most lookup nodes `auto` adds to a round.
-pub const AUTO_MAX_LOOKUP: usize = 16;
+pub const AUTO_MAX_LOOKUP: usize = 48;
 /// Acceptance assumed for a draft before anything was measured.
 const PRIOR_ACCEPT: f32 = 0.7;
 
@@ -47,9 +47,10 @@ pub struct Limits {
 
 /// Lookup branches chosen for a round: (tokens, confidence, expected accepted tokens).
 type LookupPlan = Vec<(Vec<Token>, f32, f32)>;
-/// A lookup candidate that was not verified, judged against the tokens this and the following
-/// rounds commit.
-type Shadow = (Vec<Token>, f32);
+/// A round's best lookup candidate, judged against the tokens this and the following rounds
+/// commit: (tokens, confidence, how many of its first tokens the round verifies in its tree,
+/// which the tree's own verdict judges).
+type Shadow = (Vec<Token>, f32, usize);
 /// Most unverified lookup candidates followed at once.
 const MAX_SHADOWS: usize = 32;
 
@@ -96,8 +97,9 @@ pub struct Policy {
     /// This round's best lookup candidate when none of it went into the tree: whether the
     /// target would have accepted it is read off the committed tokens, for free.
     shadow: Option<Shadow>,
-    /// Earlier rounds' shadows still being judged: (candidate, confidence, tokens judged).
-    shadows: Vec<(Vec<Token>, f32, usize)>,
+    /// Shadows still being judged: (candidate, confidence, tokens followed so far, first
+    /// token to judge).
+    shadows: Vec<(Vec<Token>, f32, usize, usize)>,
     variant: TestVariant,
 }
 
@@ -297,13 +299,13 @@ impl Policy {
 
     /// Lookup nodes worth verifying on their own: the best prefix of each candidate (fast mode:
     /// up to three branches; exact mode: the best chain), as (tokens, confidence, value); and
-    /// the best candidate itself, for shadow evaluation when nothing of it is verified.
+    /// the best candidate itself, for shadow evaluation.
     fn lookup_plan(&self, l: &mut LookupDraft, history: &[Token], lim: &Limits) -> (LookupPlan, Option<Shadow>) {
         let branches = if self.exact() { 1 } else { 3 };
         let mut out = Vec::new();
         let mut nodes = 0;
         let cands = l.candidates(history);
-        let shadow = cands.first().map(|c| (c.tokens.clone(), lookup::confidence(c)));
+        let shadow = cands.first().map(|c| (c.tokens.clone(), lookup::confidence(c), 0));
         for c in cands.into_iter().take(branches) {
             let conf = lookup::confidence(&c);
             let (mut reach, mut sum) = (1.0f32, 0.0f32);
@@ -342,9 +344,15 @@ impl Policy {
             None => (Vec::new(), None),
         };
         let used = self.auto_tree(d.model, history, lim, sp, rng, tree, &plan)?;
-        if !tree.nodes.iter().any(|n| matches!(n.origin, Origin::Lookup(_))) {
-            self.shadow = shadow;
-        }
+        // Whatever part of the best candidate the tree verifies is judged by the verdict; the
+        // rest by the tokens committed from now on (learning how long copies go on while only
+        // their beginnings are verified).
+        self.shadow = shadow.map(|(tokens, conf, _)| {
+            let mut node = 0;
+            let in_tree =
+                tokens.iter().take_while(|&&t| tree.child_with(node, t).inspect(|&c| node = c).is_some()).count();
+            (tokens, conf, in_tree)
+        });
         Ok(used)
     }
 
@@ -529,20 +537,22 @@ impl Policy {
         // target's own next token is x: the committed tokens tell, at no cost. A candidate's
         // later tokens are judged by the following rounds' tokens (a plain round commits one),
         // so the acceptance of long lookups is learned while none is verified.
-        if let Some((tokens, conf)) = shadow {
+        if let Some((tokens, conf, verified)) = shadow {
             if self.shadows.len() >= MAX_SHADOWS {
                 self.shadows.remove(0);
             }
-            self.shadows.push((tokens, conf, 0));
+            self.shadows.push((tokens, conf, 0, verified));
         }
-        for (tokens, conf, judged) in &mut self.shadows {
+        for (tokens, conf, followed, from) in &mut self.shadows {
             for &t in committed {
-                let Some(&x) = tokens.get(*judged) else { break };
-                self.cost.calibration_mut(Origin::Lookup(*judged)).observe(*conf, x == t);
-                *judged = if x == t { *judged + 1 } else { usize::MAX };
+                let Some(&x) = tokens.get(*followed) else { break };
+                if *followed >= *from {
+                    self.cost.calibration_mut(Origin::Lookup(*followed)).observe(*conf, x == t);
+                }
+                *followed = if x == t { *followed + 1 } else { usize::MAX };
             }
         }
-        self.shadows.retain(|(tokens, _, judged)| *judged < tokens.len());
+        self.shadows.retain(|(tokens, _, followed, _)| *followed < tokens.len());
         for i in 1..tree.len() {
             let n = &tree.nodes[i];
             if on_path[n.parent] {

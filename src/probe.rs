@@ -24,6 +24,9 @@ pub fn probe_tokens(model: &Model, n: usize) -> Vec<Token> {
     t
 }
 
+/// Largest batch size whose reference-kernel time is measured.
+const REFERENCE_MAX_BATCH: usize = 16;
+
 /// Times one decode per batch size on scratch positions (warm-up first); leaves the cache empty.
 /// Where the context can switch CPU kernels (fast mode), times both the fast and the reference
 /// kernels, installs the cheaper per size as the context's [`KernelPlan`] and returns that
@@ -36,10 +39,12 @@ pub fn measure_batch_costs(
 ) -> Result<BatchCost> {
     let mut cost = BatchCost::default();
     let switchable = ctx.kernels_switchable();
+    let prefix = 8.min(probe.len());
+    // Only sizes that fit the context and one decode call.
+    let sizes: Vec<usize> = sizes.iter().copied().filter(|&b| b <= ctx.n_batch() && prefix + b < ctx.n_ctx()).collect();
     let max = sizes.iter().copied().max().unwrap_or(1);
     ctx.set_kernel_plan(KernelPlan::default());
     ctx.clear();
-    let prefix = 8.min(probe.len());
     decode_span(ctx, batch, &probe[..prefix], 0, false)?;
     let run = |ctx: &mut Context, batch: &mut Batch, b: usize| -> Result<f64> {
         ctx.seq_rm(0, prefix as i32, -1);
@@ -60,7 +65,8 @@ pub fn measure_batch_costs(
         for (k, &b) in sizes.iter().enumerate() {
             ctx.set_kernel_plan(KernelPlan::default());
             fast[k] = fast[k].min(run(ctx, batch, b)?);
-            if switchable {
+            // The reference kernels only ever win at small batches.
+            if switchable && b <= REFERENCE_MAX_BATCH {
                 ctx.set_kernel_plan(KernelPlan::reference_up_to(max));
                 reference[k] = reference[k].min(run(ctx, batch, b)?);
             }

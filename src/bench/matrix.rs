@@ -17,7 +17,7 @@ use crate::strategy::{NumericMode, Strategy};
 use crate::verifier::Verifier;
 
 /// Batch sizes of the measured verification curve.
-pub const CURVE_SIZES: [usize; 9] = [1, 2, 3, 4, 5, 6, 8, 12, 16];
+pub const CURVE_SIZES: [usize; 12] = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48];
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -301,7 +301,15 @@ fn run_peer(
     ceiling: f64,
     ours: &[&[crate::backend::Token]],
 ) -> Result<(Vec<CellEntry>, f64, usize)> {
-    let mut per: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, usize)> = vec![(vec![], vec![], vec![], 0); p.variants.len()];
+    // Per variant: speedups, tok/s, tokens per pass, prompts identical to llama.cpp's target.
+    #[derive(Clone, Default)]
+    struct Acc {
+        speedup: Vec<f64>,
+        tps: Vec<f64>,
+        tpp: Vec<f64>,
+        identical: usize,
+    }
+    let mut per = vec![Acc::default(); p.variants.len()];
     let (mut base_tps, mut matches) = (Vec::new(), 0);
     for (pi, text) in texts.iter().enumerate() {
         let rendered = if bc.chat {
@@ -320,13 +328,18 @@ fn run_peer(
                 r.tokens_per_second / base.tokens_per_second.max(1e-9),
                 r.tokens_per_pass
             );
-            per[k].0.push(r.tokens_per_second / base.tokens_per_second.max(1e-9));
-            per[k].1.push(r.tokens_per_second);
-            per[k].2.push(r.tokens_per_pass);
-            per[k].3 += usize::from(r.tokens == base.tokens);
+            per[k].speedup.push(r.tokens_per_second / base.tokens_per_second.max(1e-9));
+            per[k].tps.push(r.tokens_per_second);
+            per[k].tpp.push(r.tokens_per_pass);
+            per[k].identical += usize::from(r.tokens == base.tokens);
         }
     }
-    let entries = p.variants.iter().zip(per).map(|(v, (s, t, q, i))| entry(v.to_string(), s, t, q, i, ceiling)).collect();
+    let entries = p
+        .variants
+        .iter()
+        .zip(per)
+        .map(|(v, a)| entry(v.to_string(), a.speedup, a.tps, a.tpp, a.identical, ceiling))
+        .collect();
     Ok((entries, median(base_tps), matches))
 }
 
