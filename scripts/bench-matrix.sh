@@ -6,7 +6,7 @@
 #
 # Usage: scripts/bench-matrix.sh [N_PROMPTS=3]
 #   env: THREADS=2 MAX_TOKENS=96 FORMATS=q4_k_m,q8_0,f16 DATASETS=humaneval,gsm8k,mt_bench,humaneval_edit
-#        STRATEGIES=auto/chain:1/chain:2/chain:3/lookup=chain:8 PEER=draft-simple:3,ngram-mod
+#        STRATEGIES=auto/chain:1/chain:2/chain:3/lookup=chain:8/lookup=chain:32 PEER=draft-simple:3,ngram-mod
 #        OUT=bench-matrix.json MODE=fast
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,7 +17,7 @@ cargo build --release --bin adaspec
 exec "$ROOT/target/release/adaspec" bench --matrix \
     --threads "${THREADS:-2}" --n-prompts "$N" --max-tokens "${MAX_TOKENS:-96}" \
     --formats "${FORMATS:-q4_k_m,q8_0,f16}" --datasets "${DATASETS:-humaneval,gsm8k,mt_bench,humaneval_edit}" \
-    --strategies "${STRATEGIES:-auto/chain:1/chain:2/chain:3/lookup=chain:8}" \
+    --strategies "${STRATEGIES:-auto/chain:1/chain:2/chain:3/lookup=chain:8/lookup=chain:32}" \
     --mode "${MODE:-fast}" \
     --peer "$ROOT/target/llama-tools/bin/llama-spec-bench" --peer-variants "${PEER:-draft-simple:3,ngram-mod}" \
     --out "${OUT:-bench-matrix.json}"

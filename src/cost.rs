@@ -129,6 +129,11 @@ impl Calibration {
         }
     }
 
+    /// Observations so far (decayed like the counts).
+    pub fn count(&self) -> f64 {
+        self.total.iter().sum()
+    }
+
     /// Overall acceptance so far (every bucket pooled), with the prior `prior` weighted as
     /// [`PRIOR_WEIGHT`] observations: the a-priori acceptance of the next proposal.
     pub fn mean(&self, prior: f32) -> f32 {
@@ -138,8 +143,13 @@ impl Calibration {
 
     /// Estimated acceptance probability for draft probability `q`.
     pub fn estimate(&self, q: f32) -> f32 {
+        self.estimate_with_prior(q, q)
+    }
+
+    /// Estimated acceptance for confidence `q`, its bucket starting from `prior`.
+    pub fn estimate_with_prior(&self, q: f32, prior: f32) -> f32 {
         let b = Self::bucket(q);
-        let prior = q.clamp(0.0, 1.0) as f64;
+        let prior = prior.clamp(0.0, 1.0) as f64;
         ((self.accepted[b] + PRIOR_WEIGHT * prior) / (self.total[b] + PRIOR_WEIGHT)) as f32
     }
 }
@@ -192,9 +202,16 @@ impl CostModel {
         }
     }
 
-    /// Estimated acceptance of a node of `origin` with confidence `conf`.
+    /// Estimated acceptance of a node of `origin` with confidence `conf`. A draft model's
+    /// confidence is its own probability, a good prior for its bucket; a lookup's confidence
+    /// (share of matches agreeing) is only a ranking, so its buckets start from what all
+    /// lookups of that kind achieved so far.
     pub fn estimate(&self, origin: Origin, conf: f32) -> f32 {
-        self.calibration(origin).estimate(conf)
+        let c = self.calibration(origin);
+        match origin {
+            Origin::Draft(_) => c.estimate(conf),
+            Origin::Lookup(_) => c.estimate_with_prior(conf, c.mean(conf)),
+        }
     }
 }
 
@@ -252,6 +269,18 @@ mod tests {
         // The unseen size keeps its ratio to size 1 instead of looking cheap.
         let ratio = c.estimate(2) / c.estimate(1);
         assert!(ratio > 1.6 && ratio <= 1.8, "ratio {ratio}"); // measured 1.8 before the slowdown
+    }
+
+    #[test]
+    fn lookup_buckets_start_from_what_lookups_achieved() {
+        let mut m = CostModel::default();
+        for _ in 0..40 {
+            m.calibration_mut(Origin::Lookup(0)).observe(0.5, false);
+        }
+        // A bucket never seen (0.75) starts near the pooled rate, not at 0.75...
+        assert!(m.estimate(Origin::Lookup(0), 0.75) < 0.15, "{}", m.estimate(Origin::Lookup(0), 0.75));
+        // ...while a draft model's probability stays the prior of its bucket.
+        assert!((m.estimate(Origin::Draft(0), 0.75) - 0.75).abs() < 1e-6);
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub const AUTO_MAX_DEPTH: usize = 12;
 pub const AUTO_MAX_LOOKUP: usize = 48;
 /// Acceptance assumed for a draft before anything was measured.
 const PRIOR_ACCEPT: f32 = 0.7;
+/// Draft tokens judged before `auto` stops trying the draft at its optimistic acceptance.
+const EXPLORE_OBSERVATIONS: f64 = 16.0;
 
 /// The acceptance a probe round assumes: what was measured, plus a margin for a draft
 /// whose acceptance was measured on little data.
@@ -278,7 +280,7 @@ impl Policy {
         if self.fixed_costs {
             return true;
         }
-        let probe = self.rounds % 16 == 0;
+        let probe = self.probing();
         let a = self.cost.first_choice.mean(PRIOR_ACCEPT);
         let optimistic = optimistic(a);
         let max = self.max_chain();
@@ -295,6 +297,14 @@ impl Policy {
             return false;
         }
         self.best_chain_rate(a, max, 0.0, 0) > plain || probe && self.best_chain_rate(optimistic, max, 0.0, 0) > plain
+    }
+
+    /// Whether this round may try the draft at its optimistic acceptance: every 16th round, and
+    /// every round until the draft's acceptance rests on some data (a session's first rounds;
+    /// the draft read the prompt, so trying it then costs no catch-up). Only where drafting
+    /// would pay at that optimistic acceptance, so a draft that cannot pay is never tried.
+    fn probing(&self) -> bool {
+        self.rounds % 16 == 0 || self.cost.first_choice.count() < EXPLORE_OBSERVATIONS
     }
 
     /// Lookup nodes worth verifying on their own: the best prefix of each candidate (fast mode:
@@ -383,7 +393,7 @@ impl Policy {
                     if lag > 1 { (self.cost.draft.estimate(lag) - self.cost.draft.estimate(1)).max(0.0) } else { 0.0 };
                 let pays =
                     |a: f32| self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model;
-                self.fixed_costs || pays(a_bar) || self.rounds % 16 == 0 && pays(optimistic(a_bar))
+                self.fixed_costs || pays(a_bar) || self.probing() && pays(optimistic(a_bar))
             }
             _ => false,
         };

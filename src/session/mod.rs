@@ -297,7 +297,7 @@ impl Session {
         let model = self.verifier.model().clone();
         let tkey = key(&model);
         let sizes: Vec<usize> =
-            [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48].into_iter().filter(|&b| b <= self.policy.max_verify).collect();
+            [1, 2, 3, 4, 6, 8, 12, 16, 32, 48].into_iter().filter(|&b| b <= self.policy.max_verify).collect();
         let (ctx, batch) = self.verifier.context_mut();
         self.policy.cost.target = measured(&tkey, ctx, batch, &probe::probe_tokens(&model, 32), &sizes)?;
         if let Some(d) = self.draft.as_mut() {
