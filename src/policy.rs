@@ -53,7 +53,7 @@ type LookupPlan = Vec<(Vec<Token>, f32, f32)>;
 /// commit: (tokens, confidence, how many of its first tokens the round verifies in its tree,
 /// which the tree's own verdict judges).
 type Shadow = (Vec<Token>, f32, usize);
-/// Most unverified lookup candidates followed at once.
+/// Most lookup candidates followed at once.
 const MAX_SHADOWS: usize = 32;
 
 /// What a verified round tells the policy.
@@ -96,8 +96,8 @@ pub struct Policy {
     other_rate: Option<f64>,
     /// Costs fixed by a test: no online timing, no realized-rate guard.
     fixed_costs: bool,
-    /// This round's best lookup candidate when none of it went into the tree: whether the
-    /// target would have accepted it is read off the committed tokens, for free.
+    /// This round's best lookup candidate: whether the target would have accepted its tokens
+    /// the tree does not verify is read off the committed tokens, for free.
     shadow: Option<Shadow>,
     /// Shadows still being judged: (candidate, confidence, tokens followed so far, first
     /// token to judge).
