@@ -14,6 +14,7 @@
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_void, CStr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use llama_cpp_sys_2 as sys;
@@ -27,25 +28,30 @@ const SLOT_GET_NAME: usize = 0;
 const SLOT_GET_TYPE: usize = 3;
 const SLOT_INIT_BACKEND: usize = 5;
 
-/// The CPU device and its original `init_backend`, once wrapped; `None` if the layout check
-/// failed.
-static HOOK: OnceLock<Option<(usize, InitBackend)>> = OnceLock::new();
+/// The CPU device, once its `init_backend` is wrapped; `None` if the layout check failed.
+static HOOK: OnceLock<Option<usize>> = OnceLock::new();
+/// The original `init_backend`, stored before the entry is patched (another thread may create
+/// a context the moment the patch lands).
+static ORIGINAL: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static CAPTURED: Cell<sys::ggml_backend_t> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 unsafe extern "C" fn capture_init(dev: sys::ggml_backend_dev_t, params: *const c_char) -> sys::ggml_backend_t {
-    let Some(Some((_, original))) = HOOK.get() else {
-        return std::ptr::null_mut();
-    };
-    // SAFETY: the original entry of the same device, called with the caller's arguments.
-    let backend = unsafe { original(dev, params) };
-    CAPTURED.with(|c| c.set(backend));
+    let original = ORIGINAL.load(Ordering::Acquire);
+    if original == 0 {
+        return std::ptr::null_mut(); // unreachable: stored before the patch
+    }
+    // SAFETY: the device's original entry (stored by `install`), called with the caller's
+    // arguments.
+    let backend = unsafe { std::mem::transmute::<usize, InitBackend>(original)(dev, params) };
+    // try_with: never panic across the C boundary (a thread being torn down has no TLS).
+    let _ = CAPTURED.try_with(|c| c.set(backend));
     backend
 }
 
-fn install() -> Option<(usize, InitBackend)> {
+fn install() -> Option<usize> {
     // SAFETY: the registry call returns a static device or NULL.
     let dev = unsafe { sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU) };
     if dev.is_null() {
@@ -77,12 +83,11 @@ fn install() -> Option<(usize, InitBackend)> {
         tracing::warn!("ggml CPU device layout not recognised: kernel choice per context unavailable");
         return None;
     }
-    // SAFETY: checked non-null above and has init_backend's signature in this layout.
-    let original = unsafe { std::mem::transmute::<*const c_void, InitBackend>(init) };
-    // SAFETY: the device is a mutable static in ggml-cpu; an aligned pointer store. Done once,
-    // before this process creates its first context through us.
+    ORIGINAL.store(init as usize, Ordering::Release);
+    // SAFETY: the device is a mutable static in ggml-cpu; an aligned pointer store, done once
+    // (OnceLock), after the original entry was stored.
     unsafe { slots.add(SLOT_INIT_BACKEND).write_volatile(capture_init as *const c_void) };
-    Some((dev as usize, original))
+    Some(dev as usize)
 }
 
 /// Runs `create` (which must create one llama.cpp context on this thread) and returns its
@@ -92,7 +97,7 @@ pub fn create_capturing<T>(create: impl FnOnce() -> T) -> (T, Option<CpuBackend>
     CAPTURED.with(|c| c.set(std::ptr::null_mut()));
     let out = create();
     let backend = CAPTURED.with(|c| c.replace(std::ptr::null_mut()));
-    let Some((dev, _)) = hook else {
+    let Some(dev) = hook else {
         return (out, None);
     };
     if backend.is_null() {
