@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use adaspec::bench::matrix::{measure_format, CURVE_SIZES};
+use adaspec::bench::matrix::{measure_curve, CURVE_SIZES};
 use adaspec::{Model, ModelParams, NumericMode};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -25,10 +25,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("exact (ref kernels)", false, NumericMode::Exact),
     ] {
         let model = Arc::new(Model::load(&path, &ModelParams { repack, ..Default::default() })?);
-        let info = measure_format(&model, adaspec::backend::FileType::F16, mode, threads)?;
-        let t1 = info.curve_ms[0].1;
+        let info = measure_curve(&model, mode, threads)?;
+        let t1 = info.ms[0].1;
         print!("{label:<22} {t1:>7.1}");
-        for &(_, ms) in &info.curve_ms[1..] {
+        for &(_, ms) in &info.ms[1..] {
             print!(" {:>7.2}", ms / t1);
         }
         println!("  {:.2}x (B{})", info.ceiling, info.ceiling_batch);

@@ -120,8 +120,17 @@ pub fn target_file(given: &Path, format: FileType, cache_dir: &Path, threads: i3
     Ok(dst)
 }
 
-/// Measures `model`'s verification curve and its ceiling.
-pub fn measure_format(model: &Arc<Model>, format: FileType, mode: NumericMode, threads: i32) -> Result<FormatInfo> {
+/// A model's verification curve on this machine and its ceiling.
+#[derive(Debug, Clone)]
+pub struct Curve {
+    /// (batch size, ms per decode) for [`CURVE_SIZES`].
+    pub ms: Vec<(usize, f64)>,
+    pub ceiling: f64,
+    pub ceiling_batch: usize,
+}
+
+/// Measures `model`'s verification curve (reference kernels in exact mode) and its ceiling.
+pub fn measure_curve(model: &Arc<Model>, mode: NumericMode, threads: i32) -> Result<Curve> {
     let mut v = Verifier::new(model.clone(), 1024, 512, 1, threads, mode == NumericMode::Exact)?;
     let probe_tokens = probe::probe_tokens(model, 48);
     let (ctx, batch) = v.context_mut();
@@ -130,7 +139,7 @@ pub fn measure_format(model: &Arc<Model>, format: FileType, mode: NumericMode, t
     let t1 = curve_ms[0].1;
     let (ceiling_batch, ceiling) =
         curve_ms.iter().map(|&(b, ms)| (b, b as f64 * t1 / ms)).max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or((1, 1.0));
-    Ok(FormatInfo { format, path: model.path().display().to_string(), curve_ms, ceiling, ceiling_batch })
+    Ok(Curve { ms: curve_ms, ceiling, ceiling_batch })
 }
 
 fn entry(name: String, speedups: Vec<f64>, tps: Vec<f64>, tpp: Vec<f64>, identical: usize, ceiling: f64) -> CellEntry {
@@ -175,7 +184,14 @@ pub fn run_matrix(
         let path = target_file(&cfg.target, format, &cfg.cache_dir, threads)?;
         let mp = ModelParams { repack: mode == NumericMode::Fast, ..Default::default() };
         let target = Arc::new(Model::load(&path, &mp)?);
-        let info = measure_format(&target, format, mode, threads)?;
+        let c = measure_curve(&target, mode, threads)?;
+        let info = FormatInfo {
+            format,
+            path: path.display().to_string(),
+            curve_ms: c.ms,
+            ceiling: c.ceiling,
+            ceiling_batch: c.ceiling_batch,
+        };
         progress(&format!(
             "{}: ceiling {:.2}x at batch {} (curve {})",
             format.name(),
