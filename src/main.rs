@@ -279,6 +279,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--strategies`: configurations separated by '/' or spaces.
+fn variants(list: &str) -> adaspec::Result<Vec<adaspec::bench::Variant>> {
+    list.split(['/', ' ']).filter(|s| !s.is_empty()).map(str::parse).collect()
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
     if a.matrix {
         return bench_matrix(a);
@@ -287,10 +292,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let prompts = adaspec::dataset::load_prompts(&a.dataset, a.n_prompts)?;
     let (target, draft, sp) = load_models(&ModelArgs { strategy: "none".into(), ..a.models.clone() }, true)?;
     let draft = draft.context("bench needs a draft model (lookup=... configurations run without it)")?;
-    let mut strategies = Vec::new();
-    for s in a.strategies.split(['/', ' ']).filter(|s| !s.is_empty()) {
-        strategies.push(s.parse::<adaspec::bench::Variant>()?);
-    }
+    let strategies = variants(&a.strategies)?;
     let cfg = BenchConfig {
         prompts,
         strategies,
@@ -315,10 +317,7 @@ fn bench_matrix(a: BenchArgs) -> Result<()> {
     let target = resolve(a.models.target.clone(), DEFAULT_TARGET)?;
     let draft = resolve(a.models.draft.clone(), DEFAULT_DRAFT)?;
     let threads = if a.models.threads > 0 { a.models.threads } else { adaspec::backend::default_threads() };
-    let mut strategies = Vec::new();
-    for s in a.strategies.split(['/', ' ']).filter(|s| !s.is_empty()) {
-        strategies.push(s.parse::<adaspec::bench::Variant>()?);
-    }
+    let strategies = variants(&a.strategies)?;
     let formats = a.formats.iter().map(|f| f.parse()).collect::<adaspec::Result<Vec<_>>>()?;
     let peer = match &a.peer {
         Some(bin) => Some(adaspec::bench::peer::Peer {

@@ -74,7 +74,6 @@ pub struct MatrixCell {
     /// (same prompt tokens, same greedy decoding: a check that both sides ran the same task).
     pub peer_target_tokens_per_second: Option<f64>,
     pub peer_target_matches_ours: Option<usize>,
-    pub auto_speedup: Option<f64>,
     pub best_fixed: Option<(String, f64)>,
     /// auto / best fixed strategy.
     pub auto_vs_best_fixed: Option<f64>,
@@ -152,7 +151,15 @@ fn entry(name: String, speedups: Vec<f64>, tps: Vec<f64>, tpp: Vec<f64>, identic
         mean_tokens_per_pass: tpp.iter().sum::<f64>() / prompts.max(1) as f64,
         identical,
         prompts,
-        of_ceiling: if ceiling > 0.0 { median_speedup / ceiling } else { 0.0 },
+        of_ceiling: of_ceiling(median_speedup, ceiling),
+    }
+}
+
+fn of_ceiling(speedup: f64, ceiling: f64) -> f64 {
+    if ceiling > 0.0 {
+        speedup / ceiling
+    } else {
+        0.0
     }
 }
 
@@ -206,34 +213,27 @@ pub fn run_matrix(
             let r = run_bench(target.clone(), draft.clone(), &bc, &mut |done, total, line| {
                 eprintln!("  [{} {dataset} {done}/{total}] {line}", format.name())
             })?;
+            let none = Strategy::None.to_string();
             let ours: Vec<CellEntry> = r
                 .summaries
                 .iter()
-                .filter(|s| s.strategy != Strategy::None.to_string())
-                .map(|s| {
-                    let runs: Vec<_> = r.runs.iter().filter(|x| x.strategy == s.strategy).collect();
-                    entry(
-                        s.strategy.clone(),
-                        runs.iter().map(|x| x.speedup).collect(),
-                        runs.iter().map(|x| x.tokens_per_second).collect(),
-                        runs.iter().map(|x| x.tokens_per_pass).collect(),
-                        s.identical,
-                        ceiling,
-                    )
+                .filter(|s| s.strategy != none)
+                .map(|s| CellEntry {
+                    name: s.strategy.clone(),
+                    median_speedup: s.median_speedup,
+                    median_tokens_per_second: s.median_tokens_per_second,
+                    mean_tokens_per_pass: s.mean_tokens_per_pass,
+                    identical: s.identical,
+                    prompts: s.prompts,
+                    of_ceiling: of_ceiling(s.median_speedup, ceiling),
                 })
                 .collect();
-            let base_tps = median(
-                r.runs
-                    .iter()
-                    .filter(|x| x.strategy == Strategy::None.to_string())
-                    .map(|x| x.tokens_per_second)
-                    .collect(),
-            );
+            let base_tps = r.summaries.iter().find(|s| s.strategy == none).map_or(0.0, |s| s.median_tokens_per_second);
             let base_outputs: Vec<&[crate::backend::Token]> = (0..texts.len())
                 .map(|pi| {
                     r.runs
                         .iter()
-                        .find(|x| x.prompt_index == pi && x.strategy == Strategy::None.to_string())
+                        .find(|x| x.prompt_index == pi && x.strategy == none)
                         .map_or(&[][..], |x| &x.output[..])
                 })
                 .collect();
@@ -282,14 +282,12 @@ pub fn run_matrix(
                     texts.len()
                 )),
             ));
-            let auto_speedup = auto.map(|a| a.median_speedup);
             report.cells.push(MatrixCell {
                 format,
                 dataset: dataset.clone(),
                 target_tokens_per_second: base_tps,
                 ours,
                 peer,
-                auto_speedup,
                 best_fixed,
                 auto_vs_best_fixed,
                 best_peer,
