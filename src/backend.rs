@@ -18,6 +18,7 @@ use llama_cpp_sys_2 as sys;
 
 use crate::cpu_kernels::{create_capturing, CpuBackend, KernelPlan};
 use crate::error::{Error, Result};
+use crate::features::FeatureTap;
 
 /// A llama.cpp token id.
 pub type Token = i32;
@@ -81,7 +82,7 @@ pub fn init() {
     });
 }
 
-fn take_llama_error() -> String {
+pub(crate) fn take_llama_error() -> String {
     LAST_LLAMA_ERROR.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default()
 }
 
@@ -624,6 +625,18 @@ impl Default for ContextParams {
     }
 }
 
+/// What some contexts need beyond [`ContextParams`]: feature-level heads.
+#[derive(Default)]
+pub struct ContextExtras<'a> {
+    /// Collect target features during every decode (target contexts with a head).
+    pub tap: Option<Arc<FeatureTap>>,
+    /// The target context whose embedding and LM head an `eagle3` head may share
+    /// (llama.cpp's `ctx_other`); it must outlive the new context.
+    pub other: Option<&'a Context>,
+    /// Output the pre-norm hidden state of every output row (`eagle3` heads).
+    pub prenorm_outputs: bool,
+}
+
 /// Number of CPU threads to use when the caller says 0.
 pub fn default_threads() -> i32 {
     std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(4)
@@ -645,6 +658,8 @@ pub struct Context {
     plan: KernelPlan,
     /// What the backend is set to now.
     reference_now: bool,
+    /// The feature tap `cb_eval` writes to (kept alive as long as the context).
+    tap: Option<Arc<FeatureTap>>,
 }
 
 // SAFETY: a context is used by one thread at a time (&mut for every mutation); llama.cpp
@@ -662,6 +677,11 @@ impl Drop for Context {
 impl Context {
     /// Creates a context with a unified KV cache (needed for tree verification, SPEC §2).
     pub fn new(model: Arc<Model>, params: &ContextParams) -> Result<Context> {
+        Self::with_extras(model, params, ContextExtras::default())
+    }
+
+    /// [`Context::new`] with a feature tap, a context to share weights with, or pre-norm outputs.
+    pub fn with_extras(model: Arc<Model>, params: &ContextParams, extras: ContextExtras<'_>) -> Result<Context> {
         if params.n_ctx == 0 {
             return Err(Error::InvalidParam { name: "n_ctx", reason: "must be > 0".into() });
         }
@@ -692,6 +712,13 @@ impl Context {
             if params.flash_attn { sys::LLAMA_FLASH_ATTN_TYPE_ENABLED } else { sys::LLAMA_FLASH_ATTN_TYPE_DISABLED };
         cp.kv_unified = true;
         cp.no_perf = true;
+        if let Some(tap) = &extras.tap {
+            cp.cb_eval = Some(crate::features::feature_callback);
+            cp.cb_eval_user_data = Arc::as_ptr(tap) as *mut std::ffi::c_void;
+        }
+        if let Some(other) = extras.other {
+            cp.ctx_other = other.raw();
+        }
         take_llama_error();
         // SAFETY: model pointer valid; cp is a valid params struct.
         let (raw, cpu) = create_capturing(|| unsafe { sys::llama_init_from_model(model.raw(), cp) });
@@ -705,6 +732,10 @@ impl Context {
         let n_vocab = model.n_vocab();
         // SAFETY: valid context.
         let n_ctx = unsafe { sys::llama_n_ctx(raw.as_ptr()) };
+        if extras.prenorm_outputs {
+            // SAFETY: valid context.
+            unsafe { crate::eagle::ext::set_embeddings_nextn(raw.as_ptr(), true, true) };
+        }
         Ok(Context {
             raw,
             model,
@@ -716,7 +747,27 @@ impl Context {
             reference_always,
             plan: KernelPlan::default(),
             reference_now,
+            tap: extras.tap,
         })
+    }
+
+    /// The llama.cpp context (for the head's extended batches).
+    pub(crate) fn raw(&self) -> *mut sys::llama_context {
+        self.raw.as_ptr()
+    }
+
+    /// The feature tap of this context, if it collects target features.
+    pub fn tap(&self) -> Option<&Arc<FeatureTap>> {
+        self.tap.as_ref()
+    }
+
+    /// Switches the CPU kernels for a batch of `n` tokens per the plan (before any decode).
+    pub(crate) fn prepare_kernels(&mut self, n: usize) {
+        let reference = self.reference_always || self.plan.reference_for(n);
+        if let (Some(cpu), true) = (self.cpu, reference != self.reference_now) {
+            cpu.set_reference(reference);
+            self.reference_now = reference;
+        }
     }
 
     /// Whether this context picks its CPU kernels per batch size (fast mode with a known CPU
@@ -780,11 +831,7 @@ impl Context {
                 reason: format!("seq id {} exceeds n_seq_max {}", batch.max_seq_id, self.n_seq_max),
             });
         }
-        let reference = self.reference_always || self.plan.reference_for(batch.n_tokens());
-        if let (Some(cpu), true) = (self.cpu, reference != self.reference_now) {
-            cpu.set_reference(reference);
-            self.reference_now = reference;
-        }
+        self.prepare_kernels(batch.n_tokens());
         take_llama_error();
         // SAFETY: batch.raw is a fully initialised llama_batch whose arrays hold n_tokens entries;
         // every seq id was checked against this context's n_seq_max above.

@@ -10,7 +10,9 @@ pub mod cost;
 pub mod cpu_kernels;
 #[cfg(feature = "cli")]
 pub mod dataset;
+pub mod eagle;
 pub mod error;
+pub mod features;
 #[cfg(feature = "cli")]
 pub mod inspect;
 pub mod models;

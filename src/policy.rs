@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use crate::backend::Token;
 use crate::cost::CostModel;
 use crate::error::Result;
-use crate::proposer::{lookup, Alternative, ChainStep, LookupDraft, ModelDraft, Proposer, Request, Shape};
+use crate::proposer::{lookup, Alternative, ChainStep, LookupDraft, ModelProposer, Proposer, Request, Shape};
 use crate::sampling::SamplingParams;
 use crate::strategy::{NumericMode, Strategy};
 use crate::tree::{DraftTree, Origin, Proposal};
@@ -35,7 +35,8 @@ fn optimistic(a: f32) -> f32 {
 
 /// What a round may use.
 pub struct Drafters<'a> {
-    pub model: Option<&'a mut ModelDraft>,
+    /// The draft model or the head.
+    pub model: Option<&'a mut dyn ModelProposer>,
     pub lookup: Option<&'a mut LookupDraft>,
 }
 
@@ -370,7 +371,7 @@ impl Policy {
     #[allow(clippy::too_many_arguments)]
     fn auto_tree(
         &mut self,
-        model: Option<&mut ModelDraft>,
+        model: Option<&mut dyn ModelProposer>,
         history: &[Token],
         lim: &Limits,
         sp: &SamplingParams,

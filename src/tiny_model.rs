@@ -28,6 +28,7 @@ use crate::{Error, Result};
 /// GGML tensor type ids.
 const GGML_TYPE_F32: u32 = 0;
 const GGML_TYPE_F16: u32 = 1;
+const GGML_TYPE_I64: u32 = 27;
 
 /// Number of BPE merge rules the tiny tokenizer is trained for; with the 256 byte tokens and
 /// 3 special tokens the vocabulary has (at most) 512 entries.
@@ -484,9 +485,20 @@ fn gguf_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 fn write_gguf(path: &Path, cfg: &TinyModelConfig, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    write_gguf_as(path, cfg, cfg.arch.name(), &|_| {}, tensors)
+}
+
+/// [`write_gguf`] under another architecture name with extra metadata; a tensor named `d2t` is
+/// stored as I64 (its values are whole numbers).
+fn write_gguf_as(
+    path: &Path,
+    cfg: &TinyModelConfig,
+    arch: &str,
+    extra: &dyn Fn(&mut GGUFWriter),
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) -> Result<()> {
     cfg.validate()?;
     let vocab = tiny_vocab();
-    let arch = cfg.arch.name();
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -546,17 +558,28 @@ fn write_gguf(path: &Path, cfg: &TinyModelConfig, tensors: &[(String, Vec<usize>
         w.add_metadata_bool("tokenizer.ggml.add_bos_token", false);
         w.add_metadata_bool("tokenizer.ggml.add_eos_token", false);
         w.add_metadata("tokenizer.chat_template", CHATML_TEMPLATE);
+        extra(&mut w);
 
         let mut payloads = Vec::with_capacity(tensors.len());
         for (name, shape, data) in tensors {
             let f16 = cfg.f16 && shape.len() == 2;
+            let i64 = name == "d2t";
+            // gguf-rs 0.1.8 sizes I64 tensors as if they had 256-element blocks: write `d2t` as
+            // an f32 tensor of twice the length (the same bytes), patched to I64 below.
+            let dims: Vec<u64> = if i64 {
+                vec![2 * shape[0] as u64]
+            } else {
+                // GGUF dims are innermost first.
+                shape.iter().rev().map(|&x| x as u64).collect()
+            };
             w.add_tensor(TensorInfo {
                 name: name.clone(),
-                // GGUF dims are innermost first.
-                shape: shape.iter().rev().map(|&x| x as u64).collect(),
+                shape: dims,
                 dtype: if f16 { GGML_TYPE_F16 } else { GGML_TYPE_F32 },
             });
-            let bytes: Vec<u8> = if f16 {
+            let bytes: Vec<u8> = if i64 {
+                data.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect()
+            } else if f16 {
                 data.iter().flat_map(|&v| f32_to_f16_bits(v).to_le_bytes()).collect()
             } else {
                 data.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -569,6 +592,9 @@ fn write_gguf(path: &Path, cfg: &TinyModelConfig, tensors: &[(String, Vec<usize>
         }
         w.finalize().map_err(|e| gguf_err(&tmp, "flush", e))?;
         drop(w);
+        if let Some((_, shape, _)) = tensors.iter().find(|(n, _, _)| n == "d2t") {
+            patch_to_i64(&tmp, "d2t", shape[0] as u64)?;
+        }
         std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
     })();
     if result.is_err() {
@@ -577,11 +603,97 @@ fn write_gguf(path: &Path, cfg: &TinyModelConfig, tensors: &[(String, Vec<usize>
     result
 }
 
+/// Rewrites the tensor info of the 1-D f32 tensor `name` (written with 2·`n` elements) as an
+/// I64 tensor of `n` elements: the same data bytes, fixed-width header fields patched in place.
+fn patch_to_i64(path: &Path, name: &str, n: u64) -> Result<()> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let mut bytes = std::fs::read(path).map_err(io)?;
+    // Tensor info: u64 name length, name, u32 n_dims (1), u64 ne0, u32 type, u64 offset.
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key.extend_from_slice(&1u32.to_le_bytes());
+    key.extend_from_slice(&(2 * n).to_le_bytes());
+    key.extend_from_slice(&GGML_TYPE_F32.to_le_bytes());
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key.as_slice())
+        .ok_or_else(|| Error::Gguf(format!("{}: tensor info of {name} not found", path.display())))?;
+    let ne0 = at + 8 + name.len() + 4;
+    bytes[ne0..ne0 + 8].copy_from_slice(&n.to_le_bytes());
+    bytes[ne0 + 8..ne0 + 12].copy_from_slice(&GGML_TYPE_I64.to_le_bytes());
+    std::fs::write(path, bytes).map_err(io)
+}
+
 /// Writes a complete GGUF (metadata + tokenizer + random f32 (or f16) weights) to `path`,
 /// through a temporary file in the same folder that is then renamed.
 pub fn write_tiny_model(path: &Path, cfg: &TinyModelConfig) -> Result<()> {
     cfg.validate()?;
     write_gguf(path, cfg, &tiny_model_tensors(cfg))
+}
+
+/// Shape of a tiny `eagle3` head for a tiny target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinyHeadConfig {
+    /// FFN width (default 128).
+    pub n_ff: usize,
+    /// A reduced draft vocabulary of this many target tokens (every other id from 0) with its
+    /// own LM head and `d2t`; `None` (default) shares the target's LM head.
+    pub draft_vocab: Option<usize>,
+    /// Seed of the head's weights (default 7).
+    pub seed: u64,
+}
+
+impl Default for TinyHeadConfig {
+    fn default() -> Self {
+        TinyHeadConfig { n_ff: 128, draft_vocab: None, seed: 7 }
+    }
+}
+
+/// Writes a random-weight `eagle3` head (EAGLE-3 layout, llama.cpp's `eagle3` architecture) for
+/// the tiny target `target`: hidden size and heads as the target's, one decoder layer, features
+/// of the target layers [`crate::features::eagle3_layers`], the target's tokenizer, embedding
+/// shared with the target.
+pub fn write_tiny_head(path: &Path, target: &TinyModelConfig, head: &TinyHeadConfig) -> Result<()> {
+    target.validate()?;
+    let h = target.n_embd;
+    let hd = target.head_dim();
+    let (q_dim, kv_dim) = (target.n_head * hd, target.n_head_kv * hd);
+    let n_vocab = tiny_vocab().tokens.len() + target.extra_tokens;
+    let mut rng = Normal::new(head.seed ^ 0xea61e3);
+    let lin = |n_in: usize| 1.0 / (n_in as f32).sqrt();
+    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    t.push(("fc.weight".into(), vec![h, 3 * h], rng.vec(3 * h * h, lin(3 * h), 0.0)));
+    let p = |s: &str| format!("blk.0.{s}");
+    t.push((p("attn_norm.weight"), vec![h], rng.vec(h, 0.1, 1.0)));
+    t.push((p("attn_norm_2.weight"), vec![h], rng.vec(h, 0.1, 1.0)));
+    t.push((p("attn_q.weight"), vec![q_dim, 2 * h], rng.vec(q_dim * 2 * h, 2.0 * lin(2 * h), 0.0)));
+    t.push((p("attn_k.weight"), vec![kv_dim, 2 * h], rng.vec(kv_dim * 2 * h, 2.0 * lin(2 * h), 0.0)));
+    t.push((p("attn_v.weight"), vec![kv_dim, 2 * h], rng.vec(kv_dim * 2 * h, lin(2 * h), 0.0)));
+    t.push((p("attn_output.weight"), vec![h, q_dim], rng.vec(h * q_dim, lin(q_dim), 0.0)));
+    t.push((p("ffn_norm.weight"), vec![h], rng.vec(h, 0.1, 1.0)));
+    t.push((p("ffn_gate.weight"), vec![head.n_ff, h], rng.vec(head.n_ff * h, lin(h), 0.0)));
+    t.push((p("ffn_up.weight"), vec![head.n_ff, h], rng.vec(head.n_ff * h, lin(h), 0.0)));
+    t.push((p("ffn_down.weight"), vec![h, head.n_ff], rng.vec(h * head.n_ff, lin(head.n_ff), 0.0)));
+    t.push(("output_norm.weight".into(), vec![h], rng.vec(h, 0.1, 1.0)));
+    if let Some(v) = head.draft_vocab {
+        if v == 0 || 2 * (v - 1) >= n_vocab {
+            return Err(Error::InvalidParam {
+                name: "draft_vocab",
+                reason: format!("{v} every-other ids do not fit a vocabulary of {n_vocab}"),
+            });
+        }
+        t.push(("output.weight".into(), vec![v, h], rng.vec(v * h, target.logit_scale * lin(h), 0.0)));
+        // Draft id i is target id 2i: d2t[i] = 2i - i.
+        t.push(("d2t".into(), vec![v], (0..v).map(|i| i as f32).collect()));
+    }
+    let layers = crate::features::eagle3_layers(target.n_layer);
+    let cfg = TinyModelConfig { n_layer: 1, n_ff: head.n_ff, f16: false, ..target.clone() };
+    let target_hidden = h as u32;
+    let extra = move |w: &mut GGUFWriter| {
+        w.add_metadata_array("eagle3.target_layers", layers.iter().map(|&l| MetadataValue::Int32(l as i32)).collect());
+        w.add_metadata_u32("eagle3.target_hidden_size", target_hidden);
+    };
+    write_gguf_as(path, &cfg, "eagle3", &extra, &t)
 }
 
 /// The draft's weights: the target's plus seeded Gaussian noise of `draft_noise` times each

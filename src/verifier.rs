@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use rand::rngs::StdRng;
 
-use crate::backend::{decode_span, ms_since, Batch, Context, ContextParams, Model, Token};
+use crate::backend::{decode_span, ms_since, Batch, Context, ContextExtras, ContextParams, Model, Token};
 use crate::error::{Error, Result};
+use crate::features::FeatureTap;
 use crate::sampling::{argmax, warp, SamplingParams};
 use crate::tree::DraftTree;
 use crate::verify::{verify_greedy, verify_sampled, Verdict};
@@ -34,7 +35,8 @@ pub struct Verifier {
 
 impl Verifier {
     /// A unified-KV context with `n_seq` sequence ids (tree leaves); `reference_kernels` for
-    /// batch-invariant logits (exact mode).
+    /// batch-invariant logits (exact mode); `tap` collects target features for a head (the rows
+    /// of the last prefill or verification pass).
     pub fn new(
         model: Arc<Model>,
         n_ctx: u32,
@@ -42,9 +44,10 @@ impl Verifier {
         n_seq: u32,
         n_threads: i32,
         reference_kernels: bool,
+        tap: Option<Arc<FeatureTap>>,
     ) -> Result<Self> {
         let cp = ContextParams { n_ctx, n_batch, n_seq_max: n_seq, n_threads, reference_kernels, ..Default::default() };
-        let ctx = Context::new(model, &cp)?;
+        let ctx = Context::with_extras(model, &cp, ContextExtras { tap, ..Default::default() })?;
         let batch = Batch::new(ctx.n_batch(), n_seq as usize);
         Ok(Verifier { ctx, batch })
     }
@@ -72,6 +75,12 @@ impl Verifier {
         self.ctx.prefix_len()
     }
 
+    fn clear_tap(&self) {
+        if let Some(t) = self.ctx.tap() {
+            t.clear();
+        }
+    }
+
     /// Empties the cache.
     pub fn reset(&mut self) {
         self.ctx.clear();
@@ -88,6 +97,7 @@ impl Verifier {
         let n = history.len();
         self.rollback(n.saturating_sub(1));
         let past = self.ctx.prefix_len();
+        self.clear_tap();
         if past + 1 < n {
             decode_span(&mut self.ctx, &mut self.batch, &history[past..n - 1], past, false)?;
         }
@@ -114,6 +124,7 @@ impl Verifier {
             self.ctx.seq_cp(0, s as i32, -1, -1);
         }
         let t = Instant::now();
+        self.clear_tap();
         self.batch.clear();
         for (i, n) in tree.nodes.iter().enumerate() {
             self.batch.add(n.token, (base + n.depth) as i32, &sets[i], true)?;

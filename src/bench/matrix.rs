@@ -130,7 +130,7 @@ pub struct Curve {
 
 /// Measures `model`'s verification curve (reference kernels in exact mode) and its ceiling.
 pub fn measure_curve(model: &Arc<Model>, mode: NumericMode, threads: i32) -> Result<Curve> {
-    let mut v = Verifier::new(model.clone(), 1024, 512, 1, threads, mode == NumericMode::Exact)?;
+    let mut v = Verifier::new(model.clone(), 1024, 512, 1, threads, mode == NumericMode::Exact, None)?;
     let probe_tokens = probe::probe_tokens(model, 48);
     let (ctx, batch) = v.context_mut();
     let cost = probe::measure_batch_costs(ctx, batch, &probe_tokens, &CURVE_SIZES)?;

@@ -1,14 +1,16 @@
-//! Proposers: what puts draft tokens into a round's tree. A separate draft model (chains,
-//! EAGLE-2 dynamic trees, static trees) and n-gram lookups in the history; feature-level heads
-//! implement the same trait.
+//! Proposers: what puts draft tokens into a round's tree. A separate draft model and a
+//! feature-level head (chains, EAGLE-2 dynamic trees, static trees; [`shapes`]) and n-gram
+//! lookups in the history.
 //!
 //! A proposer only proposes: it never verifies, never commits to the session's history and
 //! never decides on its own whether speculation pays (that is the policy's job). Under sampling
 //! it must record every sampled token's proposal distribution ([`crate::tree::Proposal`]) and
 //! must never drop a sampled token after it was drawn (SPEC §3).
 
+pub mod head;
 pub mod lookup;
 pub mod model;
+mod shapes;
 
 use rand::rngs::StdRng;
 
@@ -17,6 +19,7 @@ use crate::error::Result;
 use crate::sampling::SamplingParams;
 use crate::tree::{DraftTree, StaticShape};
 
+pub use head::HeadDraft;
 pub use lookup::LookupDraft;
 pub use model::ModelDraft;
 
@@ -80,4 +83,13 @@ pub trait Proposer {
     /// After verification: `accepted` are the accepted nodes (root's child first); `n_commit`
     /// tokens (a prefix of the accepted tokens and the bonus) join a history of `n_before`.
     fn accept(&mut self, tree: &DraftTree, accepted: &[usize], n_commit: usize, n_before: usize);
+}
+
+/// A proposer that runs a model each draft step (a draft model or a head): the policy plans it
+/// with its measured step cost and its catch-up before a round.
+pub trait ModelProposer: Proposer {
+    /// Entries it must decode at this history before drafting (the root's included).
+    fn lag(&self, history: &[Token]) -> usize;
+    /// (batch size, ms) of its decodes since the last call.
+    fn take_timings(&mut self) -> Vec<(usize, f64)>;
 }

@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Alternative, ChainStep, Proposer, Request, Shape};
+use super::shapes::{self, NodeDecoder};
+use super::{ModelProposer, Proposer, Request, Shape};
 use crate::backend::{decode_span, ms_since, Batch, Context, ContextParams, Model, Token};
 use crate::error::{Error, Result};
-use crate::sampling::{argmax, log_sum_exp, sample_from, top_k_indices, warp, SamplingParams};
-use crate::tree::{DraftTree, Origin, Proposal, StaticShape};
+use crate::tree::DraftTree;
 
 /// A draft model and its KV cache.
 pub struct ModelDraft {
@@ -57,21 +57,11 @@ impl ModelDraft {
         (&mut self.ctx, &mut self.batch)
     }
 
-    /// Decode timings since the last call, for the policy's cost model.
-    pub fn take_timings(&mut self) -> Vec<(usize, f64)> {
-        std::mem::take(&mut self.timings)
-    }
-
     /// History tokens as the draft reads them: a target token beyond the draft's vocabulary
     /// (they may differ by up to 128) becomes the draft's EOS — proposals get worse there,
     /// never wrong, since the target verifies everything.
     fn readable(&self, tokens: &[Token]) -> Vec<Token> {
         tokens.iter().map(|&t| if (t as usize) < self.draft_vocab { t } else { self.stand_in }).collect()
-    }
-
-    /// History tokens the draft has not read yet (the root included).
-    pub fn lag(&self, history: &[Token]) -> usize {
-        history.len().saturating_sub(self.ctx.prefix_len())
     }
 
     /// Tokens of the history in the draft's cache.
@@ -133,141 +123,26 @@ impl ModelDraft {
         self.timings.push((nodes.len(), ms_since(t)));
         Ok(out)
     }
+}
 
-    // The request's parts, split so the shape's `extend` closure can be borrowed alongside.
-    #[allow(clippy::too_many_arguments)]
-    fn chain(
-        &mut self,
-        tree: &mut DraftTree,
-        mut logits: Vec<f32>,
-        base: usize,
-        max_len: usize,
-        extend: &mut dyn FnMut(ChainStep) -> bool,
-        sp: &SamplingParams,
-        rng: &mut rand::rngs::StdRng,
-        mut alternatives: Option<&mut Vec<Alternative>>,
-    ) -> Result<()> {
-        let mut node = 0;
-        for d in 0..max_len {
-            let lse = log_sum_exp(&logits);
-            let top = top_k_indices(&logits, 2);
-            let top_q = top.first().map_or(0.0, |&(_, v)| (v - lse).exp());
-            if !extend(ChainStep { drafted: d, top_q }) {
-                break;
-            }
-            if let (Some(alts), Some(&(t2, v2))) = (alternatives.as_deref_mut(), top.get(1)) {
-                if sp.is_greedy() {
-                    alts.push(Alternative { parent: node, token: t2 as Token, logq: v2 - lse });
-                }
-            }
-            let child = add_choice(tree, node, &logits, lse, sp, rng);
-            node = child;
-            if d + 1 < max_len {
-                logits = self.decode_nodes(tree, &[child], base)?.pop().unwrap_or_default();
-            }
-        }
-        Ok(())
+impl ModelProposer for ModelDraft {
+    /// History tokens the draft has not read yet (the root included).
+    fn lag(&self, history: &[Token]) -> usize {
+        history.len().saturating_sub(self.ctx.prefix_len())
     }
 
-    fn dynamic(
-        &mut self,
-        tree: &mut DraftTree,
-        root_logits: Vec<f32>,
-        base: usize,
-        k: usize,
-        depth: usize,
-        nodes: usize,
-    ) -> Result<()> {
-        // Candidates decoded by the draft need cells of their own (one per node).
-        let seq_cap = self.ctx.n_seq_max().min(self.free_cells());
-        let mut frontier: Vec<(usize, Vec<f32>)> = vec![(0, root_logits)];
-        for level in 1..=depth {
-            let mut cands: Vec<usize> = Vec::new();
-            for (parent, logits) in &frontier {
-                let lse = log_sum_exp(logits);
-                for (rank, (t, v)) in top_k_indices(logits, k).into_iter().enumerate() {
-                    if tree.len() >= seq_cap {
-                        break;
-                    }
-                    let c = tree.add(*parent, t as Token, v - lse, 0.0, Proposal::Deterministic);
-                    tree.nodes[c].origin = Origin::Draft(rank);
-                    cands.push(c);
-                }
-            }
-            if level == depth || cands.is_empty() || tree.len() >= seq_cap {
-                break;
-            }
-            cands.sort_by(|&a, &b| tree.nodes[b].score.total_cmp(&tree.nodes[a].score));
-            cands.truncate(k);
-            let logits = self.decode_nodes(tree, &cands, base)?;
-            frontier = cands.into_iter().zip(logits).collect();
-        }
-        *tree = tree.top_n(nodes);
-        Ok(())
-    }
-
-    /// A fixed shape: the node for path p is the p.last()-th best child of the node for p[..-1].
-    fn static_tree(
-        &mut self,
-        tree: &mut DraftTree,
-        root_logits: Vec<f32>,
-        base: usize,
-        shape: &StaticShape,
-        max_nodes: usize,
-    ) -> Result<()> {
-        let width = shape.max_width();
-        let mut level: Vec<(Vec<usize>, usize, Vec<f32>)> = vec![(Vec::new(), 0, root_logits)];
-        for _ in 0..shape.depth() {
-            let mut next: Vec<(Vec<usize>, usize)> = Vec::new();
-            for (path, node, logits) in &level {
-                let lse = log_sum_exp(logits);
-                for (rank, (t, v)) in top_k_indices(logits, width).into_iter().enumerate() {
-                    let mut p = path.clone();
-                    p.push(rank);
-                    if !shape.paths.contains(&p) || tree.n_draft() >= max_nodes {
-                        continue;
-                    }
-                    let c = tree.add(*node, t as Token, v - lse, 0.0, Proposal::Deterministic);
-                    tree.nodes[c].origin = Origin::Draft(rank);
-                    next.push((p, c));
-                }
-            }
-            // Decode only nodes that have children in the shape.
-            let expand: Vec<(Vec<usize>, usize)> = next
-                .into_iter()
-                .filter(|(p, _)| shape.paths.iter().any(|q| q.len() == p.len() + 1 && q.starts_with(p)))
-                .collect();
-            if expand.is_empty() {
-                break;
-            }
-            let ids: Vec<usize> = expand.iter().map(|(_, c)| *c).collect();
-            let logits = self.decode_nodes(tree, &ids, base)?;
-            level = expand.into_iter().zip(logits).map(|((p, c), l)| (p, c, l)).collect();
-        }
-        Ok(())
+    fn take_timings(&mut self) -> Vec<(usize, f64)> {
+        std::mem::take(&mut self.timings)
     }
 }
 
-/// Adds the draft's choice below `parent`: its argmax (greedy) or a sample from its warped
-/// distribution (sampling), recording how it was proposed.
-fn add_choice(
-    tree: &mut DraftTree,
-    parent: usize,
-    logits: &[f32],
-    lse: f32,
-    sp: &SamplingParams,
-    rng: &mut rand::rngs::StdRng,
-) -> usize {
-    if sp.is_greedy() {
-        let t = argmax(logits);
-        tree.add(parent, t as Token, logits[t] - lse, 0.0, Proposal::Deterministic)
-    } else {
-        let q = warp(logits, sp);
-        let t = sample_from(&q, rng);
-        let top = q.iter().copied().fold(0.0f32, f32::max);
-        let c = tree.add(parent, t as Token, logits[t] - lse, 0.0, Proposal::Sampled(Arc::new(q)));
-        tree.nodes[c].conf = top;
-        c
+impl NodeDecoder for ModelDraft {
+    fn decode_nodes(&mut self, tree: &mut DraftTree, nodes: &[usize], base: usize) -> Result<Vec<Vec<f32>>> {
+        ModelDraft::decode_nodes(self, tree, nodes, base)
+    }
+
+    fn node_capacity(&self) -> usize {
+        self.ctx.n_seq_max().min(self.free_cells())
     }
 }
 
@@ -308,12 +183,12 @@ impl Proposer for ModelDraft {
         let logits = self.catch_up(history)?;
         match shape {
             Shape::Chain { max_len, extend } => {
-                self.chain(tree, logits, base, max_len.min(max_nodes), extend, sampling, rng, alternatives)
+                shapes::chain(self, tree, logits, base, max_len.min(max_nodes), extend, sampling, rng, alternatives)
             }
             Shape::Dynamic { top_k, depth, nodes } => {
-                self.dynamic(tree, logits, base, top_k, depth, nodes.min(max_nodes))
+                shapes::dynamic(self, tree, logits, base, top_k, depth, nodes.min(max_nodes))
             }
-            Shape::Static(s) => self.static_tree(tree, logits, base, s, max_nodes),
+            Shape::Static(s) => shapes::static_tree(self, tree, logits, base, s, max_nodes),
         }
     }
 

@@ -21,10 +21,12 @@ use rand::SeedableRng;
 
 use crate::backend::{ms_since, ChatMessage, Model, Token};
 use crate::cost::{self, CostModel};
+use crate::eagle::{check_head_compat, head_info};
 use crate::error::{Error, Result};
+use crate::features::FeatureTap;
 use crate::policy::{Drafters, Limits, Policy, RoundRecord, TestVariant, AUTO_MAX_DEPTH};
 use crate::probe;
-use crate::proposer::{LookupDraft, ModelDraft, Proposer};
+use crate::proposer::{HeadDraft, LookupDraft, ModelDraft, ModelProposer, Proposer};
 use crate::sampling::SamplingParams;
 use crate::strategy::{NumericMode, Strategy};
 use crate::verifier::Verifier;
@@ -100,6 +102,7 @@ pub struct Session {
     params: SessionParams,
     verifier: Verifier,
     draft: Option<ModelDraft>,
+    head: Option<HeadDraft>,
     lookup: Option<LookupDraft>,
     policy: Policy,
     history: Vec<Token>,
@@ -121,6 +124,22 @@ impl Session {
     /// target must be loaded with `repack = false` and the verification batch is capped at the
     /// largest size the self-check finds bit-identical to one-token decoding.
     pub fn new(target: Arc<Model>, draft: Option<Arc<Model>>, params: SessionParams) -> Result<Session> {
+        Self::build(target, draft, None, params)
+    }
+
+    /// A session that drafts with a feature-level head (an `eagle3` GGUF, [`crate::eagle`])
+    /// reading the target's hidden states, instead of a separate draft model. Checks that the
+    /// head was made for this target (hidden size, layers, vocabulary).
+    pub fn with_head(target: Arc<Model>, head: Arc<Model>, params: SessionParams) -> Result<Session> {
+        Self::build(target, None, Some(head), params)
+    }
+
+    fn build(
+        target: Arc<Model>,
+        draft: Option<Arc<Model>>,
+        head: Option<Arc<Model>>,
+        params: SessionParams,
+    ) -> Result<Session> {
         if params.n_ctx < 16 {
             return Err(Error::InvalidParam { name: "n_ctx", reason: format!("{} is below 16", params.n_ctx) });
         }
@@ -147,12 +166,22 @@ impl Session {
         if let Some(d) = &draft {
             crate::backend::check_vocab_compat(&target, d)?;
         }
+        let head_info = match &head {
+            Some(h) => {
+                let info = head_info(h)?;
+                check_head_compat(&target, h, &info)?;
+                Some(info)
+            }
+            None => None,
+        };
         let draft = if params.strategy == Strategy::None { None } else { draft };
+        let head = if params.strategy == Strategy::None { None } else { head };
+        let has_model = draft.is_some() || head.is_some();
         // Lookups draft for `auto` when enabled, and for fixed strategies without a model.
         let lookup = match params.strategy {
             Strategy::None => false,
             Strategy::Auto => params.lookup,
-            _ => draft.is_none(),
+            _ => !has_model,
         };
         // Sequence ids: the target needs one per tree leaf, the draft one per decoded node.
         // llama.cpp allocates n_vocab logits per possible sequence, so size them tightly.
@@ -173,25 +202,39 @@ impl Session {
         }
         let n_batch = (512u32.min(params.n_ctx)).max(t_seq.max(d_seq) as u32);
         let exact = params.mode == NumericMode::Exact;
-        let verifier = Verifier::new(target.clone(), params.n_ctx, n_batch, t_seq as u32, params.n_threads, exact)?;
+        let tap = match (&head, &head_info) {
+            (Some(_), Some(info)) => {
+                Some(Arc::new(FeatureTap::new(info.target_layers, target.n_layer(), target.n_embd())?))
+            }
+            _ => None,
+        };
+        let verifier =
+            Verifier::new(target.clone(), params.n_ctx, n_batch, t_seq as u32, params.n_threads, exact, tap.clone())?;
         let draft = match draft {
             Some(d) => {
                 Some(ModelDraft::new(d, target.n_vocab(), params.n_ctx, n_batch, d_seq as u32, params.n_threads)?)
             }
             None => None,
         };
+        let head = match (head, head_info, tap) {
+            (Some(h), Some(info), Some(tap)) => {
+                Some(HeadDraft::new(h, &info, target.clone(), tap, params.n_ctx, d_seq as u32, params.n_threads)?)
+            }
+            _ => None,
+        };
         let policy = Policy::new(params.strategy.clone(), params.mode, MAX_DRAFT + 1);
         let mut s = Session {
             params,
             verifier,
             draft,
+            head,
             lookup: lookup.then(LookupDraft::default),
             policy,
             history: Vec::new(),
             messages: Vec::new(),
             fail_point: None,
         };
-        let speculates = s.draft.is_some() || s.lookup.is_some();
+        let speculates = s.draft.is_some() || s.head.is_some() || s.lookup.is_some();
         if s.params.mode == NumericMode::Exact && speculates {
             let (ctx, batch) = s.verifier.context_mut();
             s.policy.max_verify = probe::exact_cap(ctx, batch, &target, EXACT_PROBE_MAX)?;
@@ -264,6 +307,9 @@ impl Session {
         if let Some(d) = self.draft.as_mut() {
             v.push(d);
         }
+        if let Some(h) = self.head.as_mut() {
+            v.push(h);
+        }
         if let Some(l) = self.lookup.as_mut() {
             v.push(l);
         }
@@ -305,6 +351,17 @@ impl Session {
             let probe = probe::probe_tokens(d.model(), 24);
             let (ctx, batch) = d.context_mut();
             self.policy.cost.draft = measured(&dkey, ctx, batch, &probe, &[1, 2, 3, 4, 6, 8])?;
+        }
+        if let Some(h) = self.head.as_mut() {
+            let hkey = format!("head|{}", key(h.model()));
+            self.policy.cost.draft = match cost::cached(&hkey) {
+                Some((c, _)) => c,
+                None => {
+                    let c = h.measure_costs(&[1, 2, 3, 4, 6, 8])?;
+                    cost::store(&hkey, &c, &Default::default());
+                    c
+                }
+            };
         }
         tracing::debug!(
             "cost model: target {:?} draft {:?}",
@@ -369,7 +426,17 @@ impl Session {
         // (unless `auto` already knows it will not draft), so its prefill is billed as prompt
         // processing, not to the first round.
         let t0 = Instant::now();
+        if let Some(h) = &self.head {
+            // The head needs the target's features of every cached token: if it lost some (a
+            // failed round), the target reads those tokens again.
+            if self.verifier.cached() > h.features_len() {
+                self.verifier.rollback(h.features_len());
+            }
+        }
         self.verifier.prefill(&self.history)?;
+        if let Some(h) = self.head.as_mut() {
+            h.prefill(&self.history)?;
+        }
         let model_prefill = self.policy.wants_model_prefill();
         if let Some(d) = self.draft.as_mut().filter(|_| model_prefill) {
             d.prefill(&self.history)?;
@@ -464,7 +531,12 @@ impl Session {
         stats: &mut Stats,
     ) -> Result<Vec<Token>> {
         let t_round = Instant::now();
-        let drafters = Drafters { model: self.draft.as_mut(), lookup: self.lookup.as_mut() };
+        let model: Option<&mut dyn ModelProposer> = match (self.draft.as_mut(), self.head.as_mut()) {
+            (Some(d), _) => Some(d),
+            (None, Some(h)) => Some(h),
+            (None, None) => None,
+        };
+        let drafters = Drafters { model, lookup: self.lookup.as_mut() };
         let (tree, used_model) = self.policy.draft(drafters, &self.history, lim, sp, rng)?;
         stats.draft_ms += ms_since(t_round);
         self.fail_at(FailPoint::AfterDraft)?;
@@ -491,13 +563,15 @@ impl Session {
         commit.truncate(keep);
         let n_commit = commit.len();
         self.verifier.commit(&tree, &v, n, n_commit);
-        let timings = match self.draft.as_mut() {
-            Some(d) => {
-                d.accept(&tree, &v.verdict.accepted, n_commit, n);
-                d.take_timings()
-            }
-            None => Vec::new(),
-        };
+        let mut timings = Vec::new();
+        if let Some(d) = self.draft.as_mut() {
+            d.accept(&tree, &v.verdict.accepted, n_commit, n);
+            timings = d.take_timings();
+        }
+        if let Some(h) = self.head.as_mut() {
+            h.accept(&tree, &v.verdict.accepted, n_commit, n);
+            timings = h.take_timings();
+        }
         self.policy.learn(&RoundRecord {
             tree: &tree,
             verdict: &v.verdict,
