@@ -37,6 +37,9 @@ enum Command {
     /// Make drafts: `draft init` prunes a bigger model's blocks into a cheap draft (train feature).
     #[cfg(feature = "train")]
     Draft(adaspec::train::cli::DraftArgs),
+    /// Make feature-level heads (EAGLE-3 layout, llama.cpp's `eagle3` GGUF) for a target (train feature).
+    #[cfg(feature = "train")]
+    Head(adaspec::train::head_cli::HeadArgs),
     /// Distil a draft against the target: fkl|rkl|tvd|jsd baselines or AdaSPEC (train feature).
     #[cfg(feature = "train")]
     Train(Box<adaspec::train::train_cli::TrainArgs>),
@@ -57,6 +60,11 @@ struct ModelArgs {
     /// [default: $ADASPEC_MODELS/qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf].
     #[arg(long)]
     draft: Option<PathBuf>,
+    /// Feature-level head (an `eagle3` GGUF made for the target, e.g. by `adaspec head init`
+    /// and `adaspec head train`): drafts from the target's own hidden states instead of the
+    /// draft model. In `bench`, used by `head=STRATEGY` configurations.
+    #[arg(long)]
+    head: Option<PathBuf>,
     /// Do not let `auto` add n-gram lookups of the prompt and output (on by default, used
     /// wherever auto finds they pay).
     #[arg(long)]
@@ -137,9 +145,9 @@ struct BenchArgs {
     /// Tokens per prompt (generated exactly, ignoring end-of-generation).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Configurations besides target alone, separated by spaces or '/': `[model=|lookup=|both=]STRATEGY`
-    /// (which drafts it may use: the draft model, n-gram lookups, or both; bare `auto` = both,
-    /// a bare fixed strategy = the model).
+    /// Configurations besides target alone, separated by spaces or '/': `[model=|lookup=|both=|head=]STRATEGY`
+    /// (which drafts it may use: the draft model, n-gram lookups, both, or the --head; bare
+    /// `auto` = both, a bare fixed strategy = the model).
     #[arg(long, default_value = "auto/model=auto/lookup=auto/chain:2/chain:3/tree:2,4,8")]
     strategies: String,
     /// Use raw prompts instead of the chat template.
@@ -180,7 +188,7 @@ fn load_models(m: &ModelArgs, need_draft: bool) -> Result<(Arc<Model>, Option<Ar
     let target_path = resolve(m.target.clone(), DEFAULT_TARGET)?;
     let mp = ModelParams { n_gpu_layers: m.gpu_layers, use_mmap: true, repack: mode == NumericMode::Fast };
     let target = Arc::new(Model::load(&target_path, &mp)?);
-    let no_draft = m.draft.as_deref() == Some(std::path::Path::new("none"));
+    let no_draft = m.draft.as_deref() == Some(std::path::Path::new("none")) || (m.head.is_some() && !need_draft);
     let draft = if !no_draft && (need_draft || strategy != Strategy::None) {
         let p = resolve(m.draft.clone(), DEFAULT_DRAFT)?;
         Some(Arc::new(Model::load(&p, &ModelParams { repack: true, ..mp.clone() })?))
@@ -219,7 +227,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
         stop: a.stop.clone(),
         ignore_eog: false,
     };
-    let mut session = Session::new(target.clone(), draft, sp.clone())?;
+    let mut session = match &a.models.head {
+        Some(h) if sp.strategy != Strategy::None => {
+            let head = Arc::new(Model::load(h, target.params())?);
+            Session::with_head(target.clone(), head, sp.clone())?
+        }
+        _ => Session::new(target.clone(), draft, sp.clone())?,
+    };
     let stdout = std::io::stdout();
     let json = a.json;
     let g = session.generate(&prompt, &gp, &mut |_, piece| {
@@ -302,6 +316,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         mode: sp.mode,
         n_ctx: a.models.ctx.min(2048),
         ignore_eog: !a.stop_at_eog,
+        head: a.models.head.clone(),
     };
     let report = run_bench(target, draft, &cfg, &mut |done, total, line| eprintln!("[{done}/{total}] {line}"))?;
     println!("{}", format_table(&report));
@@ -344,6 +359,7 @@ fn bench_matrix(a: BenchArgs) -> Result<()> {
             mode,
             n_ctx: a.models.ctx.min(2048),
             ignore_eog: false,
+            head: a.models.head.clone(),
         },
         cache_dir: adaspec::models::models_dir().join("converted"),
         peer,
@@ -372,6 +388,8 @@ fn main() -> ExitCode {
         Command::Inspect(a) => adaspec::inspect::run(&a),
         #[cfg(feature = "train")]
         Command::Draft(a) => adaspec::train::cli::run(&a),
+        #[cfg(feature = "train")]
+        Command::Head(a) => adaspec::train::head_cli::run(&a),
         #[cfg(feature = "train")]
         Command::Train(a) => adaspec::train::train_cli::run_train(&a),
         #[cfg(feature = "train")]

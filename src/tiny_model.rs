@@ -593,7 +593,7 @@ fn write_gguf_as(
         w.finalize().map_err(|e| gguf_err(&tmp, "flush", e))?;
         drop(w);
         if let Some((_, shape, _)) = tensors.iter().find(|(n, _, _)| n == "d2t") {
-            patch_to_i64(&tmp, "d2t", shape[0] as u64)?;
+            patch_f32_to_i64(&tmp, "d2t", shape[0] as u64)?;
         }
         std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
     })();
@@ -605,7 +605,7 @@ fn write_gguf_as(
 
 /// Rewrites the tensor info of the 1-D f32 tensor `name` (written with 2·`n` elements) as an
 /// I64 tensor of `n` elements: the same data bytes, fixed-width header fields patched in place.
-fn patch_to_i64(path: &Path, name: &str, n: u64) -> Result<()> {
+pub fn patch_f32_to_i64(path: &Path, name: &str, n: u64) -> Result<()> {
     let io = |source| Error::Io { path: path.to_path_buf(), source };
     let mut bytes = std::fs::read(path).map_err(io)?;
     // Tensor info: u64 name length, name, u32 n_dims (1), u64 ne0, u32 type, u64 offset.

@@ -368,6 +368,7 @@ fn bench_runs_what_generate_runs() {
         mode: NumericMode::Fast,
         n_ctx: 1024,
         ignore_eog: true,
+        head: None,
     };
     let report = run_bench(p.target.clone(), p.draft.clone(), &cfg, &mut |_, _, _| {}).unwrap();
     for (pi, prompt) in PROMPTS.iter().enumerate() {

@@ -22,10 +22,12 @@ pub enum Drafts {
     Lookup,
     /// Both (`auto` combines them; fixed strategies use the model).
     Both,
+    /// A feature-level head (`--head`; `auto` adds lookups where they pay, as with the model).
+    Head,
 }
 
-/// One benchmarked configuration: `[model=|lookup=|both=]STRATEGY`; a bare strategy means
-/// `both=` for `auto` and `model=` otherwise.
+/// One benchmarked configuration: `[model=|lookup=|both=|head=]STRATEGY`; a bare strategy
+/// means `both=` for `auto` and `model=` otherwise.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Variant {
     pub strategy: Strategy,
@@ -39,10 +41,11 @@ impl std::str::FromStr for Variant {
             Some(("model", st)) => (Some(Drafts::Model), st),
             Some(("lookup", st)) => (Some(Drafts::Lookup), st),
             Some(("both", st)) => (Some(Drafts::Both), st),
+            Some(("head", st)) => (Some(Drafts::Head), st),
             Some((other, _)) => {
                 return Err(crate::error::Error::InvalidParam {
                     name: "strategies",
-                    reason: format!("{other:?}: expected model=, lookup= or both= before the strategy"),
+                    reason: format!("{other:?}: expected model=, lookup=, both= or head= before the strategy"),
                 })
             }
             None => (None, s),
@@ -71,6 +74,7 @@ impl std::fmt::Display for Variant {
             Drafts::Model => "model=",
             Drafts::Lookup => "lookup=",
             Drafts::Both => "both=",
+            Drafts::Head => "head=",
         };
         write!(f, "{prefix}{}", self.strategy)
     }
@@ -88,6 +92,8 @@ pub struct BenchConfig {
     pub n_ctx: u32,
     /// Generate exactly max_tokens (ignore end-of-generation), like llama-bench.
     pub ignore_eog: bool,
+    /// The `eagle3` head `head=` configurations draft with.
+    pub head: Option<std::path::PathBuf>,
 }
 
 /// One configuration on one prompt.
@@ -161,19 +167,28 @@ pub fn run_bench(
 ) -> Result<BenchReport> {
     let mut configs = vec![Variant { strategy: Strategy::None, drafts: Drafts::Model }];
     configs.extend(cfg.strategies.iter().filter(|v| v.strategy != Strategy::None).cloned());
+    let head = match (&cfg.head, configs.iter().any(|v| v.drafts == Drafts::Head)) {
+        (Some(p), _) => Some(Arc::new(Model::load(p, target.params())?)),
+        (None, true) => {
+            return Err(crate::error::Error::InvalidParam {
+                name: "strategies",
+                reason: "head= configurations need a head (--head H.gguf)".into(),
+            })
+        }
+        (None, false) => None,
+    };
     let session_for = |v: &Variant| {
-        let draft = (v.drafts != Drafts::Lookup).then(|| draft.clone());
-        Session::new(
-            target.clone(),
-            draft,
-            SessionParams {
-                n_ctx: cfg.n_ctx,
-                n_threads: cfg.threads,
-                strategy: v.strategy.clone(),
-                mode: cfg.mode,
-                lookup: v.drafts != Drafts::Model,
-            },
-        )
+        let sp = SessionParams {
+            n_ctx: cfg.n_ctx,
+            n_threads: cfg.threads,
+            strategy: v.strategy.clone(),
+            mode: cfg.mode,
+            lookup: v.drafts != Drafts::Model,
+        };
+        match (v.drafts, &head) {
+            (Drafts::Head, Some(h)) => Session::with_head(target.clone(), h.clone(), sp),
+            _ => Session::new(target.clone(), (v.drafts != Drafts::Lookup).then(|| draft.clone()), sp),
+        }
     };
     let gp = GenerateParams { max_tokens: cfg.max_tokens, ignore_eog: cfg.ignore_eog, ..Default::default() };
     let total = cfg.prompts.len() * configs.len();

@@ -41,7 +41,7 @@ impl ExportType {
     }
 
     /// `general.file_type` (llama_ftype).
-    fn file_type(self) -> u32 {
+    pub(crate) fn file_type(self) -> u32 {
         match self {
             ExportType::F32 => 0,
             ExportType::F16 => 1,
@@ -52,7 +52,7 @@ impl ExportType {
     }
 
     /// The tensor type used for a tensor of `shape` (row-major).
-    fn tensor_type(self, shape: &[usize]) -> GgmlDType {
+    pub(crate) fn tensor_type(self, shape: &[usize]) -> GgmlDType {
         if shape.len() < 2 {
             return GgmlDType::F32;
         }
@@ -133,7 +133,7 @@ fn arch_metadata(cfg: &Config, ty: ExportType) -> Result<Vec<(String, Value)>> {
 }
 
 /// Checks that `out` can be written without clobbering an input; returns nothing on success.
-fn check_destination(out: &Path, inputs: &[&Path]) -> Result<()> {
+pub(crate) fn check_destination(out: &Path, inputs: &[&Path]) -> Result<()> {
     if out.is_dir() {
         return Err(Error::InvalidArg {
             name: "--output",

@@ -7,6 +7,8 @@ pub mod error;
 pub mod eval; // issue-5
 pub mod export;
 pub mod gguf_import;
+pub mod head;
+pub mod head_cli;
 pub mod loss; // issue-5
 pub mod model;
 pub mod prune;
