@@ -35,6 +35,7 @@ fn the_matrix_converts_measures_and_stays_lossless() {
             mode: NumericMode::Fast,
             n_ctx: 1024,
             ignore_eog: true,
+            head: None,
         },
         cache_dir: cache.clone(),
         peer: None,
