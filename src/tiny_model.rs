@@ -133,7 +133,7 @@ impl TinyModelConfig {
         Ok(())
     }
 
-    fn head_dim(&self) -> usize {
+    pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }
 }
@@ -654,6 +654,22 @@ impl Default for TinyHeadConfig {
 /// of the target layers [`crate::features::eagle3_layers`], the target's tokenizer, embedding
 /// shared with the target.
 pub fn write_tiny_head(path: &Path, target: &TinyModelConfig, head: &TinyHeadConfig) -> Result<()> {
+    let t = tiny_head_tensors(target, head)?;
+    let layers = crate::features::eagle3_layers(target.n_layer);
+    let cfg = TinyModelConfig { n_layer: 1, n_ff: head.n_ff, f16: false, ..target.clone() };
+    let target_hidden = target.n_embd as u32;
+    let extra = move |w: &mut GGUFWriter| {
+        w.add_metadata_array("eagle3.target_layers", layers.iter().map(|&l| MetadataValue::Int32(l as i32)).collect());
+        w.add_metadata_u32("eagle3.target_hidden_size", target_hidden);
+    };
+    write_gguf_as(path, &cfg, "eagle3", &extra, &t)
+}
+
+/// The tensors [`write_tiny_head`] writes (row-major shapes; `d2t` as whole-number floats).
+pub fn tiny_head_tensors(
+    target: &TinyModelConfig,
+    head: &TinyHeadConfig,
+) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     target.validate()?;
     let h = target.n_embd;
     let hd = target.head_dim();
@@ -683,17 +699,11 @@ pub fn write_tiny_head(path: &Path, target: &TinyModelConfig, head: &TinyHeadCon
             });
         }
         t.push(("output.weight".into(), vec![v, h], rng.vec(v * h, target.logit_scale * lin(h), 0.0)));
-        // Draft id i is target id 2i: d2t[i] = 2i - i.
-        t.push(("d2t".into(), vec![v], (0..v).map(|i| i as f32).collect()));
+        // Draft id i is target id 2i. llama.cpp's graph scatters draft logit i to target row
+        // d2t[i] (ggml_set_rows): the GGUF holds absolute target ids, not EAGLE-3's offsets.
+        t.push(("d2t".into(), vec![v], (0..v).map(|i| (2 * i) as f32).collect()));
     }
-    let layers = crate::features::eagle3_layers(target.n_layer);
-    let cfg = TinyModelConfig { n_layer: 1, n_ff: head.n_ff, f16: false, ..target.clone() };
-    let target_hidden = h as u32;
-    let extra = move |w: &mut GGUFWriter| {
-        w.add_metadata_array("eagle3.target_layers", layers.iter().map(|&l| MetadataValue::Int32(l as i32)).collect());
-        w.add_metadata_u32("eagle3.target_hidden_size", target_hidden);
-    };
-    write_gguf_as(path, &cfg, "eagle3", &extra, &t)
+    Ok(t)
 }
 
 /// The draft's weights: the target's plus seeded Gaussian noise of `draft_noise` times each

@@ -215,3 +215,100 @@ fn the_tap_leaves_the_target_logits_bit_identical() {
         assert_eq!(max, 0.0, "{arch:?}: the tap changed the target's logits by up to {max}");
     }
 }
+
+/// The trainer's candle head computes what llama.cpp's `eagle3` graph computes: step-0 logits
+/// over a sequence (teacher forcing on target features), and a TTT step-1 entry (reading the
+/// previous entry's pre-norm output) against llama.cpp decoding that draft node.
+#[cfg(feature = "train")]
+#[test]
+fn candle_head_matches_llama_cpp_eagle3_graph() {
+    use adaspec::eagle::{head_info, Entry, HeadContext};
+    use adaspec::tiny_model::{tiny_head_tensors, tiny_model_tensors};
+    use adaspec::train::head::HeadConfig;
+    use adaspec::train::head_model::HeadModel;
+    use candle_core::{Device, Tensor};
+
+    for arch in [TinyArch::Llama, TinyArch::Qwen2] {
+        let f = fixture(arch);
+        let tcfg = TinyModelConfig { arch, n_layer: N_LAYER, seed: 3, ..Default::default() };
+        let hcfg = TinyHeadConfig { draft_vocab: Some(200), ..Default::default() };
+        let cfg = HeadConfig {
+            hidden_size: 64,
+            num_attention_heads: tcfg.n_head,
+            num_key_value_heads: tcfg.n_head_kv,
+            head_dim: tcfg.head_dim(),
+            intermediate_size: hcfg.n_ff,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-6,
+            max_position_embeddings: 4096,
+            target_layers: eagle3_layers(N_LAYER),
+            target_hidden_size: 64,
+            target_vocab: f.target.n_vocab(),
+            draft_vocab: (0..200).map(|i| 2 * i).collect(),
+        };
+        let mut weights = adaspec::train::Weights::new();
+        for (name, shape, data) in tiny_head_tensors(&tcfg, &hcfg).unwrap() {
+            if name != "d2t" {
+                weights.insert(name, Tensor::from_vec(data, shape.as_slice(), &Device::Cpu).unwrap());
+            }
+        }
+        let model = HeadModel::new(&cfg, &weights).unwrap();
+
+        // Target features of a sequence.
+        let tokens = f.target.tokenize(PROMPTS[1], false, false).unwrap();
+        let t = tokens.len();
+        let tap = Arc::new(FeatureTap::new(cfg.target_layers, N_LAYER, 64).unwrap());
+        let cp = adaspec::backend::ContextParams { n_ctx: 256, n_batch: 64, n_threads: 2, ..Default::default() };
+        let mut ctx = adaspec::backend::Context::with_extras(
+            f.target.clone(),
+            &cp,
+            adaspec::backend::ContextExtras { tap: Some(tap.clone()), ..Default::default() },
+        )
+        .unwrap();
+        let mut batch = adaspec::backend::Batch::new(64, 1);
+        adaspec::backend::decode_span(&mut ctx, &mut batch, &tokens, 0, false).unwrap();
+        let mut feats = Vec::new();
+        tap.gather(&(0..t).collect::<Vec<_>>(), &mut feats).unwrap();
+
+        // candle: entries P = 0..T-2 read token[P+1] with the features of P.
+        let emb_all = tiny_model_tensors(&tcfg).into_iter().find(|(n, _, _)| n == "token_embd.weight").unwrap().2;
+        let emb: Vec<f32> =
+            tokens[1..].iter().flat_map(|&x| emb_all[x as usize * 64..(x as usize + 1) * 64].to_vec()).collect();
+        let emb = Tensor::from_vec(emb, (t - 1, 64), &Device::Cpu).unwrap();
+        let feat = Tensor::from_vec(feats[..(t - 1) * 192].to_vec(), (t - 1, 192), &Device::Cpu).unwrap();
+        let steps = model.forward_ttt(&emb, &feat, 2).unwrap();
+        let ours0 = steps[0].logits.to_vec2::<f32>().unwrap();
+        let ours1 = steps[1].logits.to_vec2::<f32>().unwrap();
+
+        // llama.cpp: the same entries through the eagle3 graph.
+        let info = head_info(&f.head_d2t).unwrap();
+        let mut hc = HeadContext::new(f.head_d2t.clone(), &info, f.target.clone(), 256, 64, 2, 2).unwrap();
+        let mut g = Vec::new();
+        hc.encode(&feats[..(t - 1) * 192], &mut g).unwrap();
+        let entries: Vec<Entry<'_>> = (0..t - 2)
+            .map(|p| Entry { token: tokens[p + 1], pos: p as i32, seqs: &[0], g: &g[p * 64..(p + 1) * 64] })
+            .collect();
+        hc.decode(&entries).unwrap();
+        let rel = |a: &[f32], b: &[f32]| {
+            let num = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            num / b.iter().map(|x| x.abs()).fold(0.0f32, f32::max).max(1e-6)
+        };
+        let mut worst = 0.0f32;
+        for (p, row) in ours0.iter().enumerate().take(t - 2) {
+            let theirs: Vec<f32> = cfg.draft_vocab.iter().map(|&id| hc.logits(p).unwrap()[id as usize]).collect();
+            worst = worst.max(rel(row, &theirs));
+            // Outside the draft vocabulary llama.cpp fills -inf.
+            assert_eq!(hc.logits(p).unwrap()[1], f32::NEG_INFINITY);
+        }
+        assert!(worst <= 1e-3, "{arch:?}: step-0 logits differ by {worst} (relative)");
+
+        // TTT step 1 at P = T-2: the draft node below the entry at T-3.
+        let p = t - 2;
+        let prenorm = hc.prenorm(p - 1).unwrap();
+        hc.ctx_mut().seq_rm(0, (p - 1) as i32 + 1, -1); // keep entries 0..=P-1
+        hc.decode(&[Entry { token: tokens[p + 1], pos: p as i32, seqs: &[0], g: &prenorm }]).unwrap();
+        let theirs: Vec<f32> = cfg.draft_vocab.iter().map(|&id| hc.logits(0).unwrap()[id as usize]).collect();
+        let r = rel(&ours1[p], &theirs);
+        assert!(r <= 1e-3, "{arch:?}: TTT step-1 logits differ by {r} (relative)");
+    }
+}

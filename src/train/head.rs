@@ -3,7 +3,7 @@
 //! converter writes it: `fc` (3H_t → H), one block with `attn_norm` (on the token embedding)
 //! and `attn_norm_2` (on g), 2H-wide q/k/v, `attn_output`, `ffn_norm`, gate/up/down,
 //! `output_norm`, and — with a reduced draft vocabulary — its own `output` over the draft ids
-//! plus `d2t` (I64, target id − draft id). Token embeddings are the target's (shared at run
+//! plus `d2t` (I64, the target id of each draft id: llama.cpp scatters with it). Token embeddings are the target's (shared at run
 //! time through llama.cpp's `ctx_other`, frozen in training), so the file does not carry them;
 //! without a reduced vocabulary the target's LM head is shared the same way.
 
@@ -243,8 +243,11 @@ pub fn write_head_gguf(
         let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
         qt.push((name, QTensor::quantize(&t, ty.tensor_type(&shape))?));
     }
-    // d2t: candle has no I64 tensors; written as 2·V zero f32 (the same byte size) and patched.
-    let d2t: Vec<i64> = cfg.draft_vocab.iter().enumerate().map(|(i, &t)| t as i64 - i as i64).collect();
+    // d2t: the target id of each draft id. llama.cpp's graph scatters draft logit i to target
+    // row d2t[i] (ggml_set_rows), so the GGUF holds absolute ids (EAGLE-3's checkpoints hold
+    // offsets t - i; llama.cpp's converter adds the index). candle has no I64 tensors: written
+    // as 2·V zero f32 (the same byte size) and patched.
+    let d2t: Vec<i64> = cfg.draft_vocab.iter().map(|&t| t as i64).collect();
     if !d2t.is_empty() {
         let z = Tensor::zeros(2 * d2t.len(), DType::F32, &Device::Cpu)?;
         qt.push(("d2t".into(), QTensor::quantize(&z, candle_core::quantized::GgmlDType::F32)?));

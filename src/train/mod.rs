@@ -9,6 +9,7 @@ pub mod export;
 pub mod gguf_import;
 pub mod head;
 pub mod head_cli;
+pub mod head_model;
 pub mod loss; // issue-5
 pub mod model;
 pub mod prune;
