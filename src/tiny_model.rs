@@ -631,6 +631,9 @@ pub fn write_tiny_model(path: &Path, cfg: &TinyModelConfig) -> Result<()> {
     write_gguf(path, cfg, &tiny_model_tensors(cfg))
 }
 
+/// A tensor as the writers take it: (GGUF name, row-major shape, values).
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Shape of a tiny `eagle3` head for a tiny target.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TinyHeadConfig {
@@ -666,10 +669,7 @@ pub fn write_tiny_head(path: &Path, target: &TinyModelConfig, head: &TinyHeadCon
 }
 
 /// The tensors [`write_tiny_head`] writes (row-major shapes; `d2t` as whole-number floats).
-pub fn tiny_head_tensors(
-    target: &TinyModelConfig,
-    head: &TinyHeadConfig,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn tiny_head_tensors(target: &TinyModelConfig, head: &TinyHeadConfig) -> Result<Vec<NamedTensor>> {
     target.validate()?;
     let h = target.n_embd;
     let hd = target.head_dim();

@@ -22,6 +22,78 @@ pub struct HeadArgs {
 pub enum HeadCommand {
     /// Make an untrained head shaped for a target (EAGLE-3 layout, llama.cpp's `eagle3` GGUF).
     Init(HeadInitArgs),
+    /// Train a head on the target's own features and distributions (EAGLE-3 training-time test).
+    Train(HeadTrainArgs),
+}
+
+/// `adaspec head train --target T.gguf --init head.safetensors --data D.jsonl -o trained.safetensors --export head.gguf`
+#[derive(Debug, Args)]
+pub struct HeadTrainArgs {
+    /// The target GGUF (features and teacher distributions come from it, through llama.cpp).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// The head to start from: a checkpoint of `adaspec head init --checkpoint` or of an
+    /// earlier `head train`.
+    #[arg(long)]
+    pub init: PathBuf,
+    /// Training data (JSONL with responses: the formats `adaspec train` reads); trained on the
+    /// fixed responses, loss on response tokens only.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Use the chat template around prompts (default on; --raw to turn off).
+    #[arg(long)]
+    pub raw: bool,
+    /// Longest sequence (prompt + response) in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Most sequences to use (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_examples: usize,
+    /// Fraction of sequences held out for evaluation.
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Unrolled training-time-test steps (EAGLE-3 uses 7).
+    #[arg(long, default_value_t = 3)]
+    pub ttt: usize,
+    /// Peak learning rate (AdamW 0.9/0.95, no weight decay, norm clip 0.5).
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+    /// Evaluate every N steps (0 = only at the start and end).
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
+    /// Cache of the extracted target features and teacher (safetensors); reused when present.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// CPU threads for the target (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+    /// Seed of the example order and the validation split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output checkpoint (safetensors; config in NAME.head.json).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Also export the trained head as an eagle3 GGUF.
+    #[arg(long)]
+    pub export: Option<PathBuf>,
+    /// Weight type of --export: f32, f16, q8_0, q4_0 or q4_k.
+    #[arg(long = "type", default_value = "q8_0")]
+    pub ty: String,
+    /// JSONL metrics (one line per step and per evaluation).
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `adaspec head init --target T.gguf [--data D.jsonl] [--draft-vocab N] [--ffn N] -o head.gguf`
@@ -64,7 +136,81 @@ pub struct HeadInitArgs {
 pub fn run(args: &HeadArgs) -> anyhow::Result<()> {
     match &args.command {
         HeadCommand::Init(a) => run_init(a),
+        HeadCommand::Train(a) => run_train(a),
     }
+}
+
+fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
+    use super::data::{load_examples, split_validation, TokenizeOptions};
+    use super::head::load_head;
+    use super::head_model::HeadModel;
+    use super::head_train::{extract, train_head, HeadTrainConfig};
+    let ty: ExportType = a.ty.parse()?;
+    let (cfg, weights) = load_head(&a.init).with_context(|| format!("loading the head {}", a.init.display()))?;
+    let target = std::sync::Arc::new(Model::load(&a.target, &ModelParams::default())?);
+    if target.n_embd() != cfg.target_hidden_size || target.n_vocab() != cfg.target_vocab {
+        anyhow::bail!(
+            "{} was made for a target of hidden size {} and vocabulary {}, {} has {} and {}",
+            a.init.display(),
+            cfg.target_hidden_size,
+            cfg.target_vocab,
+            a.target.display(),
+            target.n_embd(),
+            target.n_vocab()
+        );
+    }
+    let opts = TokenizeOptions { chat: !a.raw, max_len: a.max_len, ..Default::default() };
+    let (mut examples, stats) = load_examples(&target, &a.data, &opts, BadLines::Stop)?;
+    if a.max_examples > 0 {
+        let order = super::data::permutation(examples.len(), a.seed ^ 0x5eed);
+        let keep: Vec<_> = order.into_iter().take(a.max_examples).map(|i| examples[i].clone()).collect();
+        examples = keep;
+    }
+    let (train, val) = split_validation(examples, a.val_fraction, a.seed)?;
+    tracing::info!("{} training and {} validation sequences ({stats:?})", train.len(), val.len());
+    let threads = if a.threads > 0 { a.threads } else { crate::backend::default_threads() };
+    let all: Vec<_> = train.iter().chain(&val).cloned().collect();
+    let mut feats = extract(&target, &cfg, &all, threads, a.cache.as_deref(), true)?;
+    if feats.len() != all.len() {
+        anyhow::bail!("{} of {} sequences were usable (too short ones are skipped)", feats.len(), all.len());
+    }
+    let val_feats = feats.split_off(train.len());
+    let model = HeadModel::new(&cfg, &weights)?;
+    let tc = HeadTrainConfig {
+        ttt_steps: a.ttt,
+        lr: a.lr,
+        warmup_steps: a.warmup,
+        steps: a.steps,
+        batch: a.batch,
+        seed: a.seed,
+        log: a.metrics.clone(),
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let evals = train_head(&model, &feats, &val_feats, &tc, a.eval_every)?;
+    let trained = model.to_weights()?;
+    save_head(&a.output, &cfg, &trained)?;
+    if let Some(out) = &a.export {
+        write_head_gguf(&cfg, &trained, out, &a.target, ty)?;
+    }
+    let last = evals.last().cloned().unwrap_or_default();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"output": a.output, "export": a.export, "seconds": t0.elapsed().as_secs_f64(), "evals": evals})
+        );
+    } else {
+        println!(
+            "wrote {}{} after {} steps in {:.0} s; held-out greedy α per TTT step {}, τ(chain) ≈ {}",
+            a.output.display(),
+            a.export.as_ref().map(|e| format!(" and {}", e.display())).unwrap_or_default(),
+            a.steps,
+            t0.elapsed().as_secs_f64(),
+            last["alpha"],
+            last["tau_chain"]
+        );
+    }
+    Ok(())
 }
 
 fn run_init(a: &HeadInitArgs) -> anyhow::Result<()> {

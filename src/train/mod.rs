@@ -10,6 +10,7 @@ pub mod gguf_import;
 pub mod head;
 pub mod head_cli;
 pub mod head_model;
+pub mod head_train;
 pub mod loss; // issue-5
 pub mod model;
 pub mod prune;

@@ -1,0 +1,425 @@
+//! Head training (`adaspec head train`): target features and teacher distributions from the
+//! target GGUF through llama.cpp (the model users verify with, quantization included), cached on
+//! disk, then EAGLE-3's training-time test in candle.
+//!
+//! Per sequence of T tokens, entry P (0..T-1) reads token[P+1] with the features of P and is
+//! trained towards the target's distribution after token[P+1] (its logits at P+1), renormalised
+//! over the draft vocabulary and stored sparsely as the top-K draft ids plus one "other" bin
+//! (the rest of the draft vocabulary's mass, compared with the head's own mass there — no
+//! uniform tail). Positions whose target argmax lies outside the draft vocabulary are masked,
+//! as EAGLE-3 does; so are prompt positions. TTT step i feeds entry P the step-(i−1) output of
+//! P−1 (see `head_model`); its loss weight is 0.8^i.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::data::Example;
+use super::error::{Error, Result};
+use super::head::HeadConfig;
+use super::head_model::{log_softmax, HeadModel};
+use super::trainer::{AdamW, TrainConfig};
+use crate::backend::{Batch, Context, ContextExtras, ContextParams, Model};
+use crate::features::FeatureTap;
+
+/// Teacher entries kept per position.
+pub const TEACHER_K: usize = 16;
+
+/// One cached training sequence.
+pub struct HeadExample {
+    /// Entries 0..n (n = T-1): frozen target embeddings of token[P+1] (n, H), f16.
+    pub emb: Tensor,
+    /// Target features of positions 0..n (n, 3·H_t), f16.
+    pub feat: Tensor,
+    /// Teacher top-K draft ids (n, K) u32 and probabilities (n, K) f32; other-bin mass (n).
+    pub tid: Tensor,
+    pub tp: Tensor,
+    pub other: Tensor,
+    /// 1 where entry P is trained (response position, target argmax in the draft vocab).
+    pub mask: Tensor,
+    /// Target argmax as a draft id (n) u32 (0 where masked): greedy acceptance.
+    pub argmax: Tensor,
+}
+
+/// Extracts features and teacher rows for `examples` with llama.cpp, or loads them from
+/// `cache` (a safetensors file keyed by the data and head vocabulary).
+pub fn extract(
+    target: &Arc<Model>,
+    cfg: &HeadConfig,
+    examples: &[Example],
+    threads: i32,
+    cache: Option<&Path>,
+    progress: bool,
+) -> Result<Vec<HeadExample>> {
+    if let Some(p) = cache.filter(|p| p.is_file()) {
+        if let Ok(v) = load_cache(p, examples.len()) {
+            tracing::info!("features and teacher from the cache {}", p.display());
+            return Ok(v);
+        }
+        tracing::warn!("cache {} unusable; extracting again", p.display());
+    }
+    let emb_all = target_embeddings(target)?;
+    let h_t = target.n_embd();
+    let tap = Arc::new(FeatureTap::new(cfg.target_layers, target.n_layer(), h_t)?);
+    let max_t = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(1);
+    let n_ctx = (max_t + 8).next_multiple_of(256) as u32;
+    let cp = ContextParams { n_ctx, n_batch: 64, n_threads: threads, ..Default::default() };
+    let mut ctx =
+        Context::with_extras(target.clone(), &cp, ContextExtras { tap: Some(tap.clone()), ..Default::default() })?;
+    let mut batch = Batch::new(64, 1);
+    // Target id → draft id.
+    let mut to_draft = vec![u32::MAX; target.n_vocab()];
+    for (d, &t) in cfg.draft_vocab.iter().enumerate() {
+        to_draft[t as usize] = d as u32;
+    }
+    let bar = bar(examples.len(), progress, "target features");
+    let t0 = Instant::now();
+    let mut out = Vec::with_capacity(examples.len());
+    let mut n_tokens = 0usize;
+    for ex in examples {
+        let t = ex.tokens.len();
+        if t < 3 {
+            continue;
+        }
+        ctx.clear();
+        tap.clear();
+        let n = t - 1;
+        let mut tid = vec![0u32; n * TEACHER_K];
+        let mut tp = vec![0f32; n * TEACHER_K];
+        let mut other = vec![0f32; n];
+        let mut mask = vec![0f32; n];
+        let mut argmax = vec![0u32; n];
+        for (c, chunk) in ex.tokens.chunks(64).enumerate() {
+            batch.clear();
+            for (j, &tok) in chunk.iter().enumerate() {
+                let pos = c * 64 + j;
+                // Entry P = pos - 1 is trained towards the logits at pos (pos >= 1).
+                let want = pos >= 1 && pos + 1 >= ex.prompt_len;
+                batch.add(tok, pos as i32, &[0], want)?;
+            }
+            ctx.decode(&batch)?;
+            for (j, _) in chunk.iter().enumerate() {
+                let pos = c * 64 + j;
+                if !(pos >= 1 && pos + 1 >= ex.prompt_len) {
+                    continue;
+                }
+                let p = pos - 1;
+                let logits = ctx.logits(j)?;
+                let am = crate::sampling::argmax(logits);
+                let Some(&d) = to_draft.get(am).filter(|&&d| d != u32::MAX) else { continue };
+                // Softmax over the draft vocabulary.
+                let sub: Vec<f32> = cfg.draft_vocab.iter().map(|&t| logits[t as usize]).collect();
+                let m = sub.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = sub.iter().map(|v| (v - m).exp()).sum();
+                let top = crate::sampling::top_k_indices(&sub, TEACHER_K);
+                let mut mass = 0.0f32;
+                for (k, (i, v)) in top.iter().enumerate() {
+                    let q = (v - m).exp() / z;
+                    tid[p * TEACHER_K + k] = *i as u32;
+                    tp[p * TEACHER_K + k] = q;
+                    mass += q;
+                }
+                other[p] = (1.0 - mass).max(0.0);
+                mask[p] = 1.0;
+                argmax[p] = d;
+            }
+        }
+        let mut feats = Vec::new();
+        tap.gather(&(0..n).collect::<Vec<_>>(), &mut feats)?;
+        let h = target.n_embd();
+        let emb: Vec<f32> = ex.tokens[1..]
+            .iter()
+            .flat_map(|&x| emb_all[x as usize * h..(x as usize + 1) * h].iter().copied())
+            .collect();
+        let dev = Device::Cpu;
+        out.push(HeadExample {
+            emb: Tensor::from_vec(emb, (n, h), &dev)?.to_dtype(DType::F16)?,
+            feat: Tensor::from_vec(feats, (n, 3 * h_t), &dev)?.to_dtype(DType::F16)?,
+            tid: Tensor::from_vec(tid, (n, TEACHER_K), &dev)?,
+            tp: Tensor::from_vec(tp, (n, TEACHER_K), &dev)?,
+            other: Tensor::from_vec(other, n, &dev)?,
+            mask: Tensor::from_vec(mask, n, &dev)?,
+            argmax: Tensor::from_vec(argmax, n, &dev)?,
+        });
+        n_tokens += t;
+        bar.inc(1);
+        bar.set_message(format!("{:.0} tok/s", n_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9)));
+    }
+    bar.finish_and_clear();
+    tracing::info!(
+        "target features: {} sequences, {n_tokens} tokens, {:.0} tok/s",
+        out.len(),
+        n_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+    );
+    if let Some(p) = cache {
+        save_cache(p, &out)?;
+    }
+    Ok(out)
+}
+
+/// The target's token embedding matrix (n_vocab × H, f32), read from its GGUF.
+fn target_embeddings(target: &Model) -> Result<Vec<f32>> {
+    let path = target.path();
+    let (content, mut reader) = super::gguf_import::read_gguf_content(path)?;
+    let q = content
+        .tensor(&mut reader, "token_embd.weight", &Device::Cpu)
+        .map_err(|e| Error::Gguf { path: path.to_path_buf(), reason: format!("token_embd.weight: {e}") })?;
+    Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn save_cache(path: &Path, v: &[HeadExample]) -> Result<()> {
+    let mut m: HashMap<String, Tensor> = HashMap::new();
+    for (i, e) in v.iter().enumerate() {
+        for (k, t) in [
+            ("emb", &e.emb),
+            ("feat", &e.feat),
+            ("tid", &e.tid),
+            ("tp", &e.tp),
+            ("other", &e.other),
+            ("mask", &e.mask),
+            ("argmax", &e.argmax),
+        ] {
+            m.insert(format!("{i}.{k}"), t.clone());
+        }
+    }
+    let tmp = super::gguf_import::temp_path_for(path)?;
+    candle_core::safetensors::save(&m, &tmp)
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn load_cache(path: &Path, n_max: usize) -> Result<Vec<HeadExample>> {
+    let m = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    let mut out = Vec::new();
+    for i in 0..n_max {
+        let get = |k: &str| m.get(&format!("{i}.{k}")).cloned();
+        let Some(emb) = get("emb") else { break };
+        let need = |k: &str| {
+            get(k).ok_or_else(|| Error::Checkpoint { path: path.to_path_buf(), reason: format!("missing {i}.{k}") })
+        };
+        out.push(HeadExample {
+            emb,
+            feat: need("feat")?,
+            tid: need("tid")?,
+            tp: need("tp")?,
+            other: need("other")?,
+            mask: need("mask")?,
+            argmax: need("argmax")?,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::Checkpoint { path: path.to_path_buf(), reason: "empty".into() });
+    }
+    Ok(out)
+}
+
+fn bar(n: usize, show: bool, what: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(n as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} {{elapsed}}<{{eta}} {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+/// Head training settings.
+#[derive(Debug, Clone)]
+pub struct HeadTrainConfig {
+    /// Unrolled TTT steps (EAGLE-3: 7).
+    pub ttt_steps: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    /// Optimizer steps; each takes `batch` sequences.
+    pub steps: usize,
+    pub batch: usize,
+    /// Global gradient-norm clip (EAGLE-3: 0.5).
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub progress: bool,
+    /// JSONL metrics log (one line per step and per evaluation).
+    pub log: Option<PathBuf>,
+}
+
+impl Default for HeadTrainConfig {
+    fn default() -> Self {
+        HeadTrainConfig {
+            ttt_steps: 3,
+            lr: 3e-4,
+            warmup_steps: 20,
+            steps: 200,
+            batch: 4,
+            grad_clip: 0.5,
+            seed: 0,
+            progress: true,
+            log: None,
+        }
+    }
+}
+
+/// Loss and greedy agreement of one sequence.
+struct SeqLoss {
+    loss: Tensor,
+    /// Per TTT step: (agreeing positions, trained positions).
+    agree: Vec<(f64, f64)>,
+}
+
+/// `None` when no position of the sequence is trained (all masked).
+fn seq_loss(model: &HeadModel, ex: &HeadExample, steps: usize) -> Result<Option<SeqLoss>> {
+    if ex.mask.sum_all()?.to_scalar::<f32>()? == 0.0 {
+        return Ok(None);
+    }
+    let emb = ex.emb.to_dtype(DType::F32)?;
+    let feat = ex.feat.to_dtype(DType::F32)?;
+    let n = emb.dims()[0];
+    let outs = model.forward_ttt(&emb, &feat, steps)?;
+    let mut total: Option<Tensor> = None;
+    let mut agree = Vec::with_capacity(steps);
+    let mask_all = ex.mask.to_vec1::<f32>()?;
+    let am = ex.argmax.to_vec1::<u32>()?;
+    for (i, o) in outs.iter().enumerate() {
+        // Step i's entries P < i have no valid input.
+        let mut mask = mask_all.clone();
+        for m in mask.iter_mut().take(i.min(n)) {
+            *m = 0.0;
+        }
+        let count: f32 = mask.iter().sum();
+        if count == 0.0 {
+            agree.push((0.0, 0.0));
+            continue;
+        }
+        let lsm = log_softmax(&o.logits)?; // (n, V_d)
+        let lq = lsm.gather(&ex.tid, 1)?; // (n, K)
+        let q_other = (1.0 - lq.exp()?.sum(1)?)?.clamp(1e-6, 1.0)?.log()?; // (n)
+        let ce = ((&ex.tp * &lq)?.sum(1)? + (&ex.other * q_other)?)?.neg()?; // (n)
+        let m = Tensor::from_vec(mask.clone(), n, &Device::Cpu)?;
+        let l = ((ce * &m)?.sum_all()? / count as f64)?;
+        let l = (l * 0.8f64.powi(i as i32))?;
+        total = Some(match total {
+            Some(t) => (t + l)?,
+            None => l,
+        });
+        let pred = o.logits.argmax(1)?.to_vec1::<u32>()?;
+        let hits: f32 = pred.iter().zip(&am).zip(&mask).map(|((p, a), m)| if p == a { *m } else { 0.0 }).sum();
+        agree.push((hits as f64, count as f64));
+    }
+    Ok(total.map(|loss| SeqLoss { loss, agree }))
+}
+
+/// Greedy agreement per TTT step on `val` (teacher-forced): α_i = P(head argmax = target
+/// argmax | step i), and the chain length a greedy chain of `steps` would reach in expectation
+/// under independence, τ ≈ 1 + Σ_d Π_{i<d} α_i.
+pub fn evaluate(model: &HeadModel, val: &[HeadExample], steps: usize) -> Result<(Vec<f64>, f64, f64)> {
+    let mut acc = vec![(0.0, 0.0); steps];
+    let mut loss = 0.0;
+    let mut n = 0usize;
+    for ex in val {
+        let Some(s) = seq_loss(model, ex, steps)? else { continue };
+        n += 1;
+        loss += s.loss.to_scalar::<f32>()? as f64;
+        for (a, b) in acc.iter_mut().zip(&s.agree) {
+            a.0 += b.0;
+            a.1 += b.1;
+        }
+    }
+    let alpha: Vec<f64> = acc.iter().map(|(h, c)| if *c > 0.0 { h / c } else { 0.0 }).collect();
+    let mut tau = 1.0;
+    let mut reach = 1.0;
+    for a in &alpha {
+        reach *= a;
+        tau += reach;
+    }
+    Ok((alpha, tau, loss / n.max(1) as f64))
+}
+
+/// Trains `model` on `train`, evaluating on `val` at the start, every `eval_every` steps and at
+/// the end. Returns the JSON records of the evaluations.
+pub fn train_head(
+    model: &HeadModel,
+    train: &[HeadExample],
+    val: &[HeadExample],
+    cfg: &HeadTrainConfig,
+    eval_every: usize,
+) -> Result<Vec<serde_json::Value>> {
+    let tc = TrainConfig { beta1: 0.9, beta2: 0.95, weight_decay: 0.0, lr: cfg.lr, ..Default::default() };
+    let mut opt = AdamW::new(model.named_vars(), &tc)?;
+    let mut log = match &cfg.log {
+        Some(p) => Some(std::fs::File::create(p).map_err(|e| Error::io(p, e))?),
+        None => None,
+    };
+    let mut write = |v: &serde_json::Value| -> Result<()> {
+        if let Some(f) = log.as_mut() {
+            use std::io::Write;
+            writeln!(f, "{v}").map_err(|e| Error::io(cfg.log.clone().unwrap_or_default(), e))?;
+        }
+        Ok(())
+    };
+    let mut evals = Vec::new();
+    let mut do_eval = |step: usize, write: &mut dyn FnMut(&serde_json::Value) -> Result<()>| -> Result<()> {
+        let (alpha, tau, loss) = evaluate(model, val, cfg.ttt_steps)?;
+        let v = serde_json::json!({"kind": "eval", "step": step, "alpha": alpha, "tau_chain": tau, "loss": loss});
+        tracing::info!("eval at step {step}: loss {loss:.4}, α per step {alpha:.3?}, τ ≈ {tau:.2}");
+        write(&v)?;
+        evals.push(v);
+        Ok(())
+    };
+    do_eval(0, &mut write)?;
+    let order = super::data::permutation(train.len(), cfg.seed);
+    let bar = bar(cfg.steps, cfg.progress, "head train");
+    let t0 = Instant::now();
+    let mut cursor = 0;
+    let mut tokens = 0usize;
+    for step in 1..=cfg.steps {
+        let mut acc: Vec<Option<Tensor>> = vec![None; opt.params().len()];
+        let mut loss_sum = 0.0;
+        for _ in 0..cfg.batch {
+            let ex = &train[order[cursor % order.len()]];
+            cursor += 1;
+            tokens += ex.emb.dims()[0];
+            let Some(s) = seq_loss(model, ex, cfg.ttt_steps)? else { continue };
+            loss_sum += s.loss.to_scalar::<f32>()? as f64;
+            let grads = (s.loss / cfg.batch as f64)?.backward()?;
+            for (i, (_, p)) in opt.params().iter().enumerate() {
+                if let Some(g) = grads.get(p.as_tensor()) {
+                    acc[i] = Some(match acc[i].take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let mut sq = 0.0f64;
+        for g in acc.iter().flatten() {
+            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+        let norm = sq.sqrt();
+        if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
+            for g in acc.iter_mut().flatten() {
+                *g = (&*g * (cfg.grad_clip / (norm + 1e-6)))?;
+            }
+        }
+        let lr = if step <= cfg.warmup_steps { cfg.lr * step as f64 / cfg.warmup_steps as f64 } else { cfg.lr };
+        opt.step(&acc, lr)?;
+        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let loss = loss_sum / cfg.batch as f64;
+        write(
+            &serde_json::json!({"kind": "train", "step": step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tps}),
+        )?;
+        bar.inc(1);
+        bar.set_message(format!("loss {loss:.3} {tps:.0} tok/s"));
+        if eval_every > 0 && step % eval_every == 0 && step < cfg.steps {
+            do_eval(step, &mut write)?;
+        }
+    }
+    bar.finish_and_clear();
+    do_eval(cfg.steps, &mut write)?;
+    Ok(evals)
+}
