@@ -393,6 +393,17 @@ enum adaspec_status adaspec_session_new(const struct adaspec_model *target,
                                         const struct adaspec_session_params *params,
                                         struct adaspec_session **out_session);
 
+// Creates a session on `target` that drafts with a feature-level head: `head` is an `eagle3`
+// GGUF (EAGLE-3 layout, e.g. made by `adaspec head init` / `adaspec head train`) loaded with
+// `adaspec_model_load`, which reads the target's own hidden states. Checks that the head was
+// made for this target (hidden size, layers, vocabulary: `ADASPEC_STATUS_INCOMPATIBLE_VOCAB`;
+// a model that is not a head: `ADASPEC_STATUS_MODEL_FILE`). Otherwise as
+// `adaspec_session_new`; `head` must not be NULL.
+enum adaspec_status adaspec_session_new_with_head(const struct adaspec_model *target,
+                                                  const struct adaspec_model *head,
+                                                  const struct adaspec_session_params *params,
+                                                  struct adaspec_session **out_session);
+
 // Releases a session (its KV caches and its references to the models). NULL is ignored.
 // A session that is in use (called from its own streaming callback, or while another thread
 // generates with it) is not freed: the call sets the last error and returns; free it after

@@ -88,6 +88,10 @@ pub struct TinyModelConfig {
     /// Control tokens `<|extra_i|>` appended to the vocabulary (default 0): a model pair whose
     /// vocabulary sizes differ, as llama.cpp allows up to 128.
     pub extra_tokens: usize,
+    /// Scale of the blocks' output projections (`attn_output`, `ffn_down`; default 1.0). Small
+    /// values make the next token depend mostly on the current one (a nearly bigram model that a
+    /// small head can learn).
+    pub block_scale: f32,
 }
 
 impl Default for TinyModelConfig {
@@ -104,6 +108,7 @@ impl Default for TinyModelConfig {
             logit_scale: 6.0,
             f16: false,
             extra_tokens: 0,
+            block_scale: 1.0,
         }
     }
 }
@@ -126,6 +131,9 @@ impl TinyModelConfig {
         }
         if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
             return bad("n_head_kv", format!("must divide n_head={}, got {}", self.n_head, self.n_head_kv));
+        }
+        if !(self.block_scale.is_finite() && self.block_scale >= 0.0) {
+            return bad("block_scale", format!("must be finite and >= 0, got {}", self.block_scale));
         }
         if !(self.logit_scale.is_finite() && self.logit_scale > 0.0) {
             return bad("logit_scale", format!("must be finite and > 0, got {}", self.logit_scale));
@@ -456,11 +464,11 @@ pub fn tiny_model_tensors(cfg: &TinyModelConfig) -> Vec<(String, Vec<usize>, Vec
             t.push((p("attn_k.bias"), vec![kv_dim], rng.vec(kv_dim, 0.2, 0.0)));
             t.push((p("attn_v.bias"), vec![kv_dim], rng.vec(kv_dim, 0.2, 0.0)));
         }
-        t.push((p("attn_output.weight"), vec![d, q_dim], rng.vec(d * q_dim, lin(q_dim), 0.0)));
+        t.push((p("attn_output.weight"), vec![d, q_dim], rng.vec(d * q_dim, cfg.block_scale * lin(q_dim), 0.0)));
         t.push((p("ffn_norm.weight"), vec![d], rng.vec(d, 0.1, 1.0)));
         t.push((p("ffn_gate.weight"), vec![cfg.n_ff, d], rng.vec(cfg.n_ff * d, lin(d), 0.0)));
         t.push((p("ffn_up.weight"), vec![cfg.n_ff, d], rng.vec(cfg.n_ff * d, lin(d), 0.0)));
-        t.push((p("ffn_down.weight"), vec![d, cfg.n_ff], rng.vec(d * cfg.n_ff, lin(cfg.n_ff), 0.0)));
+        t.push((p("ffn_down.weight"), vec![d, cfg.n_ff], rng.vec(d * cfg.n_ff, cfg.block_scale * lin(cfg.n_ff), 0.0)));
     }
     t.push(("output_norm.weight".into(), vec![d], rng.vec(d, 0.1, 1.0)));
     t.push(("output.weight".into(), vec![n_vocab, d], rng.vec(n_vocab * d, cfg.logit_scale * lin(d), 0.0)));

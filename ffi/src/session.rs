@@ -142,31 +142,61 @@ pub extern "C" fn adaspec_session_new(
     params: *const adaspec_session_params,
     out_session: *mut *mut adaspec_session,
 ) -> adaspec_status {
-    boundary("adaspec_session_new", || {
-        check_null!(out_session);
-        // SAFETY: NULL (checked inside) or a live handle.
-        let t = unsafe { model_clone(target, "target") }?;
-        let d = if draft.is_null() {
-            None
-        } else {
-            // SAFETY: non-NULL live handle.
-            Some(unsafe { model_clone(draft, "draft") }?)
-        };
-        // SAFETY: NULL or a host-owned struct, size-checked inside.
-        let p = unsafe { read_params(params, "params") }?;
-        let (mut sp, seed) = session_params(&p)?;
-        if sp.n_threads == 0 {
-            sp.n_threads = t.n_threads;
-        }
-        let session = engine::Session::new(t.model.clone(), d.map(|d| d.model.clone()), sp)?;
-        let handle = Box::new(SessionHandle {
-            inner: UnsafeCell::new(Inner { session, seed, last_text: Vec::new(), poisoned: false }),
-            in_use: AtomicBool::new(false),
-        });
-        // SAFETY: NULL-checked above; written only on success.
-        unsafe { *out_session = session_into_raw(handle) };
-        Ok(())
+    boundary("adaspec_session_new", || new_session(target, draft, false, params, out_session))
+}
+
+/// Creates a session on `target` that drafts with a feature-level head: `head` is an `eagle3`
+/// GGUF (EAGLE-3 layout, e.g. made by `adaspec head init` / `adaspec head train`) loaded with
+/// `adaspec_model_load`, which reads the target's own hidden states. Checks that the head was
+/// made for this target (hidden size, layers, vocabulary: `ADASPEC_STATUS_INCOMPATIBLE_VOCAB`;
+/// a model that is not a head: `ADASPEC_STATUS_MODEL_FILE`). Otherwise as
+/// `adaspec_session_new`; `head` must not be NULL.
+#[no_mangle]
+pub extern "C" fn adaspec_session_new_with_head(
+    target: *const adaspec_model,
+    head: *const adaspec_model,
+    params: *const adaspec_session_params,
+    out_session: *mut *mut adaspec_session,
+) -> adaspec_status {
+    boundary("adaspec_session_new_with_head", || {
+        check_null!(head);
+        new_session(target, head, true, params, out_session)
     })
+}
+
+fn new_session(
+    target: *const adaspec_model,
+    other: *const adaspec_model,
+    is_head: bool,
+    params: *const adaspec_session_params,
+    out_session: *mut *mut adaspec_session,
+) -> FfiResult<()> {
+    check_null!(out_session);
+    // SAFETY: NULL (checked inside) or a live handle.
+    let t = unsafe { model_clone(target, "target") }?;
+    let d = if other.is_null() {
+        None
+    } else {
+        // SAFETY: non-NULL live handle.
+        Some(unsafe { model_clone(other, if is_head { "head" } else { "draft" }) }?)
+    };
+    // SAFETY: NULL or a host-owned struct, size-checked inside.
+    let p = unsafe { read_params(params, "params") }?;
+    let (mut sp, seed) = session_params(&p)?;
+    if sp.n_threads == 0 {
+        sp.n_threads = t.n_threads;
+    }
+    let session = match (d, is_head) {
+        (Some(h), true) => engine::Session::with_head(t.model.clone(), h.model.clone(), sp)?,
+        (d, _) => engine::Session::new(t.model.clone(), d.map(|d| d.model.clone()), sp)?,
+    };
+    let handle = Box::new(SessionHandle {
+        inner: UnsafeCell::new(Inner { session, seed, last_text: Vec::new(), poisoned: false }),
+        in_use: AtomicBool::new(false),
+    });
+    // SAFETY: NULL-checked above; written only on success.
+    unsafe { *out_session = session_into_raw(handle) };
+    Ok(())
 }
 
 /// Releases a session (its KV caches and its references to the models). NULL is ignored.

@@ -1107,3 +1107,50 @@ fn a_vocabulary_with_duplicate_tokens_is_refused_not_fatal() {
     assert!(m.is_null());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_head_session_is_lossless_and_misuse_is_reported() {
+    let api = api();
+    for arch in [TinyArch::Llama, TinyArch::Qwen2] {
+        let p = tiny(arch);
+        // A random-weight eagle3 head for the tiny target (its layers, hidden size, tokenizer).
+        let head_path = p.dir.join("head.gguf");
+        let cfg = engine::tiny_model::TinyModelConfig { arch, seed: 11, ..Default::default() };
+        engine::tiny_model::write_tiny_head(&head_path, &cfg, &Default::default()).expect("write head");
+        let (t, h, d) = (api.load(&p.target, None), api.load(&head_path, None), api.load(&p.draft, None));
+        let plain = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+        let mut chain = api.session_params(STRATEGY_CHAIN);
+        chain.chain_length = 3;
+        let mut tree = api.session_params(STRATEGY_TREE);
+        (tree.tree_top_k, tree.tree_depth, tree.tree_nodes) = (3, 3, 10);
+        let gp = api.greedy(64);
+        let (want, _) = api.generate_text(plain, "The quick brown fox jumps over", &gp).unwrap();
+        for sp in [chain, tree] {
+            let mut s = null_mut();
+            // SAFETY: live handles, valid params and out pointer.
+            let st = unsafe { (api.session_new_with_head)(t, h, &sp, &mut s) };
+            assert_eq!(st, OK, "{}", api.last_error_string());
+            let (got, stats) = api.generate_text(s, "The quick brown fox jumps over", &gp).unwrap();
+            assert_eq!(got.tokens, want.tokens, "{arch:?}: head session differs from target alone");
+            assert!(stats.n_draft_proposed > 0, "{arch:?}: the head proposed nothing");
+            // SAFETY: live session, freed once.
+            unsafe { (api.session_free)(s) };
+        }
+        let mut s = null_mut();
+        // SAFETY: each call gets valid or NULL pointers as documented.
+        unsafe {
+            assert_eq!((api.session_new_with_head)(t, null(), &chain, &mut s), NULL_ARGUMENT);
+            assert!(api.last_error_string().contains("head"), "{}", api.last_error_string());
+            // A plain model is not a head.
+            assert_eq!((api.session_new_with_head)(t, d, &chain, &mut s), MODEL_FILE);
+            assert!(api.last_error_string().contains("eagle3"), "{}", api.last_error_string());
+            // A head for another target (the head as target has hidden 64 but one layer).
+            assert_eq!((api.session_new_with_head)(h, h, &chain, &mut s), INCOMPATIBLE_VOCAB);
+            assert!(s.is_null());
+            (api.session_free)(plain);
+            for m in [t, h, d] {
+                (api.model_free)(m);
+            }
+        }
+    }
+}

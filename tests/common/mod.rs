@@ -4,6 +4,8 @@
 //! `ADASPEC_SKIP_REAL_MODELS=1`, which prints a notice and is itself refused when `CI` is set.
 #![allow(dead_code)]
 
+pub mod dist;
+
 use std::io::Write;
 use std::path::PathBuf;
 
