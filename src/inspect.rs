@@ -53,8 +53,22 @@ pub struct InspectReport {
     /// Tensor type name → number of tensors of that type.
     pub tensor_types: BTreeMap<String, usize>,
     pub tokenizer: TokenizerSummary,
+    /// What an `eagle3` head reads and drafts over (None for other architectures).
+    pub head: Option<HeadSummary>,
     #[serde(skip)]
     tokens: Vec<String>,
+}
+
+/// An `eagle3` head's link to its target.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HeadSummary {
+    /// Target layers whose inputs it reads.
+    pub target_layers: Vec<i64>,
+    pub target_hidden_size: Option<u64>,
+    /// Size of its reduced draft vocabulary (`d2t`), or None when it uses the target's.
+    pub draft_vocab: Option<u64>,
+    pub own_token_embd: bool,
+    pub own_output: bool,
 }
 
 /// Draft/target compatibility by llama.cpp's rules (common/speculative.cpp).
@@ -161,7 +175,21 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
         add_eos_token: b("tokenizer.ggml.add_eos_token"),
         has_chat_template: md.contains_key("tokenizer.chat_template"),
     };
+    let head = (architecture == "eagle3").then(|| {
+        let find = |n: &str| model.tensors().iter().find(|t| t.name == n).cloned();
+        HeadSummary {
+            target_layers: match md.get("eagle3.target_layers") {
+                Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
+                _ => Vec::new(),
+            },
+            target_hidden_size: as_u64(md.get("eagle3.target_hidden_size")),
+            draft_vocab: find("d2t").map(|t| t.shape[0]),
+            own_token_embd: find("token_embd.weight").is_some(),
+            own_output: find("output.weight").is_some(),
+        }
+    });
     Ok(InspectReport {
+        head,
         path: path.to_path_buf(),
         file_size: meta.len(),
         gguf_version,
@@ -230,6 +258,26 @@ pub fn compat_reports(t: &InspectReport, d: &InspectReport) -> CompatReport {
             d.tokens[i]
         ));
     }
+    if let Some(h) = &d.head {
+        if h.target_hidden_size != t.embedding_length {
+            problems.push(format!(
+                "the head reads features of hidden size {:?}, the target's is {:?}",
+                h.target_hidden_size, t.embedding_length
+            ));
+        }
+        if h.target_layers.len() != 3 {
+            problems.push(format!("eagle3.target_layers must hold 3 layer ids, has {:?}", h.target_layers));
+        }
+        if let Some(l) = h.target_layers.iter().find(|&&l| l < 0 || Some(l as u64) >= t.block_count) {
+            problems.push(format!("the head reads layer {l}, the target has {:?} layers", t.block_count));
+        }
+        if tt.n_tokens != dt.n_tokens {
+            problems.push(format!(
+                "a head carries its target's tokenizer: {} tokens, the target has {}",
+                dt.n_tokens, tt.n_tokens
+            ));
+        }
+    }
     CompatReport {
         target: t.path.clone(),
         draft: d.path.clone(),
@@ -247,7 +295,8 @@ pub fn compat_reports(t: &InspectReport, d: &InspectReport) -> CompatReport {
 pub struct InspectArgs {
     /// GGUF file to describe.
     pub file: PathBuf,
-    /// Also check whether FILE (as draft) is compatible with this target GGUF.
+    /// Also check whether FILE (as draft, or as an eagle3 head: hidden size, layers, vocabulary)
+    /// is compatible with this target GGUF.
     #[arg(long, value_name = "TARGET.gguf")]
     pub compat: Option<PathBuf>,
     /// Print JSON instead of text.
@@ -297,6 +346,16 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             opt(tk.eos_token_id),
             if tk.has_chat_template { "yes" } else { "no" }
         );
+        if let Some(h) = &report.head {
+            println!(
+                "head:          eagle3, reads target layers {:?} of hidden size {}, draft vocabulary {}, {} embedding, {} LM head",
+                h.target_layers,
+                opt(h.target_hidden_size),
+                h.draft_vocab.map(|v| v.to_string()).unwrap_or_else(|| "= the target's".into()),
+                if h.own_token_embd { "own" } else { "the target's" },
+                if h.own_output { "own" } else { "the target's" }
+            );
+        }
         if let Some(c) = &compat {
             if c.compatible {
                 println!("compat:        compatible as a draft for {}", c.target.display());
@@ -325,6 +384,34 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::tiny_model::{write_tiny_model, TinyArch, TinyModelConfig};
+
+    #[test]
+    fn a_head_is_described_and_checked_against_its_target() {
+        use crate::tiny_model::{write_tiny_head, TinyHeadConfig};
+        let dir = std::env::temp_dir().join(format!("adaspec-inspect-head-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = TinyModelConfig { n_layer: 6, ..Default::default() };
+        let (t, h, other) = (dir.join("t.gguf"), dir.join("h.gguf"), dir.join("o.gguf"));
+        write_tiny_model(&t, &cfg).unwrap();
+        write_tiny_model(&other, &TinyModelConfig { n_embd: 32, n_layer: 2, ..Default::default() }).unwrap();
+        write_tiny_head(&h, &cfg, &TinyHeadConfig { draft_vocab: Some(100), ..Default::default() }).unwrap();
+        let r = inspect(&h).unwrap();
+        assert_eq!(r.architecture, "eagle3");
+        let hs = r.head.clone().unwrap();
+        assert_eq!(hs.target_layers, vec![2, 3, 3]);
+        assert_eq!(
+            (hs.target_hidden_size, hs.draft_vocab, hs.own_output, hs.own_token_embd),
+            (Some(64), Some(100), true, false)
+        );
+        assert_eq!(r.tensor_types.get("I64").copied(), Some(1));
+        assert!(compat(&t, &h).unwrap().compatible);
+        let bad = compat(&other, &h).unwrap();
+        assert!(!bad.compatible);
+        assert!(bad.problems.iter().any(|p| p.contains("hidden size")), "{:?}", bad.problems);
+        assert!(bad.problems.iter().any(|p| p.contains("reads layer")), "{:?}", bad.problems);
+        assert!(inspect(&t).unwrap().head.is_none());
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn inspect_and_compat_on_tiny_models() {
