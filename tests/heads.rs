@@ -156,22 +156,23 @@ fn a_head_for_another_target_is_refused() {
     }
 }
 
+/// Decodes `tokens` on a fresh target context that feeds `tap`.
+fn decode_tapped(target: &Arc<Model>, tap: &Arc<FeatureTap>, tokens: &[adaspec::Token]) {
+    let cp = adaspec::backend::ContextParams { n_ctx: 256, n_batch: 64, n_threads: 2, ..Default::default() };
+    let extras = adaspec::backend::ContextExtras { tap: Some(tap.clone()), ..Default::default() };
+    let mut ctx = adaspec::backend::Context::with_extras(target.clone(), &cp, extras).unwrap();
+    let mut batch = adaspec::backend::Batch::new(64, 1);
+    adaspec::backend::decode_span(&mut ctx, &mut batch, tokens, 0, false).unwrap();
+}
+
 #[test]
 fn the_tap_reads_every_processed_token() {
     // The tap collects one row per token the target decodes, on both architectures.
     for arch in [TinyArch::Llama, TinyArch::Qwen2] {
         let f = fixture(arch);
         let tap = Arc::new(FeatureTap::new(eagle3_layers(N_LAYER), N_LAYER, 64).unwrap());
-        let cp = adaspec::backend::ContextParams { n_ctx: 256, n_batch: 64, n_threads: 2, ..Default::default() };
-        let mut ctx = adaspec::backend::Context::with_extras(
-            f.target.clone(),
-            &cp,
-            adaspec::backend::ContextExtras { tap: Some(tap.clone()), ..Default::default() },
-        )
-        .unwrap();
-        let mut batch = adaspec::backend::Batch::new(64, 1);
         let tokens = f.target.tokenize(PROMPTS[2], false, false).unwrap();
-        adaspec::backend::decode_span(&mut ctx, &mut batch, &tokens, 0, true).unwrap();
+        decode_tapped(&f.target, &tap, &tokens);
         assert_eq!(tap.n_rows(), tokens.len(), "{arch:?}");
         let mut rows = Vec::new();
         tap.gather(&[0, tokens.len() - 1], &mut rows).unwrap();
@@ -260,15 +261,7 @@ fn candle_head_matches_llama_cpp_eagle3_graph() {
         let tokens = f.target.tokenize(PROMPTS[1], false, false).unwrap();
         let t = tokens.len();
         let tap = Arc::new(FeatureTap::new(cfg.target_layers, N_LAYER, 64).unwrap());
-        let cp = adaspec::backend::ContextParams { n_ctx: 256, n_batch: 64, n_threads: 2, ..Default::default() };
-        let mut ctx = adaspec::backend::Context::with_extras(
-            f.target.clone(),
-            &cp,
-            adaspec::backend::ContextExtras { tap: Some(tap.clone()), ..Default::default() },
-        )
-        .unwrap();
-        let mut batch = adaspec::backend::Batch::new(64, 1);
-        adaspec::backend::decode_span(&mut ctx, &mut batch, &tokens, 0, false).unwrap();
+        decode_tapped(&f.target, &tap, &tokens);
         let mut feats = Vec::new();
         tap.gather(&(0..t).collect::<Vec<_>>(), &mut feats).unwrap();
 

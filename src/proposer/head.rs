@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::shapes::{self, NodeDecoder};
-use super::{ModelProposer, Proposer, Request, Shape};
+use super::{ModelProposer, Proposer, Request};
 use crate::backend::{ms_since, Model, Token};
 use crate::cost::BatchCost;
 use crate::eagle::{Entry, HeadContext, HeadInfo};
@@ -333,15 +333,7 @@ impl Proposer for HeadDraft {
         self.prenorm.clear();
         self.prenorm.push(Some(root_g));
         let base = n - 1;
-        match shape {
-            Shape::Chain { max_len, extend } => {
-                shapes::chain(self, tree, logits, base, max_len.min(max_nodes), extend, sampling, rng, alternatives)
-            }
-            Shape::Dynamic { top_k, depth, nodes } => {
-                shapes::dynamic(self, tree, logits, base, top_k, depth, nodes.min(max_nodes))
-            }
-            Shape::Static(s) => shapes::static_tree(self, tree, logits, base, s, max_nodes),
-        }
+        shapes::build(self, tree, logits, base, shape, max_nodes, sampling, rng, alternatives)
     }
 
     fn accept(&mut self, _tree: &DraftTree, accepted: &[usize], n_commit: usize, n_before: usize) {

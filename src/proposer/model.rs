@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::shapes::{self, NodeDecoder};
-use super::{ModelProposer, Proposer, Request, Shape};
+use super::{ModelProposer, Proposer, Request};
 use crate::backend::{decode_span, ms_since, Batch, Context, ContextParams, Model, Token};
 use crate::error::{Error, Result};
 use crate::tree::DraftTree;
@@ -181,15 +181,7 @@ impl Proposer for ModelDraft {
         }
         let Request { history, shape, sampling, rng, alternatives, .. } = req;
         let logits = self.catch_up(history)?;
-        match shape {
-            Shape::Chain { max_len, extend } => {
-                shapes::chain(self, tree, logits, base, max_len.min(max_nodes), extend, sampling, rng, alternatives)
-            }
-            Shape::Dynamic { top_k, depth, nodes } => {
-                shapes::dynamic(self, tree, logits, base, top_k, depth, nodes.min(max_nodes))
-            }
-            Shape::Static(s) => shapes::static_tree(self, tree, logits, base, s, max_nodes),
-        }
+        shapes::build(self, tree, logits, base, shape, max_nodes, sampling, rng, alternatives)
     }
 
     fn accept(&mut self, tree: &DraftTree, accepted: &[usize], n_commit: usize, n_before: usize) {

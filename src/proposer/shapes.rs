@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Alternative, ChainStep};
+use super::{Alternative, ChainStep, Shape};
 use crate::backend::Token;
 use crate::error::Result;
 use crate::sampling::{argmax, log_sum_exp, sample_from, top_k_indices, warp, SamplingParams};
@@ -153,5 +153,29 @@ pub(crate) fn add_choice(
         let c = tree.add(parent, t as Token, logits[t] - lse, 0.0, Proposal::Sampled(Arc::new(q)));
         tree.nodes[c].conf = top;
         c
+    }
+}
+
+/// Builds the requested `shape` below the root from its logits (the root at position `base`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build(
+    d: &mut impl NodeDecoder,
+    tree: &mut DraftTree,
+    root_logits: Vec<f32>,
+    base: usize,
+    shape: Shape<'_>,
+    max_nodes: usize,
+    sp: &SamplingParams,
+    rng: &mut rand::rngs::StdRng,
+    alternatives: Option<&mut Vec<Alternative>>,
+) -> Result<()> {
+    match shape {
+        Shape::Chain { max_len, extend } => {
+            chain(d, tree, root_logits, base, max_len.min(max_nodes), extend, sp, rng, alternatives)
+        }
+        Shape::Dynamic { top_k, depth, nodes } => {
+            dynamic(d, tree, root_logits, base, top_k, depth, nodes.min(max_nodes))
+        }
+        Shape::Static(s) => static_tree(d, tree, root_logits, base, s, max_nodes),
     }
 }

@@ -21,7 +21,7 @@ use super::data::Example;
 use super::error::{Error, Result};
 use super::head::HeadConfig;
 use super::head_model::{log_softmax, HeadModel};
-use super::trainer::{AdamW, TrainConfig};
+use super::trainer::{accumulate, clip_global_norm, AdamW, TrainConfig};
 use crate::backend::{Batch, Context, ContextExtras, ContextParams, Model};
 use crate::features::FeatureTap;
 
@@ -387,25 +387,9 @@ pub fn train_head(
             let Some(s) = seq_loss(model, ex, cfg.ttt_steps)? else { continue };
             loss_sum += s.loss.to_scalar::<f32>()? as f64;
             let grads = (s.loss / cfg.batch as f64)?.backward()?;
-            for (i, (_, p)) in opt.params().iter().enumerate() {
-                if let Some(g) = grads.get(p.as_tensor()) {
-                    acc[i] = Some(match acc[i].take() {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
+            accumulate(&grads, opt.params(), &mut acc)?;
         }
-        let mut sq = 0.0f64;
-        for g in acc.iter().flatten() {
-            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-        }
-        let norm = sq.sqrt();
-        if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
-            for g in acc.iter_mut().flatten() {
-                *g = (&*g * (cfg.grad_clip / (norm + 1e-6)))?;
-            }
-        }
+        let norm = clip_global_norm(&mut acc, cfg.grad_clip)?;
         let lr = if step <= cfg.warmup_steps { cfg.lr * step as f64 / cfg.warmup_steps as f64 } else { cfg.lr };
         opt.step(&acc, lr)?;
         let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);

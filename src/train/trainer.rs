@@ -267,6 +267,39 @@ pub struct TrainData<'a> {
     pub teacher_val: &'a Teacher,
 }
 
+/// Adds the gradients of `params` in `grads` into `acc` (one slot per parameter).
+pub(crate) fn accumulate(
+    grads: &candle_core::backprop::GradStore,
+    params: &[(String, Var)],
+    acc: &mut [Option<Tensor>],
+) -> Result<()> {
+    for (i, (_, p)) in params.iter().enumerate() {
+        if let Some(g) = grads.get(p.as_tensor()) {
+            acc[i] = Some(match acc[i].take() {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The global gradient norm of `acc`, which is scaled down to `clip` when above it (0 = off).
+pub(crate) fn clip_global_norm(acc: &mut [Option<Tensor>], clip: f64) -> Result<f64> {
+    let mut sq = 0.0f64;
+    for g in acc.iter().flatten() {
+        sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if clip > 0.0 && norm > clip {
+        let scale = clip / (norm + 1e-6);
+        for g in acc.iter_mut().flatten() {
+            *g = (&*g * scale)?;
+        }
+    }
+    Ok(norm)
+}
+
 /// AdamW with decoupled weight decay (PyTorch's `AdamW` update), state kept so checkpoints
 /// can hold it.
 pub struct AdamW {
@@ -593,27 +626,9 @@ pub fn train(
             valid += out.n_valid;
             tokens += batch.n_tokens();
             let grads = (out.loss / cfg.grad_accum as f64)?.backward()?;
-            for (i, (_, p)) in opt.params().iter().enumerate() {
-                if let Some(g) = grads.get(p.as_tensor()) {
-                    acc[i] = Some(match acc[i].take() {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
+            accumulate(&grads, opt.params(), &mut acc)?;
         }
-        // Global gradient norm and clipping.
-        let mut sq = 0.0f64;
-        for g in acc.iter().flatten() {
-            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-        }
-        let grad_norm = sq.sqrt();
-        if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
-            let scale = cfg.grad_clip / (grad_norm + 1e-6);
-            for g in acc.iter_mut().flatten() {
-                *g = (&*g * scale)?;
-            }
-        }
+        let grad_norm = clip_global_norm(&mut acc, cfg.grad_clip)?;
         let lr = cfg.lr_at(state.step + 1, total);
         opt.step(&acc, lr)?;
         state.step += 1;
