@@ -53,16 +53,7 @@ fn params(strategy: Strategy) -> SessionParams {
     SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: NumericMode::Fast, lookup: false }
 }
 
-fn greedy(max_tokens: usize) -> GenerateParams {
-    GenerateParams { max_tokens, ignore_eog: true, ..Default::default() }
-}
-
-fn run(s: &mut Session, prompt: &str, gp: &GenerateParams) -> adaspec::Generation {
-    s.generate(&Prompt::Text(prompt.into()), gp, &mut |_, _| true).expect("generate")
-}
-
-const PROMPTS: [&str; 3] =
-    ["def fibonacci(n):\n    return", "The quick brown fox jumps over", "Once upon a time, in a land far away,"];
+use common::gen::{greedy, run, PROMPTS};
 
 fn strategies() -> Vec<Strategy> {
     vec![

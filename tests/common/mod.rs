@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod dist;
+pub mod gen;
 
 use std::io::Write;
 use std::path::PathBuf;
