@@ -8,12 +8,12 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/adaspec-heads}
 M=${ADASPEC_MODELS:-$HOME/.cache/adaspec/models}
 Q4=${TARGET:-$M/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}
-HEAD=${HEAD:-$OUT/head-q8_0.gguf}
+HEAD=${HEAD:-$OUT/head2-q8_0.gguf}
 N=${N:-5}
 TOKENS=${TOKENS:-96}
 THREADS=${THREADS:-2}
 A=./target/release/adaspec
-STRATS="head=auto/head=chain:2/head=chain:4/head=tree:3,3,8/auto/model=chain:2/lookup=auto"
+STRATS="head=auto/head=chain:1/head=chain:2/head=chain:3/head=tree:2,3,6/auto/lookup=auto"
 # The F16 copy, made once with llama.cpp's quantizer (the matrix benchmark's cache).
 F16=$M/converted/$(basename "$Q4" .gguf).as-f16.gguf
 if [ ! -f "$F16" ]; then
@@ -23,7 +23,7 @@ fi
 for fmt in q4_k_m f16; do
     T=$Q4; [ $fmt = f16 ] && T=$F16
     [ -f "$OUT/cost-$fmt.txt" ] || ./target/release/examples/head_cost "$T" "$HEAD" "$THREADS" 2>/dev/null | grep -v "^llama\|^load" > "$OUT/cost-$fmt.txt"
-    for ds in humaneval gsm8k; do
+    for ds in ${DATASETS:-humaneval}; do
         R=$OUT/bench-$fmt-$ds.json
         [ -f "$R" ] && continue
         $A bench --target "$T" --head "$HEAD" --dataset $ds --n-prompts "$N" --max-tokens "$TOKENS" \
