@@ -163,6 +163,31 @@ pub(crate) fn check_destination(out: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// Every `tokenizer.*` key of the GGUF `tokenizer_from`, verbatim and sorted, after checking
+/// that its vocabulary has `vocab_size` tokens (the model being written must index it).
+pub(crate) fn tokenizer_metadata(tokenizer_from: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let (tok, _) = read_gguf_content(tokenizer_from)?;
+    let n_tokens = match tok.metadata.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(v)) => v.len(),
+        _ => {
+            return Err(Error::Gguf {
+                path: tokenizer_from.to_path_buf(),
+                reason: "no tokenizer.ggml.tokens array: not a llama.cpp model with a tokenizer".into(),
+            })
+        }
+    };
+    if n_tokens != vocab_size {
+        return Err(Error::VocabMismatch {
+            draft: vocab_size,
+            tokenizer: n_tokens,
+            tokenizer_path: tokenizer_from.to_path_buf(),
+        });
+    }
+    let mut keys: Vec<&String> = tok.metadata.keys().filter(|k| k.starts_with("tokenizer.")).collect();
+    keys.sort();
+    Ok(keys.into_iter().map(|k| (k.clone(), tok.metadata[k].clone())).collect())
+}
+
 /// Writes the draft `cfg`/`weights` as a GGUF at `out` with `tokenizer_from`'s tokenizer.
 pub fn write_draft_gguf(
     cfg: &Config,
@@ -174,33 +199,8 @@ pub fn write_draft_gguf(
     check_weights(cfg, weights, "export")?;
     check_destination(out, &[tokenizer_from])?;
 
-    // The tokenizer: every `tokenizer.*` key of the target, verbatim.
-    let (tok_content, _) = read_gguf_content(tokenizer_from)?;
-    let n_tokens = match tok_content.metadata.get("tokenizer.ggml.tokens") {
-        Some(Value::Array(v)) => v.len(),
-        _ => {
-            return Err(Error::Gguf {
-                path: tokenizer_from.to_path_buf(),
-                reason: "no tokenizer.ggml.tokens array: not a llama.cpp model with a tokenizer".into(),
-            })
-        }
-    };
-    if n_tokens != cfg.vocab_size {
-        return Err(Error::VocabMismatch {
-            draft: cfg.vocab_size,
-            tokenizer: n_tokens,
-            tokenizer_path: tokenizer_from.to_path_buf(),
-        });
-    }
     let mut md = arch_metadata(cfg, ty)?;
-    let mut tok_keys: Vec<&String> = tok_content.metadata.keys().filter(|k| k.starts_with("tokenizer.")).collect();
-    tok_keys.sort();
-    for k in tok_keys {
-        if let Some(v) = tok_content.metadata.get(k) {
-            md.push((k.clone(), v.clone()));
-        }
-    }
-    drop(tok_content);
+    md.extend(tokenizer_metadata(tokenizer_from, cfg.vocab_size)?);
 
     // Tensors in file order.
     let mut qtensors: Vec<(String, QTensor)> = Vec::new();

@@ -19,7 +19,7 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
-use super::export::{check_destination, ExportType};
+use super::export::{check_destination, tokenizer_metadata, ExportType};
 use super::gguf_import::{config_from_gguf, read_gguf_content, temp_path_for};
 use super::model::Weights;
 
@@ -96,6 +96,20 @@ impl HeadConfig {
         }
         Ok(())
     }
+}
+
+/// Tensor `name` of a head's `weights`, checked against its expected `shape`.
+pub(crate) fn head_tensor<'a>(weights: &'a Weights, name: &str, shape: &[usize], origin: &str) -> Result<&'a Tensor> {
+    let t = weights
+        .get(name)
+        .ok_or_else(|| Error::Tensor { origin: origin.into(), reason: format!("missing tensor {name}") })?;
+    if t.dims() != shape {
+        return Err(Error::Tensor {
+            origin: origin.into(),
+            reason: format!("{name} has shape {:?}, expected {shape:?}", t.dims()),
+        });
+    }
+    Ok(t)
 }
 
 /// The `count` most frequent token ids of `freq` (ties: lower id first), increasing.
@@ -181,23 +195,6 @@ pub fn write_head_gguf(
 ) -> Result<()> {
     cfg.validate()?;
     check_destination(out, &[tokenizer_from])?;
-    let (tok, _) = read_gguf_content(tokenizer_from)?;
-    let n_tokens = match tok.metadata.get("tokenizer.ggml.tokens") {
-        Some(Value::Array(v)) => v.len(),
-        _ => {
-            return Err(Error::Gguf {
-                path: tokenizer_from.to_path_buf(),
-                reason: "no tokenizer.ggml.tokens array: not a llama.cpp model with a tokenizer".into(),
-            })
-        }
-    };
-    if n_tokens != cfg.target_vocab {
-        return Err(Error::VocabMismatch {
-            draft: cfg.target_vocab,
-            tokenizer: n_tokens,
-            tokenizer_path: tokenizer_from.to_path_buf(),
-        });
-    }
     let u = |x: usize| Value::U32(u32::try_from(x).unwrap_or(u32::MAX));
     let k = |s: &str| format!("eagle3.{s}");
     let mut md: Vec<(String, Value)> = vec![
@@ -222,24 +219,11 @@ pub fn write_head_gguf(
         md.push((k("attention.key_length"), u(cfg.head_dim)));
         md.push((k("attention.value_length"), u(cfg.head_dim)));
     }
-    let mut keys: Vec<&String> = tok.metadata.keys().filter(|k| k.starts_with("tokenizer.")).collect();
-    keys.sort();
-    for key in keys {
-        md.push((key.clone(), tok.metadata[key].clone()));
-    }
-    drop(tok);
+    md.extend(tokenizer_metadata(tokenizer_from, cfg.target_vocab)?);
 
     let mut qt: Vec<(String, QTensor)> = Vec::new();
     for (name, shape) in cfg.tensor_shapes() {
-        let t = weights
-            .get(&name)
-            .ok_or_else(|| Error::Tensor { origin: "head export".into(), reason: format!("missing tensor {name}") })?;
-        if t.dims() != shape.as_slice() {
-            return Err(Error::Tensor {
-                origin: "head export".into(),
-                reason: format!("{name} has shape {:?}, expected {shape:?}", t.dims()),
-            });
-        }
+        let t = head_tensor(weights, &name, &shape, "head export")?;
         let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
         qt.push((name, QTensor::quantize(&t, ty.tensor_type(&shape))?));
     }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::error::{Error, Result};
-use super::head::HeadConfig;
+use super::head::{head_tensor, HeadConfig};
 use super::model::{rms_norm, rope, RopeStyle, Weights};
 
 /// Additive mask value for keys an entry may not see.
@@ -44,15 +44,7 @@ impl HeadModel {
         }
         let mut vars = BTreeMap::new();
         for (name, shape) in cfg.tensor_shapes() {
-            let t = weights
-                .get(&name)
-                .ok_or_else(|| Error::Tensor { origin: "head".into(), reason: format!("missing tensor {name}") })?;
-            if t.dims() != shape.as_slice() {
-                return Err(Error::Tensor {
-                    origin: "head".into(),
-                    reason: format!("{name} has shape {:?}, expected {shape:?}", t.dims()),
-                });
-            }
+            let t = head_tensor(weights, &name, &shape, "head")?;
             vars.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?);
         }
         Ok(HeadModel { cfg: cfg.clone(), vars })
