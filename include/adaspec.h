@@ -21,22 +21,36 @@
  *   NULL params mean defaults. Enum-valued fields are int32_t; out-of-range values give
  *   ADASPEC_STATUS_INVALID_PARAM. bool fields and arguments treat any non-zero byte as true.
  * - No Rust panic or abort crosses into the host: an internal panic is caught and returned as
- *   ADASPEC_STATUS_PANIC. NULL pointers give ADASPEC_STATUS_NULL_ARGUMENT.
+ *   ADASPEC_STATUS_PANIC. NULL pointers give ADASPEC_STATUS_NULL_ARGUMENT; a handle that is not
+ *   live (freed, never made by this library, or of the other type) gives
+ *   ADASPEC_STATUS_INVALID_HANDLE. Inputs llama.cpp would abort the process on are refused
+ *   before it sees them: token ids outside the vocabulary, sizes past its limits, and model
+ *   files, which are checked first (header, tokenizer, hyperparameters, tensor types and
+ *   alignment; see ffi/tests/fuzz_gguf.rs for the mutation run that keeps this honest) and
+ *   refused with ADASPEC_STATUS_MODEL_FILE.
  *
  * OWNERSHIP
  * - adaspec_model_load / adaspec_session_new create handles; adaspec_model_free /
  *   adaspec_session_free release them and accept NULL. A session keeps its models alive: a
  *   model may be freed while sessions still use it. One model can serve many sessions.
+ * - Handles are numbers the library looks up, never pointers it dereferences: every call
+ *   holds its own reference to the object while it runs, so a free racing another call on
+ *   the same handle cannot free memory that call uses, and a handle used after its free (or
+ *   freed twice) is refused with ADASPEC_STATUS_INVALID_HANDLE (free only sets the last
+ *   error). Handle numbers are not reused within a process.
  * - Strings and arrays passed in are only read during the call. Pointers passed to a
  *   callback are valid only during that callback. Strings returned as const char * are static
  *   (adaspec_version, adaspec_status_name) or thread-local (adaspec_last_error).
  *
  * THREADING
  * - Models are read-only after loading and may be used from any number of threads at once.
- * - A session is used by one thread at a time. A second concurrent call on the same session
+ * - A session is used by one call at a time. A second concurrent call on the same session
  *   returns ADASPEC_STATUS_BUSY without touching it; so does a call on the generating session
- *   from inside its own streaming callback (generate, reset, history, ...). Calling
- *   adaspec_session_free on a busy session does nothing (it sets the last error).
+ *   from inside its own streaming callback (generate, reset, history, ...).
+ * - adaspec_session_free may be called at any time, from any thread or from the session's own
+ *   callback: the handle is dead once it returns; a generation still running stops at its
+ *   next commit without calling its callback again (stop reason callback), and the session's
+ *   memory goes when that call returns.
  * - Callbacks run on the thread that called generate. They must not throw C++ exceptions or
  *   longjmp out.
  *
@@ -50,9 +64,23 @@
  *   start-up). Greedy output is the target's own choice at every token as llama.cpp computes
  *   it for the verification batch; where batched and one-token logits round differently at a
  *   near-tie, the text can depart from target-alone decoding.
- * - Sampling (temperature > 0), every strategy and draft (model, lookups, both): the output
- *   has exactly the target's (warped) distribution; no draft token is kept or dropped after
- *   it was drawn.
+ * - Sampling (temperature > 0), every strategy and draft (model, head, lookups, both): the
+ *   output has exactly the target's (warped) distribution; no draft token is kept or dropped
+ *   after it was drawn.
+ *
+ * PROCESS STATE
+ * - Logging: llama.cpp's log lines reach the host only through adaspec_set_log_callback; by
+ *   default nothing is printed, and nothing is written to stdout or stderr.
+ * - No signal handlers are installed and the environment is left as it was (ggml's CPU
+ *   backend sets KMP_BLOCKTIME when it starts; libadaspec removes it again).
+ * - Threads: a session computes on n_threads threads, the caller's and n_threads - 1 workers
+ *   of ggml's CPU backend. Those are OpenMP (libgomp) threads, which libgomp keeps idle for
+ *   reuse after the call (and shares with the host's own OpenMP use); OMP_WAIT_POLICY=passive
+ *   stops their short spin after each call. No other threads are started.
+ * - libadaspec.so carries its own llama.cpp and exports only adaspec_* symbols, so a host may
+ *   use its own llama.cpp (shared or static) in the same process; neither interposes the
+ *   other. libadaspec.a bundles llama.cpp too: a host that links its own llama.cpp
+ *   statically should link the shared libadaspec.so.
  *
  * EXAMPLE
  *
@@ -135,6 +163,9 @@ typedef enum adaspec_status {
     ADASPEC_STATUS_BACKEND = 10,
     // A Rust panic was caught at the boundary (a bug in adaspec; the message has details).
     ADASPEC_STATUS_PANIC = 11,
+    // A model or session handle is not live: freed already, never made by this library, or a
+    // handle of the other type.
+    ADASPEC_STATUS_INVALID_HANDLE = 12,
 } adaspec_status;
 
 // How the draft proposes tokens (`adaspec_session_params.strategy`).
@@ -174,14 +205,14 @@ typedef enum adaspec_stop_reason {
     ADASPEC_STOP_REASON_CONTEXT_FULL = 4,
 } adaspec_stop_reason;
 
-// A loaded GGUF model (target or draft). Opaque; created by `adaspec_model_load`, released
-// by `adaspec_model_free`. Read-only after loading: one model may be used by any number of
-// sessions and threads at once.
+// A loaded GGUF model (target, draft or head). Opaque; created by `adaspec_model_load`,
+// released by `adaspec_model_free`. Read-only after loading: one model may be used by any
+// number of sessions and threads at once.
 typedef struct adaspec_model adaspec_model;
 
 // A generation session: target (+ optional draft) contexts, KV caches and conversation.
-// Opaque; created by `adaspec_session_new`, released by `adaspec_session_free`. Use one
-// session from one thread at a time (a concurrent call returns `ADASPEC_STATUS_BUSY`).
+// Opaque; created by `adaspec_session_new`, released by `adaspec_session_free`. One call at
+// a time uses a session (a concurrent call returns `ADASPEC_STATUS_BUSY`).
 typedef struct adaspec_session adaspec_session;
 
 // Receives one log line of the llama.cpp inside libadaspec: `level` is 1 (debug), 2 (info),
@@ -349,18 +380,21 @@ enum adaspec_status adaspec_model_load(const char *path,
                                        const struct adaspec_model_params *params,
                                        struct adaspec_model **out_model);
 
-// Releases a model handle. NULL is ignored. Sessions created from the model keep it alive
-// until they are freed, so the order of frees does not matter.
+// Releases a model handle. NULL is ignored; a handle that is not live (freed twice) sets the
+// last error and is otherwise ignored. Sessions created from the model keep it alive until
+// they are freed, so the order of frees does not matter, and a free racing another call that
+// uses the model (another thread creating a session, tokenizing) is safe: that call keeps the
+// model until it returns.
 void adaspec_model_free(struct adaspec_model *model);
 
-// Size of the model's vocabulary, or -1 when `model` is NULL.
+// Size of the model's vocabulary, or -1 when `model` is NULL or not a live handle.
 int32_t adaspec_model_n_vocab(const struct adaspec_model *model);
 
-// Context length the model was trained with, or -1 when `model` is NULL.
+// Context length the model was trained with, or -1 when `model` is NULL or not a live handle.
 int32_t adaspec_model_n_ctx_train(const struct adaspec_model *model);
 
-// Whether `token` ends generation (EOS, end-of-turn) for this model; false for NULL or an id
-// outside the vocabulary.
+// Whether `token` ends generation (EOS, end-of-turn) for this model; false for NULL, a handle
+// that is not live, or an id outside the vocabulary.
 bool adaspec_model_token_is_eog(const struct adaspec_model *model, int32_t token);
 
 // Checks, without creating a session, that `draft` can propose tokens for `target`: same
@@ -404,10 +438,12 @@ enum adaspec_status adaspec_session_new_with_head(const struct adaspec_model *ta
                                                   const struct adaspec_session_params *params,
                                                   struct adaspec_session **out_session);
 
-// Releases a session (its KV caches and its references to the models). NULL is ignored.
-// A session that is in use (called from its own streaming callback, or while another thread
-// generates with it) is not freed: the call sets the last error and returns; free it after
-// the other call has returned.
+// Releases a session (its KV caches and its references to the models). NULL is ignored; a
+// handle that is not live (freed twice) sets the last error and is otherwise ignored. The
+// handle is invalid once this returns. Free may race other calls on the session (another
+// thread generating, or the session's own streaming callback): a generation in progress stops
+// at its next commit without calling its callback again and returns normally (stop reason
+// callback), and the session's memory is released when that call returns.
 void adaspec_session_free(struct adaspec_session *session);
 
 // Forgets the conversation and empties the KV caches; the session can start a new one.

@@ -9,7 +9,6 @@
 //! This module must never panic on bad input: every failure is an [`Error`].
 
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, Once};
@@ -19,6 +18,7 @@ use llama_cpp_sys_2 as sys;
 use crate::cpu_kernels::{create_capturing, CpuBackend, KernelPlan};
 use crate::error::{Error, Result};
 use crate::features::FeatureTap;
+use crate::model_file;
 
 /// A llama.cpp token id.
 pub type Token = i32;
@@ -74,10 +74,19 @@ unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_c
 /// Initialises llama.cpp once per process and routes its logs through `tracing`.
 pub fn init() {
     BACKEND_INIT.call_once(|| {
-        // SAFETY: plain global initialisation; the callback is a `'static` function.
+        // ggml's CPU initialisation sets KMP_BLOCKTIME=200 in the process environment when it is
+        // unset (an LLVM/Intel OpenMP setting; this build's libgomp ignores it). The environment
+        // belongs to the host: take the variable back out if ggml put it there.
+        let had_blocktime = std::env::var_os("KMP_BLOCKTIME").is_some();
+        // SAFETY: plain global initialisation; the callback is a `'static` function;
+        // ggml_cpu_init is idempotent.
         unsafe {
             sys::llama_log_set(Some(log_to_tracing), std::ptr::null_mut());
             sys::llama_backend_init();
+            sys::ggml_cpu_init();
+        }
+        if !had_blocktime && std::env::var_os("KMP_BLOCKTIME").as_deref() == Some(std::ffi::OsStr::new("200")) {
+            std::env::remove_var("KMP_BLOCKTIME");
         }
     });
 }
@@ -130,84 +139,13 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// Checks that `path` is a readable file that starts like a GGUF file, so that obviously wrong
-/// inputs get a precise message instead of llama.cpp's generic failure.
-pub fn check_gguf_file(path: &Path) -> Result<()> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
-    if !meta.is_file() {
-        return Err(Error::ModelFile { path: path.to_path_buf(), reason: "not a regular file".into() });
-    }
-    let mut magic = [0u8; 8];
-    let mut f =
-        std::fs::File::open(path).map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
-    let n = f.read(&mut magic).map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() })?;
-    if n < 8 || &magic[..4] != b"GGUF" {
-        return Err(Error::InvalidGguf {
-            path: path.to_path_buf(),
-            reason: "missing GGUF magic (is this a GGUF model file?)".into(),
-        });
-    }
-    let version = u32::from_le_bytes([magic[4], magic[5], magic[6], magic[7]]);
-    if !(2..=3).contains(&version) {
-        return Err(Error::InvalidGguf {
-            path: path.to_path_buf(),
-            reason: format!("unsupported GGUF version {version}"),
-        });
-    }
-    Ok(())
-}
-
-/// Refuses a vocabulary llama.cpp would abort the process on (a `GGML_ASSERT` in
-/// llama-vocab.cpp): token texts that are not unique. Reads the metadata only, with
-/// llama.cpp's own GGUF parser (which returns NULL, not aborts, on a malformed header).
-fn check_tokenizer(path: &Path, c_path: &CStr) -> Result<()> {
-    let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
-    take_llama_error();
-    // SAFETY: NUL-terminated path; with no_alloc and a NULL ctx only metadata is read.
-    let ctx = unsafe { sys::gguf_init_from_file(c_path.as_ptr(), params) };
-    if ctx.is_null() {
-        return Err(Error::InvalidGguf {
-            path: path.to_path_buf(),
-            reason: format!("unreadable header: {}", take_llama_error()),
-        });
-    }
-    let mut result = Ok(());
-    // SAFETY: ctx is a valid gguf context until gguf_free below; keys and indices are checked.
-    unsafe {
-        let key = sys::gguf_find_key(ctx, c"tokenizer.ggml.tokens".as_ptr());
-        if key >= 0 && sys::gguf_get_arr_type(ctx, key) == sys::GGUF_TYPE_STRING {
-            let n = sys::gguf_get_arr_n(ctx, key);
-            let mut seen: std::collections::HashMap<Vec<u8>, usize> = std::collections::HashMap::with_capacity(n);
-            for i in 0..n {
-                let p = sys::gguf_get_arr_str(ctx, key, i);
-                let text = if p.is_null() { Vec::new() } else { CStr::from_ptr(p).to_bytes().to_vec() };
-                if let Some(first) = seen.insert(text.clone(), i) {
-                    result = Err(Error::InvalidGguf {
-                        path: path.to_path_buf(),
-                        reason: format!(
-                            "tokenizer.ggml.tokens holds the token text {:?} twice (ids {first} and {i}); llama.cpp cannot load such a vocabulary",
-                            String::from_utf8_lossy(&text)
-                        ),
-                    });
-                    break;
-                }
-            }
-        }
-        sys::gguf_free(ctx);
-    }
-    result
-}
-
 impl Model {
     /// Loads a GGUF model.
     pub fn load(path: impl AsRef<Path>, params: &ModelParams) -> Result<Model> {
         init();
         let path = path.as_ref();
-        check_gguf_file(path)?;
-        let c_path = CString::new(path.to_string_lossy().as_bytes())
-            .map_err(|_| Error::ModelFile { path: path.to_path_buf(), reason: "path contains a NUL byte".into() })?;
-        check_tokenizer(path, &c_path)?;
+        let c_path = model_file::c_path(path)?;
+        model_file::check(path, &c_path, params.use_mmap)?;
         // SAFETY: returns a plain struct of defaults.
         let mut mp = unsafe { sys::llama_model_default_params() };
         mp.n_gpu_layers = i32::try_from(params.n_gpu_layers).unwrap_or(i32::MAX);
@@ -535,13 +473,8 @@ impl std::str::FromStr for FileType {
 /// source's precision in a different storage format, which is what sets its speed).
 pub fn convert_model(src: &Path, dst: &Path, to: FileType, n_threads: i32) -> Result<()> {
     init();
-    check_gguf_file(src)?;
-    let c = |p: &Path| {
-        CString::new(p.to_string_lossy().as_bytes())
-            .map_err(|_| Error::ModelFile { path: p.to_path_buf(), reason: "path contains a NUL byte".into() })
-    };
-    let (c_src, c_dst) = (c(src)?, c(dst)?);
-    check_tokenizer(src, &c_src)?;
+    let (c_src, c_dst) = (model_file::c_path(src)?, model_file::c_path(dst)?);
+    model_file::check(src, &c_src, true)?;
     // SAFETY: returns a plain struct of defaults.
     let mut qp = unsafe { sys::llama_model_quantize_default_params() };
     qp.nthread = n_threads;

@@ -15,6 +15,7 @@ pub mod error;
 pub mod features;
 #[cfg(feature = "cli")]
 pub mod inspect;
+pub mod model_file;
 pub mod models;
 pub mod ngram;
 pub mod policy;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::handles::{adaspec_model, model_clone, model_into_raw, model_release};
 use crate::params::{adaspec_model_params, read_params, read_str};
-use crate::status::{adaspec_status, boundary, boundary_value, FfiError};
+use crate::status::{adaspec_status, boundary, boundary_value, set_last_error, FfiError};
 
 /// What a model handle points to.
 pub(crate) struct ModelHandle {
@@ -52,50 +52,45 @@ pub extern "C" fn adaspec_model_load(
     })
 }
 
-/// Releases a model handle. NULL is ignored. Sessions created from the model keep it alive
-/// until they are freed, so the order of frees does not matter.
+/// Releases a model handle. NULL is ignored; a handle that is not live (freed twice) sets the
+/// last error and is otherwise ignored. Sessions created from the model keep it alive until
+/// they are freed, so the order of frees does not matter, and a free racing another call that
+/// uses the model (another thread creating a session, tokenizing) is safe: that call keeps the
+/// model until it returns.
 #[no_mangle]
 pub extern "C" fn adaspec_model_free(model: *mut adaspec_model) {
     boundary_value("adaspec_model_free", (), || {
-        // SAFETY: NULL or a live handle the host gives up.
-        unsafe { model_release(model) }
+        if let Err(e) = model_release(model) {
+            set_last_error(&format!("adaspec_model_free: {}", e.message));
+        }
     })
 }
 
-/// Size of the model's vocabulary, or -1 when `model` is NULL.
+/// Size of the model's vocabulary, or -1 when `model` is NULL or not a live handle.
 #[no_mangle]
 pub extern "C" fn adaspec_model_n_vocab(model: *const adaspec_model) -> i32 {
-    boundary_value("adaspec_model_n_vocab", -1, || {
-        // SAFETY: NULL or a live handle.
-        match unsafe { model_clone(model, "model") } {
-            Ok(m) => i32::try_from(m.model.n_vocab()).unwrap_or(i32::MAX),
-            Err(_) => -1,
-        }
+    boundary_value("adaspec_model_n_vocab", -1, || match model_clone(model, "model") {
+        Ok(m) => i32::try_from(m.model.n_vocab()).unwrap_or(i32::MAX),
+        Err(_) => -1,
     })
 }
 
-/// Context length the model was trained with, or -1 when `model` is NULL.
+/// Context length the model was trained with, or -1 when `model` is NULL or not a live handle.
 #[no_mangle]
 pub extern "C" fn adaspec_model_n_ctx_train(model: *const adaspec_model) -> i32 {
-    boundary_value("adaspec_model_n_ctx_train", -1, || {
-        // SAFETY: NULL or a live handle.
-        match unsafe { model_clone(model, "model") } {
-            Ok(m) => i32::try_from(m.model.n_ctx_train()).unwrap_or(i32::MAX),
-            Err(_) => -1,
-        }
+    boundary_value("adaspec_model_n_ctx_train", -1, || match model_clone(model, "model") {
+        Ok(m) => i32::try_from(m.model.n_ctx_train()).unwrap_or(i32::MAX),
+        Err(_) => -1,
     })
 }
 
-/// Whether `token` ends generation (EOS, end-of-turn) for this model; false for NULL or an id
-/// outside the vocabulary.
+/// Whether `token` ends generation (EOS, end-of-turn) for this model; false for NULL, a handle
+/// that is not live, or an id outside the vocabulary.
 #[no_mangle]
 pub extern "C" fn adaspec_model_token_is_eog(model: *const adaspec_model, token: i32) -> bool {
-    boundary_value("adaspec_model_token_is_eog", false, || {
-        // SAFETY: NULL or a live handle.
-        match unsafe { model_clone(model, "model") } {
-            Ok(m) => token >= 0 && (token as usize) < m.model.n_vocab() && m.model.is_eog(token),
-            Err(_) => false,
-        }
+    boundary_value("adaspec_model_token_is_eog", false, || match model_clone(model, "model") {
+        Ok(m) => token >= 0 && (token as usize) < m.model.n_vocab() && m.model.is_eog(token),
+        Err(_) => false,
     })
 }
 
@@ -109,10 +104,8 @@ pub extern "C" fn adaspec_model_check_vocab(
     draft: *const adaspec_model,
 ) -> adaspec_status {
     boundary("adaspec_model_check_vocab", || {
-        // SAFETY: NULL (checked inside) or live handles.
-        let t = unsafe { model_clone(target, "target") }?;
-        // SAFETY: as above.
-        let d = unsafe { model_clone(draft, "draft") }?;
+        let t = model_clone(target, "target")?;
+        let d = model_clone(draft, "draft")?;
         engine::check_vocab_compat(&t.model, &d.model)?;
         Ok(())
     })

@@ -1,18 +1,20 @@
 //! Session exports: create/free, generate (text, token ids, chat messages) with streaming,
 //! stats, multi-turn history, reset.
 //!
-//! A session is used by one thread at a time. Every call that touches the engine session
-//! takes the session's in-use flag first; a call that finds it taken (another thread, or the
-//! session's own streaming callback calling back in) returns `ADASPEC_STATUS_BUSY` and never
-//! touches the session. This module must never hand the engine session to two calls at once.
+//! A session is used by one call at a time. Every call that touches the engine session
+//! holds its own reference to the handle (see handles.rs) and takes the session's in-use flag;
+//! a call that finds it taken (another thread, or the session's own streaming callback calling
+//! back in) returns `ADASPEC_STATUS_BUSY` and never touches the session. This module must never
+//! hand the engine session to two calls at once.
 
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use engine::{ChatMessage, GenerateParams, Prompt, SamplingParams, SessionParams, StopReason, Strategy};
 
-use crate::handles::{adaspec_model, adaspec_session, model_clone, session_into_raw, session_ref, session_take};
+use crate::handles::{adaspec_model, adaspec_session, model_clone, session_clone, session_into_raw, session_release};
 use crate::params::{
     adaspec_chat_message, adaspec_generate_params, adaspec_numeric_mode, adaspec_session_params, adaspec_stats,
     adaspec_stop_reason, adaspec_strategy, check_struct_size, read_params, read_slice, read_str, write_buffer,
@@ -53,6 +55,9 @@ struct Inner {
 pub(crate) struct SessionHandle {
     inner: UnsafeCell<Inner>,
     in_use: AtomicBool,
+    /// Set by `adaspec_session_free`: a generation still running stops at its next commit
+    /// without calling the host's callback again.
+    freed: AtomicBool,
 }
 
 // SAFETY: `inner` is only reached through `InUse`, which the atomic flag grants to one caller
@@ -172,14 +177,8 @@ fn new_session(
     out_session: *mut *mut adaspec_session,
 ) -> FfiResult<()> {
     check_null!(out_session);
-    // SAFETY: NULL (checked inside) or a live handle.
-    let t = unsafe { model_clone(target, "target") }?;
-    let d = if other.is_null() {
-        None
-    } else {
-        // SAFETY: non-NULL live handle.
-        Some(unsafe { model_clone(other, if is_head { "head" } else { "draft" }) }?)
-    };
+    let t = model_clone(target, "target")?;
+    let d = if other.is_null() { None } else { Some(model_clone(other, if is_head { "head" } else { "draft" })?) };
     // SAFETY: NULL or a host-owned struct, size-checked inside.
     let p = unsafe { read_params(params, "params") }?;
     let (mut sp, seed) = session_params(&p)?;
@@ -190,37 +189,31 @@ fn new_session(
         (Some(h), true) => engine::Session::with_head(t.model.clone(), h.model.clone(), sp)?,
         (d, _) => engine::Session::new(t.model.clone(), d.map(|d| d.model.clone()), sp)?,
     };
-    let handle = Box::new(SessionHandle {
+    let handle = Arc::new(SessionHandle {
         inner: UnsafeCell::new(Inner { session, seed, last_text: Vec::new(), poisoned: false }),
         in_use: AtomicBool::new(false),
+        freed: AtomicBool::new(false),
     });
     // SAFETY: NULL-checked above; written only on success.
     unsafe { *out_session = session_into_raw(handle) };
     Ok(())
 }
 
-/// Releases a session (its KV caches and its references to the models). NULL is ignored.
-/// A session that is in use (called from its own streaming callback, or while another thread
-/// generates with it) is not freed: the call sets the last error and returns; free it after
-/// the other call has returned.
+/// Releases a session (its KV caches and its references to the models). NULL is ignored; a
+/// handle that is not live (freed twice) sets the last error and is otherwise ignored. The
+/// handle is invalid once this returns. Free may race other calls on the session (another
+/// thread generating, or the session's own streaming callback): a generation in progress stops
+/// at its next commit without calling its callback again and returns normally (stop reason
+/// callback), and the session's memory is released when that call returns.
 #[no_mangle]
 pub extern "C" fn adaspec_session_free(session: *mut adaspec_session) {
     boundary_value("adaspec_session_free", (), || {
         if session.is_null() {
             return;
         }
-        // SAFETY: live handle (host contract).
-        let Ok(h) = (unsafe { session_ref(session, "session") }) else {
-            return;
-        };
-        match h.acquire() {
-            Ok(guard) => {
-                std::mem::forget(guard);
-                // SAFETY: we hold the in-use flag, so no other call is inside this session;
-                // the host gives the handle up with this call.
-                drop(unsafe { session_take(session) });
-            }
-            Err(e) => set_last_error(&format!("adaspec_session_free: {}; the session was not freed", e.message)),
+        match session_release(session) {
+            Ok(h) => h.freed.store(true, Ordering::Release),
+            Err(e) => set_last_error(&format!("adaspec_session_free: {}", e.message)),
         }
     })
 }
@@ -231,8 +224,7 @@ pub extern "C" fn adaspec_session_free(session: *mut adaspec_session) {
 #[no_mangle]
 pub extern "C" fn adaspec_session_reset(session: *mut adaspec_session) -> adaspec_status {
     boundary("adaspec_session_reset", || {
-        // SAFETY: NULL (checked inside) or a live handle.
-        let h = unsafe { session_ref(session, "session") }?;
+        let h = session_clone(session, "session")?;
         let mut guard = h.acquire()?;
         let inner = guard.inner();
         inner.session.reset();
@@ -254,8 +246,7 @@ pub extern "C" fn adaspec_session_history(
 ) -> adaspec_status {
     boundary("adaspec_session_history", || {
         check_null!(n_tokens_out);
-        // SAFETY: NULL (checked inside) or a live handle.
-        let h = unsafe { session_ref(session, "session") }?;
+        let h = session_clone(session, "session")?;
         let mut guard = h.acquire()?;
         let history = guard.inner().session.history();
         // SAFETY: `tokens` has `n_tokens_max` writable slots (host contract).
@@ -275,8 +266,7 @@ pub extern "C" fn adaspec_session_last_text(
 ) -> adaspec_status {
     boundary("adaspec_session_last_text", || {
         check_null!(n_bytes_out);
-        // SAFETY: NULL (checked inside) or a live handle.
-        let h = unsafe { session_ref(session, "session") }?;
+        let h = session_clone(session, "session")?;
         let mut guard = h.acquire()?;
         let mut bytes = guard.inner().last_text.clone();
         let text_len = bytes.len();
@@ -372,8 +362,7 @@ fn generate(
     user_data: *mut c_void,
     stats_out: *mut adaspec_stats,
 ) -> FfiResult<()> {
-    // SAFETY: NULL (checked inside) or a live handle.
-    let h = unsafe { session_ref(session, "session") }?;
+    let h = session_clone(session, "session")?;
     let stats_size = if stats_out.is_null() {
         0
     } else {
@@ -392,7 +381,11 @@ fn generate(
         ));
     }
     let gp = generate_params(&p, inner.seed)?;
+    let freed = &h.freed;
     let mut on_commit = |tokens: &[i32], piece: &str| -> bool {
+        if freed.load(Ordering::Acquire) {
+            return false;
+        }
         let Some(cb) = callback else { return true };
         let mut text = Vec::with_capacity(piece.len() + 1);
         text.extend_from_slice(piece.as_bytes());

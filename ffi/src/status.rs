@@ -36,11 +36,14 @@ pub enum adaspec_status {
     Backend = 10,
     /// A Rust panic was caught at the boundary (a bug in adaspec; the message has details).
     Panic = 11,
+    /// A model or session handle is not live: freed already, never made by this library, or a
+    /// handle of the other type.
+    InvalidHandle = 12,
 }
 
 impl adaspec_status {
     /// All statuses, for tests and `adaspec_status_name`.
-    pub(crate) const ALL: [adaspec_status; 12] = [
+    pub(crate) const ALL: [adaspec_status; 13] = [
         adaspec_status::Ok,
         adaspec_status::NullArgument,
         adaspec_status::InvalidParam,
@@ -53,6 +56,7 @@ impl adaspec_status {
         adaspec_status::BufferTooSmall,
         adaspec_status::Backend,
         adaspec_status::Panic,
+        adaspec_status::InvalidHandle,
     ];
 
     pub(crate) fn name(self) -> &'static [u8] {
@@ -69,6 +73,7 @@ impl adaspec_status {
             adaspec_status::BufferTooSmall => b"ADASPEC_STATUS_BUFFER_TOO_SMALL\0",
             adaspec_status::Backend => b"ADASPEC_STATUS_BACKEND\0",
             adaspec_status::Panic => b"ADASPEC_STATUS_PANIC\0",
+            adaspec_status::InvalidHandle => b"ADASPEC_STATUS_INVALID_HANDLE\0",
         }
     }
 }

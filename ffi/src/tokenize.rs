@@ -27,8 +27,7 @@ pub extern "C" fn adaspec_tokenize(
 ) -> adaspec_status {
     boundary("adaspec_tokenize", || {
         check_null!(n_tokens_out);
-        // SAFETY: NULL (checked inside) or a live handle.
-        let m = unsafe { model_clone(model, "model") }?;
+        let m = model_clone(model, "model")?;
         // SAFETY: NULL only with length 0, else `text_len` readable bytes (host contract).
         let bytes = unsafe { read_slice(text as *const u8, text_len, "text") }?;
         let text = std::str::from_utf8(bytes).map_err(|e| {
@@ -58,8 +57,7 @@ pub extern "C" fn adaspec_detokenize(
 ) -> adaspec_status {
     boundary("adaspec_detokenize", || {
         check_null!(n_bytes_out);
-        // SAFETY: NULL (checked inside) or a live handle.
-        let m = unsafe { model_clone(model, "model") }?;
+        let m = model_clone(model, "model")?;
         // SAFETY: NULL only with length 0, else `n_tokens` readable ids (host contract).
         let ids = unsafe { read_slice(tokens, n_tokens, "tokens") }?;
         let n_vocab = m.model.n_vocab();

@@ -41,12 +41,13 @@ fn every_export_resolves_and_version_agrees() {
         (0, "ADASPEC_STATUS_OK"),
         (8, "ADASPEC_STATUS_BUSY"),
         (11, "ADASPEC_STATUS_PANIC"),
-        (12, "ADASPEC_STATUS_UNKNOWN"),
+        (12, "ADASPEC_STATUS_INVALID_HANDLE"),
+        (13, "ADASPEC_STATUS_UNKNOWN"),
     ] {
         // SAFETY: never NULL, static.
         let s = unsafe { CStr::from_ptr((api.status_name)(n)) }.to_str().unwrap().to_string();
         assert_eq!(s, name);
-        assert!(n == 12 || header.contains(&format!("{name} = {n},")), "{name} = {n} not in header");
+        assert!(n == 13 || header.contains(&format!("{name} = {n},")), "{name} = {n} not in header");
     }
 }
 
@@ -747,36 +748,41 @@ struct Reentry {
     session: *mut Session,
     prompt: *const c_char,
     statuses: Vec<i32>,
-    freed_message: String,
+    calls: usize,
+    after_free: i32,
 }
 
 unsafe extern "C" fn reenter(_: *const i32, _: usize, _: *const c_char, _: usize, ud: *mut c_void) -> bool {
     let api = api();
     // SAFETY: ud is the Reentry the test passed.
     let r = unsafe { &mut *(ud as *mut Reentry) };
+    r.calls += 1;
     let mut n = 0usize;
-    // SAFETY: the session is live (it is generating); each call must return BUSY.
+    // SAFETY: the session is live (it is generating); each call must return BUSY. Then the
+    // callback frees its own session: the generation must stop without calling back again.
     unsafe {
         r.statuses.push((api.session_generate)(r.session, r.prompt, null(), None, null_mut(), null_mut()));
         r.statuses.push((api.session_generate_tokens)(r.session, null(), 0, null(), None, null_mut(), null_mut()));
         r.statuses.push((api.session_reset)(r.session));
         r.statuses.push((api.session_history)(r.session, null_mut(), 0, &mut n));
         r.statuses.push((api.session_last_text)(r.session, null_mut(), 0, &mut n));
-        (api.session_free)(r.session); // must not free a busy session
+        (api.session_free)(r.session);
+        r.after_free = (api.session_reset)(r.session);
     }
-    r.freed_message = api.last_error_string();
     true
 }
 
 #[test]
-fn reentry_from_the_callback_is_busy_not_a_crash() {
+fn reentry_from_the_callback_is_busy_and_free_there_stops_generation() {
     let api = api();
     let p = tiny(TinyArch::Llama);
     let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
     let s = api.new_session(t, d, &api.session_params(STRATEGY_CHAIN));
     let prompt = cstr("Once upon a time");
-    let mut r = Reentry { session: s, prompt: prompt.as_ptr(), statuses: Vec::new(), freed_message: String::new() };
+    let mut r = Reentry { session: s, prompt: prompt.as_ptr(), statuses: Vec::new(), calls: 0, after_free: OK };
     let gp = api.greedy(12);
+    // SAFETY: returns a struct by value.
+    let mut stats = unsafe { (api.stats_default)() };
     // SAFETY: live session; ud is the Reentry.
     let st = unsafe {
         (api.session_generate)(
@@ -785,27 +791,124 @@ fn reentry_from_the_callback_is_busy_not_a_crash() {
             &gp,
             Some(reenter),
             &mut r as *mut Reentry as *mut c_void,
-            null_mut(),
+            &mut stats,
         )
     };
     assert_eq!(st, OK, "{}", api.last_error_string());
-    assert!(!r.statuses.is_empty());
+    assert_eq!(r.statuses.len(), 5);
     assert!(r.statuses.iter().all(|&x| x == BUSY), "{:?}", r.statuses);
-    assert!(r.freed_message.contains("not freed"), "{}", r.freed_message);
-    // The session still works, and gives the same output as a fresh one.
-    // SAFETY: live session.
-    unsafe { assert_eq!((api.session_reset)(s), OK) };
-    let (a, _) = api.generate_text(s, "Once upon a time", &gp).unwrap();
+    assert_eq!(r.calls, 1, "the callback was called after its session was freed");
+    assert_eq!(stats.stop_reason, STOP_CALLBACK);
+    assert_eq!(r.after_free, INVALID_HANDLE);
+    // The handle is gone: every call refuses it, a second free only sets the last error.
+    // SAFETY: a freed handle, which the library must refuse without reading it.
+    unsafe {
+        assert_eq!((api.session_reset)(s), INVALID_HANDLE);
+        assert!(api.last_error_string().contains("not a live session handle"), "{}", api.last_error_string());
+        (api.session_free)(s);
+    }
+    assert!(api.last_error_string().contains("not a live session handle"), "{}", api.last_error_string());
     let fresh = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
     let (b, _) = api.generate_text(fresh, "Once upon a time", &gp).unwrap();
-    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(b.tokens.len(), 12);
     // SAFETY: live handles.
     unsafe {
         (api.session_free)(fresh);
-        (api.session_free)(s);
         (api.model_free)(t);
         (api.model_free)(d);
     }
+}
+
+#[test]
+fn handles_that_are_not_live_are_refused() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let t = api.load(&p.target, None);
+    let s = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+    let gp = api.greedy(2);
+    let text = cstr("hi");
+    let mut n = 0usize;
+    // SAFETY: every handle below is either live or one the library must refuse unread: a model
+    // handle where a session is expected and the other way round, numbers it never made, a
+    // freed model.
+    unsafe {
+        for bad in [t as *mut Session, 0x1234 as *mut Session, usize::MAX as *mut Session, 8 as *mut Session] {
+            assert_eq!((api.session_generate)(bad, text.as_ptr(), &gp, None, null_mut(), null_mut()), INVALID_HANDLE);
+            assert_eq!((api.session_reset)(bad), INVALID_HANDLE);
+            assert_eq!((api.session_history)(bad, null_mut(), 0, &mut n), INVALID_HANDLE);
+        }
+        for bad in [s as *mut Model, sentinel_model(), 8 as *mut Model] {
+            assert_eq!((api.model_n_vocab)(bad), -1);
+            assert!(!(api.model_token_is_eog)(bad, 0));
+            let mut out = null_mut();
+            assert_eq!((api.session_new)(bad, null(), null(), &mut out), INVALID_HANDLE);
+            assert!(out.is_null());
+            assert!(api.last_error_string().contains("not a live model handle"), "{}", api.last_error_string());
+        }
+        // A session keeps its target alive after the model handle is freed; the handle is dead.
+        (api.model_free)(t);
+        assert_eq!((api.model_n_vocab)(t), -1);
+        let mut out = null_mut();
+        assert_eq!((api.session_new)(t, null(), null(), &mut out), INVALID_HANDLE);
+        (api.model_free)(t);
+        assert!(api.last_error_string().contains("not a live model handle"), "{}", api.last_error_string());
+        let (got, _) = api.generate_text(s, "hi", &gp).unwrap();
+        assert_eq!(got.tokens.len(), 2);
+        (api.session_free)(s);
+    }
+}
+
+/// Threads share session handles and call generate, reset and free on them at random, as a
+/// careless host might: every call returns a status (OK, BUSY or INVALID_HANDLE once freed),
+/// none crashes, and every session that was freed is gone.
+#[test]
+fn free_racing_generate_and_reset_on_other_threads_is_safe() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let t = api.load(&p.target, None);
+    for round in 0..6 {
+        let sessions: Vec<usize> =
+            (0..3).map(|_| api.new_session(t, null(), &api.session_params(STRATEGY_NONE)) as usize).collect();
+        let shared = std::sync::Arc::new(sessions);
+        let workers: Vec<_> = (0..6)
+            .map(|w| {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let api = common::api();
+                    let text = cstr("Once upon a time");
+                    let gp = api.greedy(3);
+                    let mut seen = Vec::new();
+                    for i in 0..12 {
+                        let s = shared[(w + i) % shared.len()] as *mut Session;
+                        // SAFETY: live or freed handles; the library refuses freed ones unread.
+                        let st = unsafe {
+                            match (w + i + round) % 5 {
+                                0 if w % 3 == 0 => {
+                                    (api.session_free)(s);
+                                    OK
+                                }
+                                1 => (api.session_reset)(s),
+                                _ => (api.session_generate)(s, text.as_ptr(), &gp, None, null_mut(), null_mut()),
+                            }
+                        };
+                        seen.push(st);
+                    }
+                    seen
+                })
+            })
+            .collect();
+        for w in workers {
+            for st in w.join().expect("worker panicked") {
+                assert!([OK, BUSY, INVALID_HANDLE, CONTEXT_FULL].contains(&st), "status {st}");
+            }
+        }
+        for &s in shared.iter() {
+            // SAFETY: as above; frees the survivors (a second free only sets the last error).
+            unsafe { (api.session_free)(s as *mut Session) };
+        }
+    }
+    // SAFETY: live handle.
+    unsafe { (api.model_free)(t) };
 }
 
 static STARTED: AtomicBool = AtomicBool::new(false);
@@ -1144,11 +1247,21 @@ fn a_head_session_is_lossless_and_misuse_is_reported() {
             // A plain model is not a head.
             assert_eq!((api.session_new_with_head)(t, d, &chain, &mut s), MODEL_FILE);
             assert!(api.last_error_string().contains("eagle3"), "{}", api.last_error_string());
-            // A head for another target (the head as target has hidden 64 but one layer).
-            assert_eq!((api.session_new_with_head)(h, h, &chain, &mut s), INCOMPATIBLE_VOCAB);
+            // A head is not a model that decodes on its own: refused as target or draft.
+            assert_eq!((api.session_new_with_head)(h, h, &chain, &mut s), INVALID_PARAM);
+            assert!(api.last_error_string().contains("eagle3 head"), "{}", api.last_error_string());
+            assert_eq!((api.session_new)(t, h, &chain, &mut s), INVALID_PARAM);
+            assert!(api.last_error_string().contains("eagle3 head"), "{}", api.last_error_string());
+            // A head made for another target (hidden size 32, not 64).
+            let other_path = p.dir.join("head-other.gguf");
+            let other_cfg = engine::tiny_model::TinyModelConfig { n_embd: 32, n_head: 2, n_head_kv: 1, ..cfg.clone() };
+            engine::tiny_model::write_tiny_head(&other_path, &other_cfg, &Default::default()).expect("write head");
+            let other = api.load(&other_path, None);
+            assert_eq!((api.session_new_with_head)(t, other, &chain, &mut s), INCOMPATIBLE_VOCAB);
+            assert!(api.last_error_string().contains("hidden size"), "{}", api.last_error_string());
             assert!(s.is_null());
             (api.session_free)(plain);
-            for m in [t, h, d] {
+            for m in [t, h, d, other] {
                 (api.model_free)(m);
             }
         }

@@ -51,11 +51,9 @@ fn build_c_host(out: &Path, extra: &[&str]) {
     run_ok(Command::new("cc").args(C_FLAGS).args(extra).arg("-I").arg(&inc).arg(&src).arg("-ldl").arg("-o").arg(out));
 }
 
-fn build_cpp_host(out: &Path) {
-    let src = root().join("examples/cpp/host_link.cpp");
-    let inc = root().join("include");
-    // The library carries the soname libadaspec.so.0: link through a folder that has that name
-    // too, as an installed copy does.
+/// A folder next to `out` holding libadaspec.so under its soname (libadaspec.so.0) too, as an
+/// installed copy does; hosts link through it.
+fn soname_dir(out: &Path) -> PathBuf {
     let lib = out.with_extension("lib");
     std::fs::create_dir_all(&lib).expect("lib dir");
     for name in ["libadaspec.so", &format!("libadaspec.so.{}", env!("CARGO_PKG_VERSION_MAJOR"))] {
@@ -63,6 +61,13 @@ fn build_cpp_host(out: &Path) {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(lib_dir().join("libadaspec.so"), &link).expect("symlink");
     }
+    lib
+}
+
+fn build_cpp_host(out: &Path) {
+    let src = root().join("examples/cpp/host_link.cpp");
+    let inc = root().join("include");
+    let lib = soname_dir(out);
     run_ok(
         Command::new("c++")
             .args(CXX_FLAGS)
@@ -292,6 +297,206 @@ fn c_host_is_clean_under_a_memory_checker() {
         checked = true;
     }
     assert!(checked, "neither valgrind nor AddressSanitizer could run");
+}
+
+/// ffi/tests/c/stress_threads.c, linked against libadaspec.so, with `extra` compiler flags.
+fn build_stress_host(out: &Path, extra: &[&str]) -> Result<(), String> {
+    let lib = soname_dir(out);
+    let o = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g", "-pthread"])
+        .args(extra)
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join("ffi/tests/c/stress_threads.c"))
+        .arg(format!("-L{}", lib.display()))
+        .arg("-ladaspec")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-o")
+        .arg(out)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
+
+/// Parses the stress host's "ok <calls> <busy> <stale>" line.
+fn stress_counts(out: &Output) -> (u64, u64, u64) {
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    assert_eq!(v.len(), 3, "stress host printed {line:?}");
+    (v[0], v[1], v[2])
+}
+
+/// Threads calling generate, reset and free on shared session handles (and on handles other
+/// threads freed meanwhile): AddressSanitizer (the host instrumented, every malloc/free of the
+/// process tracked, leaks checked) and, where it can run this build, valgrind memcheck (every
+/// access of the library checked) find nothing; stale handles are refused; the environment
+/// is left as it was.
+#[test]
+fn threads_freeing_shared_sessions_are_clean_under_asan_and_valgrind() {
+    let s = Scratch::new("stress");
+    let p = tiny(TinyArch::Llama);
+    let mut checked = false;
+    let asan = s.0.join("stress_asan");
+    match build_stress_host(&asan, &["-fsanitize=address", "-fno-omit-frame-pointer"]) {
+        Ok(()) => {
+            let out = Command::new(&asan)
+                .arg(&p.target)
+                .args(["8", "300"])
+                .env_remove("KMP_BLOCKTIME")
+                .env("ASAN_OPTIONS", "detect_leaks=1:exitcode=98:abort_on_error=0")
+                .output()
+                .expect("run stress host");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "stress host under AddressSanitizer ({}):\n{err}", out.status);
+            assert!(!err.contains("ERROR: AddressSanitizer") && !err.contains("ERROR: LeakSanitizer"), "{err}");
+            let (calls, busy, stale) = stress_counts(&out);
+            eprintln!("AddressSanitizer: {calls} calls, {busy} BUSY, {stale} on freed handles: clean");
+            assert!(busy > 0 && stale > 0, "the run raced nothing: {calls} calls, {busy} busy, {stale} stale");
+            checked = true;
+        }
+        Err(e) => eprintln!("cc cannot build with AddressSanitizer: {e}"),
+    }
+    let plain = s.0.join("stress");
+    build_stress_host(&plain, &[]).expect("build the stress host");
+    let lib = std::env::var_os("ADASPEC_VALGRIND_LIB").map(PathBuf::from);
+    let mut vg = Command::new("valgrind");
+    vg.args(["--tool=memcheck", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite"]);
+    vg.arg(&plain).arg(&p.target).args(["4", "30"]).env_remove("KMP_BLOCKTIME");
+    if let Some(lib) = &lib {
+        // The host finds libadaspec.so.0 through LD_LIBRARY_PATH before its runpath.
+        let dir = s.0.join("valgrind-lib");
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::os::unix::fs::symlink(lib, dir.join(format!("libadaspec.so.{}", env!("CARGO_PKG_VERSION_MAJOR"))))
+            .expect("symlink");
+        vg.env("LD_LIBRARY_PATH", &dir);
+    }
+    match vg.output() {
+        Ok(out) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("unhandled instruction") || err.contains("SIGILL") {
+                eprintln!(
+                    "valgrind cannot execute this build (AVX-512 from -C target-cpu=native); set \
+                     ADASPEC_VALGRIND_LIB to a libadaspec.so built for x86-64-v3 to run memcheck"
+                );
+            } else {
+                assert!(out.status.success(), "valgrind memcheck ({}):\n{err}", out.status);
+                assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
+                let (calls, busy, stale) = stress_counts(&out);
+                eprintln!("valgrind memcheck: {calls} calls, {busy} BUSY, {stale} on freed handles: clean");
+                checked = true;
+            }
+        }
+        Err(e) => eprintln!("valgrind not runnable: {e}"),
+    }
+    assert!(checked, "neither AddressSanitizer nor valgrind could check the stress host");
+}
+
+/// The llama.cpp build (headers and static archives) llama-cpp-sys-2 made for this target
+/// folder: the newest, when features made several.
+fn llama_cpp_build() -> PathBuf {
+    let build = lib_dir().join("build");
+    let mut outs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&build)
+        .expect("target/release/build")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("llama-cpp-sys-2-"))
+        .map(|e| e.path().join("out"))
+        .filter(|o| o.join("lib/libllama.a").exists() && o.join("include/llama.h").exists())
+        .map(|o| (std::fs::metadata(o.join("lib/libllama.a")).and_then(|m| m.modified()).unwrap(), o))
+        .collect();
+    outs.sort();
+    outs.pop().map(|(_, o)| o).expect("no llama-cpp-sys-2 build with lib/libllama.a under target/release/build")
+}
+
+const LLAMA_ARCHIVES: &[&str] = &["libllama.a", "libggml.a", "libggml-cpu.a", "libggml-base.a"];
+
+/// Parses two_llamas.c's report into its labelled lines.
+fn report(out: &Output) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+/// A host with its own llama.cpp (the same sources, linked as a shared libllama.so loaded
+/// before libadaspec, and statically into the executable) and libadaspec.so in one process:
+/// the host's greedy tokens before and after libadaspec ran equal libadaspec's, the host's
+/// llama.cpp log callback keeps getting its own llama.cpp's lines and none of libadaspec's
+/// (neither copy interposes the other), nothing is written to stderr, signal handlers stay as
+/// they were and no threads beyond the session's n_threads remain.
+#[test]
+fn a_host_with_its_own_llama_cpp_uses_both() {
+    let s = Scratch::new("two-llamas");
+    let p = tiny(TinyArch::Llama);
+    let llama = llama_cpp_build();
+    let archives: Vec<PathBuf> = LLAMA_ARCHIVES.iter().map(|a| llama.join("lib").join(a)).collect();
+    let own = s.0.join("own");
+    std::fs::create_dir_all(&own).unwrap();
+    // libllama.so from the archives (they hold position-independent code: libadaspec.so is
+    // linked from them too). ggml's CPU backend uses OpenMP.
+    run_ok(
+        Command::new("c++")
+            .args(["-shared", "-o"])
+            .arg(own.join("libllama.so"))
+            .arg("-Wl,--whole-archive")
+            .args(&archives)
+            .args(["-Wl,--no-whole-archive", "-lgomp", "-lpthread"]),
+    );
+    let src = root().join("ffi/tests/c/two_llamas.c");
+    let adaspec = soname_dir(&s.0.join("adaspec"));
+    let cflags = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-D_DEFAULT_SOURCE"];
+    let inc = |c: &mut Command| {
+        c.arg("-I").arg(root().join("include")).arg("-I").arg(llama.join("include"));
+    };
+    let shared = s.0.join("two_llamas_shared");
+    let mut c = Command::new("cc");
+    c.args(cflags);
+    inc(&mut c);
+    c.arg(&src).arg(format!("-L{}", own.display())).arg("-lllama");
+    c.arg(format!("-L{}", adaspec.display())).arg("-ladaspec");
+    c.arg(format!("-Wl,-rpath,{}:{}", own.display(), adaspec.display())).arg("-o").arg(&shared);
+    run_ok(&mut c);
+    let stat = s.0.join("two_llamas_static");
+    let obj = s.0.join("two_llamas.o");
+    let mut c = Command::new("cc");
+    c.args(cflags).arg("-c");
+    inc(&mut c);
+    run_ok(c.arg(&src).arg("-o").arg(&obj));
+    run_ok(
+        Command::new("c++")
+            .arg(&obj)
+            .arg("-Wl,--start-group")
+            .args(&archives)
+            .arg("-Wl,--end-group")
+            .arg(format!("-L{}", adaspec.display()))
+            .arg("-ladaspec")
+            .arg(format!("-Wl,-rpath,{}", adaspec.display()))
+            .args(["-lgomp", "-lpthread", "-o"])
+            .arg(&stat),
+    );
+    for (name, bin) in [("shared libllama.so", &shared), ("static llama.cpp", &stat)] {
+        let out = run_ok(Command::new(bin).arg(&p.target).arg("12"));
+        let r = report(&out);
+        let get = |k: &str| r.get(k).unwrap_or_else(|| panic!("{name}: no {k} line in {r:?}")).clone();
+        let before = get("host-before");
+        assert_eq!(before.split_whitespace().count(), 12, "{name}: {before}");
+        assert_eq!(get("adaspec"), before, "{name}: libadaspec's tokens differ from the host's llama.cpp");
+        assert_eq!(get("host-after"), before, "{name}: the host's llama.cpp changed after libadaspec ran");
+        let logs: Vec<i64> =
+            get("log-lines").split_whitespace().map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap()).collect();
+        assert!(logs[0] > 0 && logs[2] > 0, "{name}: the host's log callback stopped getting its lines: {logs:?}");
+        assert_eq!(logs[1], 0, "{name}: libadaspec's llama.cpp logged to the host's callback");
+        let threads: Vec<i64> =
+            get("threads").split_whitespace().map(|kv| kv.split('=').nth(1).unwrap().parse().unwrap()).collect();
+        assert_eq!(threads[0], 1, "{name}: {threads:?}");
+        assert!(threads[1] <= 2 && threads[2] <= 2, "{name}: more threads than n_threads = 2: {threads:?}");
+        assert_eq!(get("signal-handlers"), "unchanged", "{name}");
+        assert!(out.stderr.is_empty(), "{name}: stderr: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("{name}: tokens agree, logs {logs:?}, threads {threads:?}");
+    }
 }
 
 #[test]

@@ -155,6 +155,20 @@ impl Session {
                 reason: format!("{} is outside 0..={MAX_THREADS}", params.n_threads),
             });
         }
+        for (name, m) in [("target", Some(&target)), ("draft", draft.as_ref())] {
+            if let Some(m) = m {
+                if m.meta("general.architecture").as_deref() == Some("eagle3") {
+                    return Err(Error::InvalidParam {
+                        name,
+                        reason: format!(
+                            "{} is an eagle3 head, which drafts from a target's features and cannot decode on its \
+                             own; pass it as the head",
+                            m.path().display()
+                        ),
+                    });
+                }
+            }
+        }
         if params.mode == NumericMode::Exact && target.params().repack {
             return Err(Error::InvalidParam {
                 name: "mode",

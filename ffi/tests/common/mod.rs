@@ -20,6 +20,7 @@ pub const CONTEXT_FULL: i32 = 7;
 pub const BUSY: i32 = 8;
 pub const BUFFER_TOO_SMALL: i32 = 9;
 pub const BACKEND: i32 = 10;
+pub const INVALID_HANDLE: i32 = 12;
 
 pub const STRATEGY_AUTO: i32 = 0;
 pub const STRATEGY_NONE: i32 = 1;
