@@ -6,7 +6,8 @@
  *
  * CONVENTIONS
  * - Names are adaspec_<object>_<verb>. Handles (adaspec_model, adaspec_session) are opaque.
- * - Every fallible function returns adaspec_status (stable numbers, never reused) and writes
+ * - Every fallible function returns adaspec_status (stable numbers, never reused; later
+ *   versions may add statuses, so treat an unknown one as a failure) and writes
  *   its out-parameters only on ADASPEC_STATUS_OK. The one exception is the size out-param of
  *   buffer functions, which is also written on ADASPEC_STATUS_BUFFER_TOO_SMALL: call once with
  *   an empty buffer (NULL, 0) to learn the needed size.

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -1265,5 +1265,72 @@ fn a_head_session_is_lossless_and_misuse_is_reported() {
                 (api.model_free)(m);
             }
         }
+    }
+}
+
+/// Inputs at and past llama.cpp's limits: the largest accepted sizes work, token ids outside
+/// the vocabulary, prompts longer than the context, unbounded lengths and huge or many stop
+/// strings get a status (never an abort, which would end this test process).
+#[test]
+fn extreme_inputs_get_a_status_not_an_abort() {
+    let api = api();
+    let p = tiny(TinyArch::Llama);
+    let (t, d) = (api.load(&p.target, None), api.load(&p.draft, None));
+    // SAFETY: live model handle.
+    let n_vocab = unsafe { (api.model_n_vocab)(t) };
+    // The largest strategies the session accepts (255 sequences at most in llama.cpp).
+    let mut chain = api.session_params(STRATEGY_CHAIN);
+    chain.chain_length = 64;
+    let mut tree = api.session_params(STRATEGY_TREE);
+    (tree.tree_top_k, tree.tree_depth, tree.tree_nodes) = (8, 16, 254);
+    let mut many_threads = api.session_params(STRATEGY_NONE);
+    many_threads.n_threads = 64;
+    let plain = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+    let gp = api.greedy(20);
+    let (want, _) = api.generate_text(plain, "Once upon a time", &gp).unwrap();
+    for sp in [chain, tree, many_threads] {
+        let s = api.new_session(t, d, &sp);
+        let (got, _) = api.generate_text(s, "Once upon a time", &gp).unwrap();
+        assert_eq!(got.tokens, want.tokens, "{sp:?}");
+        // SAFETY: live session.
+        unsafe { (api.session_free)(s) };
+    }
+    // SAFETY: live handles; every pointer argument is valid for its count.
+    unsafe {
+        let s = api.new_session(t, d, &api.session_params(STRATEGY_CHAIN));
+        for bad in [-1, n_vocab, i32::MAX, i32::MIN] {
+            let ids = [1, 2, bad, 3];
+            let st = (api.session_generate_tokens)(s, ids.as_ptr(), ids.len(), &gp, None, null_mut(), null_mut());
+            assert_eq!(st, INVALID_PARAM, "token id {bad}: {}", api.last_error_string());
+            assert!(api.last_error_string().contains("outside the vocabulary"), "{}", api.last_error_string());
+        }
+        // A prompt longer than the context (1024).
+        let long: Vec<i32> = (0..5000).map(|i| 1 + i % (n_vocab - 1)).collect();
+        let st = (api.session_generate_tokens)(s, long.as_ptr(), long.len(), &gp, None, null_mut(), null_mut());
+        assert_eq!(st, CONTEXT_FULL, "{}", api.last_error_string());
+        // Unbounded generation ends at the context.
+        let mut small = api.session_params(STRATEGY_CHAIN);
+        small.n_ctx = 64;
+        let s2 = api.new_session(t, d, &small);
+        let mut stats = (api.stats_default)();
+        let endless = GenerateParams { max_tokens: i32::MAX, top_k: i32::MAX, ..api.greedy(0) };
+        let text = cstr("Once upon a time");
+        let st = (api.session_generate)(s2, text.as_ptr(), &endless, None, null_mut(), &mut stats);
+        assert_eq!(st, OK, "{}", api.last_error_string());
+        assert_eq!(stats.stop_reason, 4, "stop reason {} (want context full)", stats.stop_reason);
+        // 64 stop strings, one of them a megabyte long.
+        let huge = cstr(&"x".repeat(1 << 20));
+        let stops: Vec<CString> = (0..63).map(|i| cstr(&format!("never-{i}"))).collect();
+        let mut ptrs: Vec<*const c_char> = stops.iter().map(|c| c.as_ptr()).collect();
+        ptrs.push(huge.as_ptr());
+        let with_stops = GenerateParams { stop_strings: ptrs.as_ptr(), n_stop_strings: ptrs.len(), ..gp };
+        (api.session_reset)(s);
+        let st = (api.session_generate)(s, text.as_ptr(), &with_stops, None, null_mut(), null_mut());
+        assert_eq!(st, OK, "{}", api.last_error_string());
+        for h in [s, s2, plain] {
+            (api.session_free)(h);
+        }
+        (api.model_free)(t);
+        (api.model_free)(d);
     }
 }
