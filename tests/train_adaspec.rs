@@ -11,7 +11,7 @@ use adaspec::tiny_model::{write_tiny_pair, TinyArch};
 use adaspec::train::data::{load_examples, read_records, BadLines, Example, PaddedBatch, TokenizeOptions};
 use adaspec::train::eval::{acceptance_on, generate_dataset, DraftSource, GenerateOptions};
 use adaspec::train::gguf_import::{load_gguf, save_checkpoint};
-use adaspec::train::loss::{per_token_divergence, Divergence};
+use adaspec::train::loss::{per_token_divergence_rows, select_top_gap, Divergence, TeacherRows};
 use adaspec::train::teacher::{Teacher, TeacherMode};
 use adaspec::train::train_cli::{eval_report, run_data, run_train, DataArgs, EvalArgs, TrainArgs};
 use adaspec::train::trainer::{batch_logits, train, train_adaspec, LrSchedule, TrainConfig, TrainData};
@@ -90,53 +90,103 @@ fn sparse_teacher_matches_exact_and_is_cached() {
     let max_diff = exact.iter().zip(&lf).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max_diff < 1e-4, "K=V differs from exact by {max_diff}");
 
-    // K = 16 with a cache: kept entries exact, argmax exact, tail uniform, mass 1; the
-    // draft's FKL against it is close to the exact one.
+    // K = 16 with a cache: K + 1 bins whose kept entries and "other" bin are exact.
     let cache = s.dir.join("cache");
     let sp = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 16 }, &ex, Some(&cache), 2).unwrap();
     assert!(!sp.cache_hit && sp.cache_file.as_ref().unwrap().exists());
-    let ls = sp.logp_rows(&ex, &batch).unwrap();
-    let (mut kept_mass, mut n_rows) = (0f64, 0);
+    let bins = sp.rows(&ex, &batch, &Device::Cpu).unwrap();
+    let TeacherRows::Bins { ids, logp } = &bins else { panic!("a top-16 teacher gives bins") };
+    let (ids, lb) = (ids.to_vec2::<u32>().unwrap(), logp.to_vec2::<f32>().unwrap());
+    let (mut kept_mass, mut tail) = (0f64, Vec::new());
     for r in 0..rows {
-        let (e, sr) = (&exact[r * v..(r + 1) * v], &ls[r * v..(r + 1) * v]);
+        let e = &exact[r * v..(r + 1) * v];
         let mut idx: Vec<usize> = (0..v).collect();
         idx.sort_by(|&a, &b| e[b].total_cmp(&e[a]));
-        for &i in &idx[..16] {
-            assert!((e[i] - sr[i]).abs() < 1e-4, "row {r} token {i}: {} vs {}", e[i], sr[i]);
+        let kept: f64 = idx[..16].iter().map(|&i| (e[i] as f64).exp()).sum();
+        for (j, &id) in ids[r].iter().enumerate() {
+            assert!((e[id as usize] - lb[r][j]).abs() < 1e-4, "row {r} token {id}: {} vs {}", e[id as usize], lb[r][j]);
         }
-        let mass: f64 = sr.iter().map(|&x| (x as f64).exp()).sum();
-        assert!((mass - 1.0).abs() < 1e-3, "row {r} mass {mass}");
-        kept_mass += idx[..16].iter().map(|&i| (e[i] as f64).exp()).sum::<f64>();
-        n_rows += 1;
+        assert_eq!(ids[r][0] as usize, idx[0], "row {r}: argmax");
+        assert!(((1.0 - kept).max(1e-30).ln() as f32 - lb[r][16]).abs() < 1e-2, "row {r}: other bin");
+        kept_mass += kept;
+        tail.push((1.0 - kept) as f32);
     }
-    let draft = load_target(&s.draft);
-    let mut draft_logits = Vec::new();
-    for &i in &batch.examples {
-        let e = &ex[i];
-        let r = e.loss_positions();
-        let l = adaspec::backend::sequence_logits(&draft, &e.tokens[..r.end], 2).unwrap();
-        draft_logits.extend_from_slice(&l[r.start * v..r.end * v]);
-    }
-    let t = |x: &Vec<f32>| Tensor::from_vec(x.clone(), (rows, v), &Device::Cpu).unwrap();
-    let kl = |lp: &Vec<f32>| {
-        per_token_divergence(Divergence::Fkl, &t(lp), &t(&draft_logits))
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    let (kl_exact, kl_sparse) = (kl(&exact), kl(&ls));
-    eprintln!(
-        "teacher: mean top-16 mass {:.4}, draft FKL exact {kl_exact:.4} vs sparse {kl_sparse:.4}",
-        kept_mass / n_rows as f64
+    assert_eq!(
+        bins.argmax().unwrap(),
+        Teacher::exact(target.clone(), 2).rows(&ex, &batch, &Device::Cpu).unwrap().argmax().unwrap()
     );
-    assert!((kl_exact - kl_sparse).abs() < 0.1 * kl_exact.max(0.05), "{kl_exact} vs {kl_sparse}");
+
+    // Per-token FKL of a draft and of a better reference, and AdaSPEC's selection (k = 0.4) from
+    // ΔL = L_draft − L_ref: the exact teacher, the K + 1 bins, and the earlier uniform tail
+    // (r spread evenly over the V − K others, rebuilt here as the comparison).
+    let (_, better) = write_tiny_pair(&s.dir.join("ref"), TinyArch::Llama, 0.03, 7).unwrap();
+    let logits_of = |m: &Path| {
+        let m = load_target(m);
+        let mut out = Vec::new();
+        for &i in &batch.examples {
+            let r = ex[i].loss_positions();
+            let l = adaspec::backend::sequence_logits(&m, &ex[i].tokens[..r.end], 2).unwrap();
+            out.extend_from_slice(&l[r.start * v..r.end * v]);
+        }
+        Tensor::from_vec(out, (rows, v), &Device::Cpu).unwrap()
+    };
+    let (draft_logits, ref_logits) = (logits_of(&s.draft), logits_of(&better));
+    let mut uniform = Vec::with_capacity(rows * v);
+    for r in 0..rows {
+        let fill = ((tail[r] as f64 / (v - 16) as f64).max(1e-300).ln() as f32).max(-100.0);
+        let start = uniform.len();
+        uniform.resize(start + v, fill);
+        for (j, &id) in ids[r].iter().enumerate() {
+            uniform[start + id as usize] = lb[r][j];
+        }
+    }
+    let dense = |x: &Vec<f32>| TeacherRows::Dense(Tensor::from_vec(x.clone(), (rows, v), &Device::Cpu).unwrap());
+    let per = |t: &TeacherRows, l: &Tensor| -> Vec<f32> {
+        per_token_divergence_rows(Divergence::Fkl, t, l).unwrap().to_vec1::<f32>().unwrap()
+    };
+    let mask = |t: &TeacherRows| -> Vec<f32> {
+        let (d, r) = (per(t, &draft_logits), per(t, &ref_logits));
+        select_top_gap(&d.iter().zip(&r).map(|(a, b)| a - b).collect::<Vec<_>>(), 0.4).unwrap()
+    };
+    let (te, tu) = (dense(&exact), dense(&uniform));
+    let (fe, fb, fu) = (per(&te, &draft_logits), per(&bins, &draft_logits), per(&tu, &draft_logits));
+    for (r, (e, b)) in fe.iter().zip(&fb).enumerate() {
+        assert!(*b <= e + 1e-4, "row {r}: bins FKL {b} above the exact {e}");
+    }
+    let mean = |x: &[f32]| x.iter().map(|&v| v as f64).sum::<f64>() / x.len() as f64;
+    let (me, mb, mu) = (mask(&te), mask(&bins), mask(&tu));
+    let agree = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+    let tail_of_selected =
+        |m: &[f32]| mean(&tail.iter().zip(m).filter(|(_, &s)| s > 0.0).map(|(t, _)| *t).collect::<Vec<_>>());
+    eprintln!(
+        "teacher: {rows} positions, mean top-16 mass {:.4}; draft FKL exact {:.4}, bins {:.4}, uniform tail {:.4}; \
+         AdaSPEC mask (k 0.4) agreeing with the exact teacher's: bins {:.3}, uniform tail {:.3}; mean tail mass \
+         of selected positions: exact {:.4}, bins {:.4}, uniform {:.4} (all {:.4})",
+        kept_mass / rows as f64,
+        mean(&fe),
+        mean(&fb),
+        mean(&fu),
+        agree(&me, &mb),
+        agree(&me, &mu),
+        tail_of_selected(&me),
+        tail_of_selected(&mb),
+        tail_of_selected(&mu),
+        mean(&tail)
+    );
+    assert!((mean(&fe) - mean(&fb)).abs() < 0.1 * mean(&fe).max(0.05), "FKL exact {} vs bins {}", mean(&fe), mean(&fb));
+    assert!(agree(&me, &mb) >= 0.85, "the bins' selection differs from the exact teacher's: {}", agree(&me, &mb));
+
+    // A top-16 teacher has no dense form.
+    assert!(sp.logp_rows(&ex, &batch).is_err());
+    let ls = lb;
 
     // A second run reads the cache and gets identical rows; another K is another file.
     let again = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 16 }, &ex, Some(&cache), 2).unwrap();
     assert!(again.cache_hit);
-    assert_eq!(again.logp_rows(&ex, &batch).unwrap(), ls);
+    let TeacherRows::Bins { logp: again_logp, .. } = again.rows(&ex, &batch, &Device::Cpu).unwrap() else {
+        panic!("bins")
+    };
+    assert_eq!(again_logp.to_vec2::<f32>().unwrap(), ls);
     let other = Teacher::new(target, TeacherMode::Sparse { top_k: 8 }, &ex, Some(&cache), 2).unwrap();
     assert!(!other.cache_hit);
     assert_ne!(other.cache_file, sp.cache_file);
@@ -287,10 +337,28 @@ fn resume_continues_exactly() {
     let wa = std::fs::read(s.dir.join("a/model.safetensors")).unwrap();
     let wb = std::fs::read(s.dir.join("b/model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ after resume");
-    // A different run cannot resume from it.
-    let other = TrainConfig { seed: 9, ..cfg };
-    let err = train(&other, load_gguf(&s.draft).unwrap(), None, &data, &s.dir.join("c"), Some(&ckpt)).unwrap_err();
-    assert!(err.to_string().contains("--resume"), "{err}");
+    // A different run cannot resume from it: method, selection, learning rate, schedule,
+    // freezing, seed, data or teacher; each refusal names what differs. Only how often it
+    // checkpoints or validates may change.
+    let refuse = |c: &TrainConfig, d: &TrainData, what: &str| {
+        let err = train(c, load_gguf(&s.draft).unwrap(), None, d, &s.dir.join("c"), Some(&ckpt)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("--resume") && msg.contains(what), "{what}: {msg}");
+    };
+    refuse(&TrainConfig { seed: 9, ..cfg.clone() }, &data, "seed");
+    refuse(&TrainConfig { lr: 1e-3, ..cfg.clone() }, &data, "lr");
+    refuse(&TrainConfig { divergence: Divergence::Tvd, ..cfg.clone() }, &data, "divergence");
+    refuse(&TrainConfig { schedule: LrSchedule::Linear, ..cfg.clone() }, &data, "schedule");
+    refuse(&TrainConfig { freeze_embeddings: !cfg.freeze_embeddings, ..cfg.clone() }, &data, "freeze_embeddings");
+    refuse(&TrainConfig { train_blocks: Some(vec![0]), ..cfg.clone() }, &data, "train_blocks");
+    let fewer = &train_ex[..20];
+    let t20 = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 64 }, fewer, None, 2).unwrap();
+    refuse(&cfg, &TrainData { train: fewer, teacher_train: &t20, ..data }, "training data");
+    let t32 = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 32 }, &train_ex, None, 2).unwrap();
+    refuse(&cfg, &TrainData { teacher_train: &t32, ..data }, "teacher");
+    let relaxed = TrainConfig { checkpoint_every: 0, eval_every: 5, ..cfg.clone() };
+    let c = train(&relaxed, load_gguf(&s.draft).unwrap(), None, &data, &s.dir.join("d"), Some(&ckpt)).unwrap();
+    assert_eq!(c.steps.last().map(|x| x.loss), b.steps.last().map(|x| x.loss));
 }
 
 /// The subcommands as `src/main.rs` wires them.

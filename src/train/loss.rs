@@ -65,24 +65,103 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
+/// The teacher's distributions at the loss positions of a micro-batch, as the losses take them.
+#[derive(Debug, Clone)]
+pub enum TeacherRows {
+    /// Full-vocabulary log-probabilities, (n_tokens, vocab).
+    Dense(Tensor),
+    /// K + 1 bins per position: the teacher's top-K token ids `ids` (n_tokens, K; u32, most
+    /// likely first) and `logp` (n_tokens, K + 1): their log-probabilities and, last, the log of
+    /// the remaining mass r = 1 − Σ top-K (the "other" bin). The draft is compared on the same
+    /// bins: its probabilities of those K tokens and its total mass on every other token.
+    Bins { ids: Tensor, logp: Tensor },
+}
+
+impl TeacherRows {
+    /// Number of positions.
+    pub fn n_rows(&self) -> Result<usize> {
+        Ok(match self {
+            TeacherRows::Dense(t) => t.dim(0)?,
+            TeacherRows::Bins { logp, .. } => logp.dim(0)?,
+        })
+    }
+
+    /// The teacher's most likely token at each position (exact in both forms).
+    pub fn argmax(&self) -> Result<Vec<u32>> {
+        Ok(match self {
+            TeacherRows::Dense(t) => t.argmax(D::Minus1)?.to_vec1::<u32>()?,
+            TeacherRows::Bins { ids, .. } => ids.narrow(1, 0, 1)?.flatten_all()?.to_vec1::<u32>()?,
+        })
+    }
+
+    /// The teacher's log-probabilities (constants) and the draft's on the same support:
+    /// the full vocabulary, or the K + 1 bins.
+    fn pair(&self, draft_logits: &Tensor) -> Result<(Tensor, Tensor)> {
+        let bad = |what: String| Error::InvalidArg { name: "teacher/draft", reason: what };
+        let dtype = draft_logits.dtype();
+        if draft_logits.rank() != 2 {
+            return Err(bad(format!("draft logits {:?} must be (n_tokens, vocab)", draft_logits.dims())));
+        }
+        let logq = log_softmax_last(draft_logits)?;
+        match self {
+            TeacherRows::Dense(t) => {
+                if t.dims() != draft_logits.dims() {
+                    return Err(bad(format!(
+                        "teacher log-probs {:?} and draft logits {:?} must both be (n_tokens, vocab)",
+                        t.dims(),
+                        draft_logits.dims()
+                    )));
+                }
+                Ok((t.to_dtype(dtype)?.detach(), logq))
+            }
+            TeacherRows::Bins { ids, logp } => {
+                let (n, v) = draft_logits.dims2()?;
+                let (ni, k) = ids.dims2()?;
+                if ni != n || logp.dims() != [n, k + 1] || k >= v {
+                    return Err(bad(format!(
+                        "teacher bins: ids {:?} and log-probs {:?} do not fit draft logits {:?} (K < vocab)",
+                        ids.dims(),
+                        logp.dims(),
+                        draft_logits.dims()
+                    )));
+                }
+                let kept = logq.gather(ids, 1)?; // (n, K)
+                                                 // log Σ_{x ∉ top-K} q(x): a log-sum-exp over the row with the kept tokens masked
+                                                 // out (exact, unlike log(1 − Σ kept q), which cancels when the kept mass is ~1).
+                let id_rows = ids.to_vec2::<u32>()?;
+                let mut mask = vec![0f32; n * v];
+                for (r, row) in id_rows.iter().enumerate() {
+                    for &id in row {
+                        if let Some(m) = mask.get_mut(r * v + id as usize) {
+                            *m = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let mask = Tensor::from_vec(mask, (n, v), logq.device())?.to_dtype(logq.dtype())?;
+                let masked = logq.add(&mask)?;
+                let max = masked.max_keepdim(D::Minus1)?.detach();
+                let other = ((masked.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?)
+                    .maximum(super::teacher::LOGP_FLOOR as f64)?; // (n, 1)
+                Ok((logp.to_dtype(dtype)?.detach(), Tensor::cat(&[&kept, &other], 1)?))
+            }
+        }
+    }
+}
+
 /// Per-token divergence, (n_tokens,), between the teacher's log-probabilities `teacher_logp`
 /// (n_tokens, vocab; treated as constants) and the draft's `draft_logits` (n_tokens, vocab;
 /// gradients flow into these). Teacher log-probs may be very negative but must be finite.
 pub fn per_token_divergence(div: Divergence, teacher_logp: &Tensor, draft_logits: &Tensor) -> Result<Tensor> {
-    if teacher_logp.dims() != draft_logits.dims() || teacher_logp.rank() != 2 {
-        return Err(Error::InvalidArg {
-            name: "teacher/draft",
-            reason: format!(
-                "teacher log-probs {:?} and draft logits {:?} must both be (n_tokens, vocab)",
-                teacher_logp.dims(),
-                draft_logits.dims()
-            ),
-        });
-    }
-    let dtype = draft_logits.dtype();
-    let logp = teacher_logp.to_dtype(dtype)?.detach();
+    per_token_divergence_rows(div, &TeacherRows::Dense(teacher_logp.clone()), draft_logits)
+}
+
+/// Per-token divergence, (n_tokens,), between the teacher's distributions (dense, or K + 1
+/// bins: then the divergence of the two distributions coarsened to those bins, which is at
+/// most the full one) and the draft's `draft_logits` (n_tokens, vocab; gradients flow into
+/// these).
+pub fn per_token_divergence_rows(div: Divergence, teacher: &TeacherRows, draft_logits: &Tensor) -> Result<Tensor> {
+    let (logp, logq) = teacher.pair(draft_logits)?;
     let p = logp.exp()?;
-    let logq = log_softmax_last(draft_logits)?;
     let out = match div {
         Divergence::Fkl => (&p * (&logp - &logq)?)?.sum(D::Minus1)?,
         Divergence::Rkl => {
@@ -161,8 +240,8 @@ pub struct LossOutput {
 }
 
 /// Loss over all valid tokens: mean of the per-token divergence (DistillSpec baselines).
-pub fn mean_loss(div: Divergence, teacher_logp: &Tensor, draft_logits: &Tensor) -> Result<LossOutput> {
-    let per = per_token_divergence(div, teacher_logp, draft_logits)?;
+pub fn mean_loss(div: Divergence, teacher: &TeacherRows, draft_logits: &Tensor) -> Result<LossOutput> {
+    let per = per_token_divergence_rows(div, teacher, draft_logits)?;
     let n = per.dim(0)?;
     let per_token = per.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let loss = if n == 0 { per.sum_all()? } else { (per.sum_all()? / n as f64)? };
@@ -175,14 +254,14 @@ pub fn mean_loss(div: Divergence, teacher_logp: &Tensor, draft_logits: &Tensor) 
 /// scaled by the selected fraction).
 pub fn adaspec_loss(
     div: Divergence,
-    teacher_logp: &Tensor,
+    teacher: &TeacherRows,
     draft_logits: &Tensor,
     ref_logits: &Tensor,
     k: f64,
 ) -> Result<LossOutput> {
     check_k(k)?;
-    let per = per_token_divergence(div, teacher_logp, draft_logits)?;
-    let per_ref = per_token_divergence(div, teacher_logp, &ref_logits.detach())?;
+    let per = per_token_divergence_rows(div, teacher, draft_logits)?;
+    let per_ref = per_token_divergence_rows(div, teacher, &ref_logits.detach())?;
     let n = per.dim(0)?;
     let per_token = per.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
     if n == 0 {
@@ -297,6 +376,54 @@ mod tests {
         }
     }
 
+    /// The case above on K + 1 = 2 bins: teacher top-1 is token 0 (p 0.5, other 0.5); the
+    /// draft's bins are q(0) = ¼ and q(other) = ¾.
+    fn bins_case() -> TeacherRows {
+        let ids = Tensor::from_vec(vec![0u32], (1, 1), &Device::Cpu).unwrap();
+        TeacherRows::Bins { ids, logp: t2(&[&[0.5f64.ln(), 0.5f64.ln()]]) }
+    }
+
+    #[test]
+    fn bins_compare_the_coarsened_distributions() {
+        let (logp, z) = case();
+        let bins = bins_case();
+        let (p, q) = ([0.5f64, 0.5], [0.25f64, 0.75]);
+        let kl = |a: &[f64; 2], b: &[f64; 2]| a[0] * (a[0] / b[0]).ln() + a[1] * (a[1] / b[1]).ln();
+        let m = [(p[0] + q[0]) / 2.0, (p[1] + q[1]) / 2.0];
+        for (div, want) in [
+            (Divergence::Fkl, kl(&p, &q)),
+            (Divergence::Rkl, kl(&q, &p)),
+            (Divergence::Tvd, 0.25),
+            (Divergence::Jsd, 0.5 * (kl(&p, &m) + kl(&q, &m))),
+        ] {
+            let got = scalar(&per_token_divergence_rows(div, &bins, &z).unwrap());
+            assert!((got - want).abs() < 1e-12, "{div:?}: {got} vs {want}");
+            // Coarsening never increases a divergence (data processing).
+            let full = scalar(&per_token_divergence(div, &logp, &z).unwrap());
+            assert!(got <= full + 1e-12, "{div:?}: bins {got} > full {full}");
+        }
+        assert_eq!(bins.argmax().unwrap(), vec![0]);
+        // Gradients through the gathered and the masked-out part match finite differences.
+        let z0 = (z + t2(&[&[0.1, -0.2, 0.05]])).unwrap();
+        for div in [Divergence::Fkl, Divergence::Rkl, Divergence::Jsd] {
+            let var = Var::from_tensor(&z0).unwrap();
+            let l = per_token_divergence_rows(div, &bins, var.as_tensor()).unwrap().sum_all().unwrap();
+            let grads = l.backward().unwrap();
+            let g = grads.get(var.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = z0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for i in 0..3 {
+                let eval = |d: f64| {
+                    let mut v = base.clone();
+                    v[i] += d;
+                    let zz = Tensor::from_vec(v, (1, 3), &Device::Cpu).unwrap();
+                    scalar(&per_token_divergence_rows(div, &bins, &zz).unwrap())
+                };
+                let fd = (eval(1e-6) - eval(-1e-6)) / 2e-6;
+                assert!((fd - g[i]).abs() < 1e-6, "{div:?} d/dz{i}: autograd {} vs fd {fd}", g[i]);
+            }
+        }
+    }
+
     #[test]
     fn quantile_is_numpy_linear() {
         let v = [1.0f32, 2.0, 3.0, 4.0, 5.0];
@@ -351,7 +478,8 @@ mod tests {
         let z_rows = z.to_vec2::<f64>().unwrap();
         let r = t2(&[&logp_rows[0], &z_rows[1], &logp_rows[2], &z_rows[3]]);
         let var = Var::from_tensor(&z).unwrap();
-        let out = adaspec_loss(Divergence::Fkl, &logp, var.as_tensor(), &r, 0.5).unwrap();
+        let dense = TeacherRows::Dense(logp.clone());
+        let out = adaspec_loss(Divergence::Fkl, &dense, var.as_tensor(), &r, 0.5).unwrap();
         assert_eq!(out.n_valid, 4);
         assert_eq!(out.n_selected, 2);
         let per = &out.per_token;
@@ -364,10 +492,10 @@ mod tests {
         assert!(g[1].iter().chain(&g[3]).all(|&x| x == 0.0));
         assert!(g[0].iter().any(|&x| x.abs() > 1e-3));
         // k = 1 keeps everything and equals the mean loss.
-        let all = adaspec_loss(Divergence::Fkl, &logp, &z, &r, 1.0).unwrap();
-        let mean = mean_loss(Divergence::Fkl, &logp, &z).unwrap();
+        let all = adaspec_loss(Divergence::Fkl, &dense, &z, &r, 1.0).unwrap();
+        let mean = mean_loss(Divergence::Fkl, &dense, &z).unwrap();
         assert_eq!(all.n_selected, 4);
         assert!((scalar(&all.loss.reshape(1).unwrap()) - scalar(&mean.loss.reshape(1).unwrap())).abs() < 1e-12);
-        assert!(adaspec_loss(Divergence::Fkl, &logp, &z, &r, 0.0).is_err());
+        assert!(adaspec_loss(Divergence::Fkl, &dense, &z, &r, 0.0).is_err());
     }
 }

@@ -8,11 +8,14 @@
 //! * **sparse** (cached): per position the top-K probabilities and the remaining mass
 //!   r = 1 − Σ top-K, computed once and cached on disk, keyed by the target file, the token
 //!   data and K, so a second run or AdaSPEC's second stage reads the file instead of running
-//!   the target. The sparse distribution handed to the losses is
-//!   p̃(x) = p(x) for the K kept tokens and r / (V − K) for each of the V − K others: the tail
-//!   mass is **spread uniformly** over the tokens that were not kept. Top-K probabilities,
-//!   the argmax and the total mass are exact; only the shape of the tail is approximated
-//!   (FKL's gradient on tail tokens becomes q(x) − r/(V−K)). With K ≥ V it equals exact mode.
+//!   the target. The losses compare it as **K + 1 bins** ([`TeacherRows::Bins`]): the K kept
+//!   tokens and one "other" bin holding r, against the draft's probabilities of those K tokens
+//!   and its total mass on all others. That is the divergence of both distributions coarsened
+//!   to the bins (at most the full divergence, equal when the tail shapes agree); nothing is
+//!   assumed about the shape of the teacher's tail. (An earlier version spread r uniformly over
+//!   the V − K other tokens, which adds a term that grows with the teacher's tail mass to every
+//!   token's loss and so biased AdaSPEC's ΔL towards high-entropy positions.) With K ≥ V it is
+//!   exact mode.
 //!
 //! This module never trains, never changes the target, and writes only its cache files
 //! (temp file + rename).
@@ -25,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{Example, Fnv64, PaddedBatch};
 use super::error::{Error, Result};
+use super::loss::TeacherRows;
 use crate::backend::{sequence_logits_rows, Model};
 
 /// Floor for teacher log-probabilities (a zero probability becomes e⁻¹⁰⁰): keeps reverse KL
@@ -87,23 +91,25 @@ pub fn top_k_row(row: &[f32], k: usize) -> (Vec<u32>, Vec<f32>, f32) {
     (idx, probs, rest)
 }
 
-/// Expands sparse rows into dense log-probabilities (rows × vocab), appended to `out`: kept
-/// tokens get log p, every other token log(r / (V − K)) (floored at [`LOGP_FLOOR`]).
+fn ln_floor(p: f32) -> f32 {
+    if p > 0.0 {
+        p.ln().max(LOGP_FLOOR)
+    } else {
+        LOGP_FLOOR
+    }
+}
+
+/// Expands sparse rows that keep the whole vocabulary (K ≥ V) into dense log-probabilities
+/// (rows × vocab), appended to `out`; a token not kept gets [`LOGP_FLOOR`].
 pub fn expand_sparse(rows: &SparseRows, range: std::ops::Range<usize>, vocab: usize, out: &mut Vec<f32>) {
     for r in range {
-        let others = vocab.saturating_sub(rows.k);
-        let fill = if others > 0 && rows.rest[r] > 0.0 {
-            ((rows.rest[r] as f64 / others as f64).ln() as f32).max(LOGP_FLOOR)
-        } else {
-            LOGP_FLOOR
-        };
         let start = out.len();
-        out.resize(start + vocab, fill);
+        out.resize(start + vocab, LOGP_FLOOR);
         for j in 0..rows.k {
             let id = rows.ids[r * rows.k + j] as usize;
             let p = rows.probs[r * rows.k + j];
             if id < vocab {
-                out[start + id] = if p > 0.0 { p.ln().max(LOGP_FLOOR) } else { LOGP_FLOOR };
+                out[start + id] = ln_floor(p);
             }
         }
     }
@@ -234,8 +240,49 @@ impl Teacher {
         self.model.n_vocab()
     }
 
-    /// Teacher log-probabilities at the loss positions of `batch` (built from `examples`, the
-    /// list this teacher was made for), in `batch.loss_rows` order: (n_loss × vocab) row-major.
+    /// The teacher's distributions at the loss positions of `batch` (built from `examples`,
+    /// the list this teacher was made for), in `batch.loss_rows` order, on `dev`: dense for an
+    /// exact teacher (or K ≥ vocab), K + 1 bins for a sparse one.
+    pub fn rows(&self, examples: &[Example], batch: &PaddedBatch, dev: &candle_core::Device) -> Result<TeacherRows> {
+        let v = self.n_vocab();
+        let n = batch.loss_rows.len();
+        let Some(sparse) = self.sparse.as_ref().filter(|s| s.first().map_or(true, |r| r.k < v)) else {
+            return Ok(TeacherRows::Dense(candle_core::Tensor::from_vec(
+                self.logp_rows(examples, batch)?,
+                (n, v),
+                dev,
+            )?));
+        };
+        let k = sparse.first().map_or(1, |r| r.k);
+        let (mut ids, mut logp) = (Vec::with_capacity(n * k), Vec::with_capacity(n * (k + 1)));
+        for &i in &batch.examples {
+            let sr = self.sparse_rows(sparse, examples, i)?;
+            for r in 0..sr.n_rows() {
+                ids.extend_from_slice(&sr.ids[r * k..(r + 1) * k]);
+                logp.extend(sr.probs[r * k..(r + 1) * k].iter().map(|&p| ln_floor(p)));
+                logp.push(ln_floor(sr.rest[r]));
+            }
+        }
+        Ok(TeacherRows::Bins {
+            ids: candle_core::Tensor::from_vec(ids, (n, k), dev)?,
+            logp: candle_core::Tensor::from_vec(logp, (n, k + 1), dev)?,
+        })
+    }
+
+    fn sparse_rows<'a>(&self, sparse: &'a [SparseRows], examples: &[Example], i: usize) -> Result<&'a SparseRows> {
+        let e = examples.get(i).ok_or_else(|| Error::InvalidArg {
+            name: "batch",
+            reason: format!("example {i} out of range ({} examples)", examples.len()),
+        })?;
+        sparse.get(i).filter(|r| r.n_rows() == e.loss_positions().len()).ok_or_else(|| Error::InvalidArg {
+            name: "teacher",
+            reason: format!("sparse teacher was built for other examples (example {i})"),
+        })
+    }
+
+    /// Dense teacher log-probabilities at the loss positions of `batch`, in `batch.loss_rows`
+    /// order: (n_loss × vocab) row-major. Exact teachers and sparse ones with K ≥ vocab only
+    /// (a smaller K has no dense form; use [`Teacher::rows`]).
     pub fn logp_rows(&self, examples: &[Example], batch: &PaddedBatch) -> Result<Vec<f32>> {
         let v = self.n_vocab();
         let mut out = Vec::with_capacity(batch.loss_rows.len() * v);
@@ -251,10 +298,13 @@ impl Teacher {
                     log_softmax_rows(&logits, v, &mut out);
                 }
                 Some(rows) => {
-                    let sr = rows.get(i).filter(|r| r.n_rows() == range.len()).ok_or_else(|| Error::InvalidArg {
-                        name: "teacher",
-                        reason: format!("sparse teacher was built for other examples (example {i})"),
-                    })?;
+                    let sr = self.sparse_rows(rows, examples, i)?;
+                    if sr.k < v {
+                        return Err(Error::InvalidArg {
+                            name: "teacher",
+                            reason: format!("a top-{} teacher of a {v}-token vocabulary has no dense form", sr.k),
+                        });
+                    }
                     expand_sparse(sr, 0..sr.n_rows(), v, &mut out);
                 }
             }
@@ -360,12 +410,6 @@ mod tests {
         let p1 = (2f64.exp() / z) as f32;
         assert!((probs[0] - p1).abs() < 1e-6 && (probs[1] - p1).abs() < 1e-6);
         assert!((rest - (1.0 - 2.0 * p1)).abs() < 1e-6);
-        let sr = SparseRows { k: 2, ids, probs, rest: vec![rest] };
-        let mut out = Vec::new();
-        expand_sparse(&sr, 0..1, 5, &mut out);
-        let total: f64 = out.iter().map(|&l| (l as f64).exp()).sum();
-        assert!((total - 1.0).abs() < 1e-5);
-        assert!((out[0] - out[2]).abs() < 1e-7 && (out[1] - p1.ln()).abs() < 1e-6);
         // K = V is exact.
         let (ids, probs, rest) = top_k_row(&row, 9);
         let sr = SparseRows { k: 5, ids, probs, rest: vec![rest] };

@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 use super::data::{epoch_order, write_atomic, Example, PaddedBatch};
 use super::error::{Error, Result};
 use super::gguf_import::{load_checkpoint, save_checkpoint};
-use super::loss::{adaspec_loss, check_k, mean_loss, per_token_divergence, Divergence};
+use super::loss::{adaspec_loss, check_k, mean_loss, per_token_divergence_rows, Divergence};
 use super::model::{Config, DraftModel, Trainable, Weights};
-use super::teacher::Teacher;
+use super::teacher::{Teacher, TeacherMode};
 
 /// Learning-rate schedule after the (optional) linear warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -218,13 +218,45 @@ struct StateFile {
     config: TrainConfig,
     optimizer_step: usize,
     method: String,
+    /// [`super::data::examples_hash`] of the training examples (0 in files from before it
+    /// was recorded).
+    #[serde(default)]
+    data_hash: u64,
+    /// The training teacher's mode (absent in older files).
+    #[serde(default)]
+    teacher: Option<TeacherMode>,
+}
+
+/// What differs between a checkpoint's run and this one in anything that shapes the training
+/// trajectory (everything but how often it checkpoints, validates or shows progress).
+fn resume_differences(old: &StateFile, cfg: &TrainConfig, data: &TrainData) -> Vec<String> {
+    let mut d = Vec::new();
+    let o = &old.config;
+    macro_rules! same {
+        ($($f:ident),+) => {
+            $(if o.$f != cfg.$f {
+                d.push(format!("{}: {:?} then, {:?} now", stringify!($f), o.$f, cfg.$f));
+            })+
+        };
+    }
+    same!(divergence, select_k, lr, beta1, beta2, eps, weight_decay, grad_clip, batch_size, grad_accum);
+    same!(steps, epochs, schedule, warmup_steps, freeze_embeddings, freeze_lm_head, train_blocks, seed);
+    let hash = super::data::examples_hash(data.train);
+    if old.data_hash != 0 && old.data_hash != hash {
+        d.push(format!("training data: hash {:016x} then, {hash:016x} now", old.data_hash));
+    }
+    let mode = data.teacher_train.mode();
+    if old.teacher.is_some_and(|t| t != mode) {
+        d.push(format!("teacher: {:?} then, {mode:?} now", old.teacher));
+    }
+    d
 }
 
 /// One optimizer step's numbers (also a line of `metrics.jsonl`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepLog {
     pub step: usize,
-    /// Mean over micro-batches of Σ selected L / n_valid.
+    /// Mean over the micro-batches with loss positions of Σ selected L / n_valid.
     pub loss: f64,
     /// Selected tokens / valid tokens (1 without selection).
     pub selected_fraction: f64,
@@ -435,16 +467,16 @@ pub fn validate_model(
         }
         let logits = batch_logits(model, &batch)?.detach();
         let rows = batch.loss_rows.len();
-        let logp = Tensor::from_vec(teacher.logp_rows(examples, &batch)?, (rows, teacher.n_vocab()), &Device::Cpu)?;
-        let per = per_token_divergence(Divergence::Fkl, &logp, &logits)?;
+        let t = teacher.rows(examples, &batch, logits.device())?;
+        let per = per_token_divergence_rows(Divergence::Fkl, &t, &logits)?;
         kl += per.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         dv += if div == Divergence::Fkl {
             per.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?
         } else {
-            per_token_divergence(div, &logp, &logits)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?
+            per_token_divergence_rows(div, &t, &logits)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?
         };
         let a = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let b = logp.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let b = t.argmax()?;
         agree += a.iter().zip(&b).filter(|(x, y)| x == y).count();
         n += rows;
     }
@@ -514,18 +546,16 @@ pub fn train(
         None => init,
         Some(dir) => {
             let sf = read_state(dir)?;
-            if sf.method != cfg.method_name() || sf.config.seed != cfg.seed || sf.config.batch_size != cfg.batch_size {
+            let differences = resume_differences(&sf, cfg, data);
+            if !differences.is_empty() {
                 return Err(Error::InvalidArg {
                     name: "--resume",
                     reason: format!(
-                        "{} was written by a {} run (seed {}, batch {}); this run is {} (seed {}, batch {})",
+                        "{} was written by another run ({} then, {} now); differs in {}",
                         dir.display(),
                         sf.method,
-                        sf.config.seed,
-                        sf.config.batch_size,
                         cfg.method_name(),
-                        cfg.seed,
-                        cfg.batch_size
+                        differences.join("; ")
                     ),
                 });
             }
@@ -600,19 +630,14 @@ pub fn train(
     while state.step < total {
         let t0 = Instant::now();
         let mut acc: Vec<Option<Tensor>> = vec![None; opt.params().len()];
-        let (mut loss_sum, mut sel, mut valid, mut tokens) = (0.0f64, 0usize, 0usize, 0usize);
+        let (mut loss_sum, mut sel, mut valid, mut tokens, mut used) = (0.0f64, 0usize, 0usize, 0usize, 0usize);
         for _ in 0..cfg.grad_accum {
             let idx = next_indices(&mut state, data.train.len(), cfg.batch_size, cfg.seed);
             let batch = PaddedBatch::new(data.train, &idx, 0)?;
             if batch.loss_rows.is_empty() {
                 continue;
             }
-            let rows = batch.loss_rows.len();
-            let logp = Tensor::from_vec(
-                data.teacher_train.logp_rows(data.train, &batch)?,
-                (rows, data.teacher_train.n_vocab()),
-                &dev,
-            )?;
+            let logp = data.teacher_train.rows(data.train, &batch, &dev)?;
             let logits = batch_logits(&model, &batch)?;
             let out = match (&ref_model, cfg.select_k) {
                 (Some(r), Some(k)) => {
@@ -622,6 +647,7 @@ pub fn train(
                 _ => mean_loss(cfg.divergence, &logp, &logits)?,
             };
             loss_sum += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            used += 1;
             sel += out.n_selected;
             valid += out.n_valid;
             tokens += batch.n_tokens();
@@ -637,7 +663,8 @@ pub fn train(
         let dt = t0.elapsed().as_secs_f64().max(1e-9);
         let log = StepLog {
             step: state.step,
-            loss: loss_sum / cfg.grad_accum as f64,
+            // The mean over the micro-batches that had loss positions.
+            loss: loss_sum / used.max(1) as f64,
             selected_fraction: if valid > 0 { sel as f64 / valid as f64 } else { 0.0 },
             lr,
             grad_norm,
@@ -659,7 +686,7 @@ pub fn train(
         report.steps.push(log);
         if cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0 && state.step < total {
             let dir = out_dir.join("checkpoints").join(format!("step-{:06}", state.step));
-            save_train_checkpoint(&dir, &model, &opt, &state, cfg)?;
+            save_train_checkpoint(&dir, &model, &opt, &state, cfg, data)?;
             report.checkpoints.push(dir);
         }
         if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < total && !data.val.is_empty() {
@@ -680,7 +707,7 @@ pub fn train(
     }
     if cfg.checkpoint_every > 0 {
         let dir = out_dir.join("checkpoints").join(format!("step-{:06}", state.step));
-        save_train_checkpoint(&dir, &model, &opt, &state, cfg)?;
+        save_train_checkpoint(&dir, &model, &opt, &state, cfg, data)?;
         report.checkpoints.push(dir);
     }
     save_checkpoint(&report.final_model, model.config(), &model.to_weights()?)?;
@@ -704,6 +731,7 @@ fn save_train_checkpoint(
     opt: &AdamW,
     state: &TrainState,
     cfg: &TrainConfig,
+    data: &TrainData,
 ) -> Result<()> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
     let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
@@ -714,8 +742,14 @@ fn save_train_checkpoint(
     let res = (|| -> Result<()> {
         save_checkpoint(&tmp.join("model.safetensors"), model.config(), &model.to_weights()?)?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
-        let sf =
-            StateFile { state: state.clone(), config: cfg.clone(), optimizer_step: opt.t, method: cfg.method_name() };
+        let sf = StateFile {
+            state: state.clone(),
+            config: cfg.clone(),
+            optimizer_step: opt.t,
+            method: cfg.method_name(),
+            data_hash: super::data::examples_hash(data.train),
+            teacher: Some(data.teacher_train.mode()),
+        };
         let json = serde_json::to_string_pretty(&sf)
             .map_err(|e| Error::Checkpoint { path: tmp.clone(), reason: e.to_string() })?;
         write_atomic(&tmp.join("state.json"), json.as_bytes())?;
