@@ -25,9 +25,9 @@ struct Cli {
     /// Target model whose tokenizer.* metadata is copied verbatim into the draft.
     #[arg(long)]
     tokenizer_from: PathBuf,
-    /// Weight type: f32, f16, q8_0, q4_0 or q4_k (norms and biases stay f32).
-    #[arg(long = "type", default_value = "f16")]
-    ty: String,
+    /// Weight type (norms and biases stay f32).
+    #[arg(long = "type", value_enum, default_value_t = ExportType::F16)]
+    ty: ExportType,
 }
 
 fn main() -> ExitCode {
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
 
 fn export(cli: &Cli) -> anyhow::Result<()> {
     let _ = cli.gguf;
-    let ty: ExportType = cli.ty.parse()?;
+    let ty = cli.ty;
     adaspec::train::export_gguf(&cli.input, &cli.output, &cli.tokenizer_from, ty)
         .with_context(|| format!("exporting {} to {}", cli.input.display(), cli.output.display()))?;
     println!("wrote {} ({})", cli.output.display(), ty.name());

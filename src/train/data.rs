@@ -27,7 +27,7 @@ use super::error::{Error, Result};
 use crate::backend::{ChatMessage, Model};
 
 /// What to do with a malformed or unusable JSONL line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum BadLines {
     /// Stop with an error naming file:line (default).
     #[default]
@@ -276,43 +276,13 @@ pub fn tokenize_records(
     Ok((out, stats))
 }
 
-/// A small deterministic generator (SplitMix64) so that shuffles are identical across
-/// platforms and crate versions: resume depends on it.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0), by rejection-free multiply-shift (bias < 2⁻³²).
-    pub fn below(&mut self, n: usize) -> usize {
-        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
-    }
-
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Fisher–Yates permutation of 0..n for `seed`.
+/// A seeded shuffle of 0..n: `rand`'s Fisher–Yates with ChaCha8, whose output rand_chacha
+/// keeps value-stable across platforms and versions (resume depends on it).
 pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
     let mut v: Vec<usize> = (0..n).collect();
-    let mut rng = SplitMix64::new(seed);
-    for i in (1..n).rev() {
-        let j = rng.below(i + 1);
-        v.swap(i, j);
-    }
+    v.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     v
 }
 

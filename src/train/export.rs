@@ -19,12 +19,17 @@ use super::model::{check_weights, Config, Weights};
 
 /// Weight type of an exported GGUF. 1-D tensors (norms, biases) are always f32; a 2-D tensor
 /// whose rows do not fit the quantization block falls back to q8_0 (rows % 32 == 0) or f16.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportType {
+    #[value(name = "f32")]
     F32,
+    #[value(name = "f16")]
     F16,
+    #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_0")]
     Q4_0,
+    #[value(name = "q4_k")]
     Q4K,
 }
 

@@ -86,8 +86,8 @@ pub struct HeadTrainArgs {
     #[arg(long)]
     pub export: Option<PathBuf>,
     /// Weight type of --export: f32, f16, q8_0, q4_0 or q4_k.
-    #[arg(long = "type", default_value = "q8_0")]
-    pub ty: String,
+    #[arg(long = "type", value_enum, default_value_t = ExportType::Q8_0)]
+    pub ty: ExportType,
     /// JSONL metrics (one line per step and per evaluation).
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -116,8 +116,8 @@ pub struct HeadInitArgs {
     #[arg(long)]
     pub ffn: Option<usize>,
     /// Weight type of the GGUF: f32, f16, q8_0, q4_0 or q4_k (norms stay f32).
-    #[arg(long = "type", default_value = "f16")]
-    pub ty: String,
+    #[arg(long = "type", value_enum, default_value_t = ExportType::F16)]
+    pub ty: ExportType,
     /// Seed of the initial weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -145,7 +145,7 @@ fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
     use super::head::load_head;
     use super::head_model::HeadModel;
     use super::head_train::{extract, train_head, HeadTrainConfig};
-    let ty: ExportType = a.ty.parse()?;
+    let ty = a.ty;
     let (cfg, weights) = load_head(&a.init).with_context(|| format!("loading the head {}", a.init.display()))?;
     let target = std::sync::Arc::new(Model::load(&a.target, &ModelParams::default())?);
     if target.n_embd() != cfg.target_hidden_size || target.n_vocab() != cfg.target_vocab {
@@ -214,7 +214,7 @@ fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
 }
 
 fn run_init(a: &HeadInitArgs) -> anyhow::Result<()> {
-    let ty: ExportType = a.ty.parse()?;
+    let ty = a.ty;
     let draft_vocab = if a.draft_vocab == 0 {
         Vec::new()
     } else {

@@ -13,6 +13,7 @@ pub mod head_model;
 pub mod head_train;
 pub mod loss; // issue-5
 pub mod model;
+pub mod plot;
 pub mod prune;
 pub mod teacher; // issue-5
 pub mod train_cli; // issue-5

@@ -36,6 +36,30 @@ pub struct TrainArgs {
     pub opts: TrainOpts,
 }
 
+/// `--method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// Forward KL on all valid tokens.
+    Fkl,
+    /// Reverse KL on all valid tokens.
+    Rkl,
+    /// Total variation on all valid tokens.
+    Tvd,
+    /// Jensen-Shannon on all valid tokens.
+    Jsd,
+    /// Forward KL on the top-k tokens by KL gap to --reference.
+    Adaspec,
+}
+
+/// `--teacher`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TeacherArg {
+    /// Full vocabulary, recomputed per batch.
+    Exact,
+    /// Top-K probabilities + the remaining mass, compared as K + 1 bins; cached on disk.
+    Sparse,
+}
+
 /// Flags of a training run.
 #[derive(Debug, Clone, Args)]
 pub struct TrainOpts {
@@ -73,12 +97,11 @@ pub struct TrainOpts {
     #[arg(long)]
     pub no_eos: bool,
     /// Malformed JSONL lines: "stop" (error naming file:line) or "skip" (warn and go on).
-    #[arg(long, default_value = "stop")]
-    pub on_bad_line: String,
-    /// fkl | rkl | tvd | jsd (all valid tokens, DistillSpec baselines) or adaspec (forward KL
-    /// on the top-k tokens by KL gap to --reference).
-    #[arg(long, default_value = "fkl")]
-    pub method: String,
+    #[arg(long, value_enum, default_value_t = BadLines::Stop)]
+    pub on_bad_line: BadLines,
+    /// The loss: a divergence over all valid tokens (DistillSpec baselines) or AdaSPEC.
+    #[arg(long, value_enum, default_value_t = Method::Fkl)]
+    pub method: Method,
     /// Reference model for --method adaspec (stage-1 checkpoint or GGUF).
     #[arg(long)]
     pub reference: Option<PathBuf>,
@@ -115,9 +138,9 @@ pub struct TrainOpts {
     /// Epochs when --steps is 0.
     #[arg(long, default_value_t = 1.0)]
     pub epochs: f64,
-    /// constant | linear | cosine (after --warmup-steps of linear warm-up).
-    #[arg(long, default_value = "constant")]
-    pub lr_schedule: String,
+    /// Learning-rate schedule after --warmup-steps of linear warm-up.
+    #[arg(long, value_enum, default_value_t = LrSchedule::Constant)]
+    pub lr_schedule: LrSchedule,
     /// Linear warm-up steps.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
@@ -139,10 +162,9 @@ pub struct TrainOpts {
     /// Validate every N steps (0 = before and after training only).
     #[arg(long, default_value_t = 0)]
     pub eval_every: usize,
-    /// exact (full vocabulary, recomputed per batch) or sparse (top-K + remaining mass spread
-    /// uniformly over the other tokens, cached on disk and re-used).
-    #[arg(long, default_value = "sparse")]
-    pub teacher: String,
+    /// How the teacher's distributions are made.
+    #[arg(long, value_enum, default_value_t = TeacherArg::Sparse)]
+    pub teacher: TeacherArg,
     /// K of the sparse teacher.
     #[arg(long, default_value_t = 64)]
     pub teacher_top_k: usize,
@@ -155,7 +177,7 @@ pub struct TrainOpts {
     /// CPU threads for llama.cpp (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
-    /// Output folder: model.safetensors + config.json, metrics.jsonl, metrics.png, checkpoints/.
+    /// Output folder: model.safetensors + config.json, metrics.jsonl, metrics.svg (loss, validation α, selected fraction), checkpoints/.
     #[arg(short, long)]
     pub output: PathBuf,
     /// No progress bar.
@@ -168,18 +190,16 @@ pub struct TrainOpts {
 
 impl TrainOpts {
     /// The training config these flags describe (`method` overrides `--method`).
-    pub fn train_config(&self, method: &str) -> anyhow::Result<TrainConfig> {
+    pub fn train_config(&self, method: Method) -> anyhow::Result<TrainConfig> {
         let (divergence, select_k) = match method {
-            "adaspec" => {
+            Method::Adaspec => {
                 check_k(self.k)?;
                 (Divergence::Fkl, Some(self.k))
             }
-            m => (
-                m.parse::<Divergence>().map_err(|_| {
-                    anyhow::anyhow!("--method: unknown method {m:?}: expected fkl, rkl, tvd, jsd or adaspec")
-                })?,
-                None,
-            ),
+            Method::Fkl => (Divergence::Fkl, None),
+            Method::Rkl => (Divergence::Rkl, None),
+            Method::Tvd => (Divergence::Tvd, None),
+            Method::Jsd => (Divergence::Jsd, None),
         };
         let cfg = TrainConfig {
             divergence,
@@ -194,7 +214,7 @@ impl TrainOpts {
             grad_accum: self.grad_accum,
             steps: self.steps,
             epochs: self.epochs,
-            schedule: self.lr_schedule.parse::<LrSchedule>()?,
+            schedule: self.lr_schedule,
             warmup_steps: self.warmup_steps,
             freeze_embeddings: self.freeze_embeddings,
             freeze_lm_head: self.freeze_lm_head,
@@ -209,11 +229,10 @@ impl TrainOpts {
     }
 
     fn teacher_mode(&self) -> anyhow::Result<TeacherMode> {
-        match self.teacher.as_str() {
-            "exact" => Ok(TeacherMode::Exact),
-            "sparse" if self.teacher_top_k >= 1 => Ok(TeacherMode::Sparse { top_k: self.teacher_top_k }),
-            "sparse" => bail!("--teacher-top-k must be >= 1"),
-            other => bail!("--teacher: expected exact or sparse, got {other:?}"),
+        match self.teacher {
+            TeacherArg::Exact => Ok(TeacherMode::Exact),
+            TeacherArg::Sparse if self.teacher_top_k >= 1 => Ok(TeacherMode::Sparse { top_k: self.teacher_top_k }),
+            TeacherArg::Sparse => bail!("--teacher-top-k must be >= 1"),
         }
     }
 
@@ -236,7 +255,7 @@ struct Inputs {
 }
 
 fn load_inputs(o: &TrainOpts) -> anyhow::Result<Inputs> {
-    let bad: BadLines = o.on_bad_line.parse()?;
+    let bad: BadLines = o.on_bad_line;
     o.teacher_mode()?;
     if !(0.0..1.0).contains(&o.val_fraction) {
         bail!("--val-fraction must be in [0, 1), got {}", o.val_fraction);
@@ -313,8 +332,8 @@ pub fn run_train(args: &TrainArgs) -> anyhow::Result<()> {
             if o.resume.is_some() {
                 bail!("--resume resumes one stage: use `adaspec train --method fkl|adaspec --resume DIR`");
             }
-            let s1 = o.train_config("fkl")?;
-            let s2 = o.train_config("adaspec")?;
+            let s1 = o.train_config(Method::Fkl)?;
+            let s2 = o.train_config(Method::Adaspec)?;
             let inp = load_inputs(o)?;
             let (teacher_train, teacher_val) = make_teachers(o, &inp)?;
             let data = TrainData {
@@ -328,7 +347,7 @@ pub fn run_train(args: &TrainArgs) -> anyhow::Result<()> {
         }
         None => {
             let o = &args.opts;
-            let cfg = o.train_config(&o.method)?;
+            let cfg = o.train_config(o.method)?;
             let reference = match (&cfg.select_k, &o.reference) {
                 (Some(_), Some(r)) => Some(load_any(r).with_context(|| format!("loading reference {}", r.display()))?),
                 (Some(_), None) => {
@@ -388,8 +407,8 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 512)]
     pub max_len: usize,
     /// Malformed JSONL lines: stop or skip.
-    #[arg(long, default_value = "stop")]
-    pub on_bad_line: String,
+    #[arg(long, value_enum, default_value_t = BadLines::Stop)]
+    pub on_bad_line: BadLines,
     /// CPU threads for llama.cpp (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
@@ -412,7 +431,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
 /// Computes `adaspec eval`'s report.
 pub fn eval_report(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let t0 = Instant::now();
-    let bad: BadLines = args.on_bad_line.parse()?;
+    let bad: BadLines = args.on_bad_line;
     let target = Arc::new(
         Model::load(&args.target, &ModelParams::default())
             .with_context(|| format!("loading target {}", args.target.display()))?,
@@ -519,8 +538,8 @@ pub struct DataGenerateArgs {
     #[arg(long, default_value_t = 2048)]
     pub n_ctx: u32,
     /// Malformed JSONL lines: stop or skip.
-    #[arg(long, default_value = "stop")]
-    pub on_bad_line: String,
+    #[arg(long, value_enum, default_value_t = BadLines::Stop)]
+    pub on_bad_line: BadLines,
     /// CPU threads for llama.cpp (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
@@ -535,7 +554,7 @@ pub fn run_data(args: &DataArgs) -> anyhow::Result<()> {
 
 /// Runs `adaspec data generate`.
 pub fn run_data_generate(a: &DataGenerateArgs) -> anyhow::Result<()> {
-    let bad: BadLines = a.on_bad_line.parse()?;
+    let bad: BadLines = a.on_bad_line;
     let (mut records, _) = read_records(&a.input, false, bad)?;
     if a.max_prompts > 0 {
         records.truncate(a.max_prompts);

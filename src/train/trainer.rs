@@ -27,7 +27,7 @@ use super::model::{Config, DraftModel, Trainable, Weights};
 use super::teacher::{Teacher, TeacherMode};
 
 /// Learning-rate schedule after the (optional) linear warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LrSchedule {
     /// Constant (the paper's default).
@@ -711,7 +711,7 @@ pub fn train(
         report.checkpoints.push(dir);
     }
     save_checkpoint(&report.final_model, model.config(), &model.to_weights()?)?;
-    if let Err(e) = write_metrics_png(&out_dir.join("metrics.png"), &metrics_path) {
+    if let Err(e) = super::plot::write_metrics_svg(&out_dir.join("metrics.svg"), &metrics_path) {
         tracing::warn!("no plot: {e}");
     }
     Ok(report)
@@ -792,119 +792,4 @@ pub fn train_adaspec(
 
 fn copy_weights(w: &Weights) -> Result<Weights> {
     w.iter().map(|(k, v)| Ok((k.clone(), v.copy()?))).collect()
-}
-
-/// Draws `metrics.jsonl` as a PNG (no text: blue = training loss scaled to its own min..max,
-/// red = validation α on 0..1, grid lines at quarters). The numbers are in the JSONL.
-pub fn write_metrics_png(png: &Path, metrics: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
-    let (mut loss, mut alpha) = (Vec::new(), Vec::new());
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let step = v.get("step").and_then(|s| s.as_f64()).unwrap_or(0.0);
-        if let Some(l) = v.get("loss").and_then(|s| s.as_f64()) {
-            loss.push((step, l));
-        }
-        if let Some(a) = v.get("val_alpha").and_then(|s| s.as_f64()) {
-            alpha.push((step, a));
-        }
-    }
-    let (w, h, m) = (640usize, 360usize, 20usize);
-    let mut img = vec![255u8; w * h * 3];
-    let max_step = loss.iter().chain(&alpha).map(|p| p.0).fold(1.0f64, f64::max);
-    let to_px = |x: f64, y: f64| -> (i64, i64) {
-        let px = m as f64 + x / max_step * (w - 2 * m) as f64;
-        let py = (h - m) as f64 - y.clamp(0.0, 1.0) * (h - 2 * m) as f64;
-        (px.round() as i64, py.round() as i64)
-    };
-    for q in 0..=4 {
-        let y = q as f64 / 4.0;
-        draw_line(&mut img, w, h, to_px(0.0, y), to_px(max_step, y), [220, 220, 220]);
-    }
-    draw_line(&mut img, w, h, to_px(0.0, 0.0), to_px(0.0, 1.0), [0, 0, 0]);
-    draw_line(&mut img, w, h, to_px(0.0, 0.0), to_px(max_step, 0.0), [0, 0, 0]);
-    let (lo, hi) = loss.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-    let span = if hi > lo { hi - lo } else { 1.0 };
-    let scaled: Vec<(f64, f64)> = loss.iter().map(|&(x, y)| (x, (y - lo) / span)).collect();
-    for (series, color) in [(&scaled, [30u8, 90, 220]), (&alpha, [220, 40, 40])] {
-        for pair in series.windows(2) {
-            draw_line(&mut img, w, h, to_px(pair[0].0, pair[0].1), to_px(pair[1].0, pair[1].1), color);
-        }
-    }
-    write_atomic(png, &encode_png(&img, w, h))
-}
-
-fn draw_line(img: &mut [u8], w: usize, h: usize, a: (i64, i64), b: (i64, i64), c: [u8; 3]) {
-    let (mut x0, mut y0) = a;
-    let (dx, dy) = ((b.0 - a.0).abs(), -(b.1 - a.1).abs());
-    let (sx, sy) = (if a.0 < b.0 { 1 } else { -1 }, if a.1 < b.1 { 1 } else { -1 });
-    let mut err = dx + dy;
-    loop {
-        if x0 >= 0 && y0 >= 0 && (x0 as usize) < w && (y0 as usize) < h {
-            let i = (y0 as usize * w + x0 as usize) * 3;
-            img[i..i + 3].copy_from_slice(&c);
-        }
-        if x0 == b.0 && y0 == b.1 {
-            break;
-        }
-        let e2 = 2 * err;
-        if e2 >= dy {
-            err += dy;
-            x0 += sx;
-        }
-        if e2 <= dx {
-            err += dx;
-            y0 += sy;
-        }
-    }
-}
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut c = 0xffff_ffffu32;
-    for &b in bytes {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
-        }
-    }
-    !c
-}
-
-/// A minimal RGB PNG: zlib with stored (uncompressed) deflate blocks.
-fn encode_png(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
-    let mut raw = Vec::with_capacity(h * (w * 3 + 1));
-    for row in rgb.chunks(w * 3) {
-        raw.push(0);
-        raw.extend_from_slice(row);
-    }
-    let mut z = vec![0x78, 0x01];
-    let chunks: Vec<&[u8]> = raw.chunks(65535).collect();
-    for (i, c) in chunks.iter().enumerate() {
-        z.push(u8::from(i + 1 == chunks.len()));
-        z.extend_from_slice(&(c.len() as u16).to_le_bytes());
-        z.extend_from_slice(&(!(c.len() as u16)).to_le_bytes());
-        z.extend_from_slice(c);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in &raw {
-        a = (a + x as u32) % 65521;
-        b = (b + a) % 65521;
-    }
-    z.extend_from_slice(&((b << 16) | a).to_be_bytes());
-    let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
-    let mut chunk = |ty: &[u8; 4], data: &[u8]| {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut body = ty.to_vec();
-        body.extend_from_slice(data);
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&crc32(&body).to_be_bytes());
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&(w as u32).to_be_bytes());
-    ihdr.extend_from_slice(&(h as u32).to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &z);
-    chunk(b"IEND", &[]);
-    out
 }
