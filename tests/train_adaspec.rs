@@ -187,6 +187,14 @@ fn sparse_teacher_matches_exact_and_is_cached() {
         panic!("bins")
     };
     assert_eq!(again_logp.to_vec2::<f32>().unwrap(), ls);
+    // The cache is a safetensors file; a damaged one is recomputed, not trusted.
+    let file = sp.cache_file.clone().unwrap();
+    assert_eq!(file.extension().and_then(|e| e.to_str()), Some("safetensors"));
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let redone = Teacher::new(target.clone(), TeacherMode::Sparse { top_k: 16 }, &ex, Some(&cache), 2).unwrap();
+    assert!(!redone.cache_hit);
+    assert_eq!(std::fs::read(&file).unwrap(), bytes, "the recomputed cache differs");
     let other = Teacher::new(target, TeacherMode::Sparse { top_k: 8 }, &ex, Some(&cache), 2).unwrap();
     assert!(!other.cache_hit);
     assert_ne!(other.cache_file, sp.cache_file);

@@ -20,7 +20,7 @@
 //! This module never trains, never changes the target, and writes only its cache files
 //! (temp file + rename).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -156,7 +156,8 @@ struct CacheHeader {
     n_examples: usize,
 }
 
-const CACHE_MAGIC: &[u8; 8] = b"ADSPTCH1";
+/// The safetensors metadata key holding the cache header.
+const CACHE_KEY: &str = "adaspec_teacher";
 
 impl Teacher {
     /// An exact teacher (full distributions recomputed per batch).
@@ -182,15 +183,16 @@ impl Teacher {
             return Err(Error::InvalidArg { name: "--teacher-top-k", reason: "must be >= 1".into() });
         }
         let header = CacheHeader {
-            format: "adaspec teacher cache v1".into(),
+            format: "adaspec teacher cache v2 (safetensors)".into(),
             model_key: model_key(model.path())?,
             data_hash: super::data::examples_hash(examples),
             top_k,
             n_vocab: model.n_vocab(),
             n_examples: examples.len(),
         };
-        let file = cache_dir
-            .map(|d| d.join(format!("teacher-{:016x}-{:016x}-k{top_k}.bin", header.model_key, header.data_hash)));
+        let file = cache_dir.map(|d| {
+            d.join(format!("teacher-{:016x}-{:016x}-k{top_k}.safetensors", header.model_key, header.data_hash))
+        });
         if let Some(f) = &file {
             if let Some(rows) = read_cache(f, &header, examples) {
                 tracing::info!("teacher: read sparse cache {}", f.display());
@@ -324,72 +326,81 @@ pub(crate) fn progress(what: &str, len: u64) -> indicatif::ProgressBar {
     bar
 }
 
+/// The cache file: safetensors with u32 `rows` (loss positions per example), u32 `ids` and f32
+/// `probs` (total rows × K) and f32 `rest` (total rows); the [`CacheHeader`] as JSON in the
+/// metadata under "adaspec_teacher". Read through a memory map; a file that does not match
+/// the header (or is not such a file) is recomputed.
 fn read_cache(path: &Path, want: &CacheHeader, examples: &[Example]) -> Option<Vec<SparseRows>> {
-    let bytes = std::fs::read(path).ok()?;
-    let mut r = bytes.as_slice();
-    let mut magic = [0u8; 8];
-    r.read_exact(&mut magic).ok()?;
-    if &magic != CACHE_MAGIC {
-        return None;
-    }
-    let mut len = [0u8; 8];
-    r.read_exact(&mut len).ok()?;
-    let hlen = u64::from_le_bytes(len) as usize;
-    if hlen > r.len() {
-        return None;
-    }
-    let header: CacheHeader = serde_json::from_slice(&r[..hlen]).ok()?;
+    let file = std::fs::File::open(path).ok()?;
+    // SAFETY: the map is read-only and dropped before this returns; cache files are only ever
+    // replaced by rename (write_cache), never modified in place.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let st = safetensors::SafeTensors::deserialize(&map).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&map).ok()?;
+    let header: CacheHeader = serde_json::from_str(meta.metadata().as_ref()?.get(CACHE_KEY)?).ok()?;
     if &header != want {
         return None;
     }
-    r = &r[hlen..];
     let k = want.top_k.min(want.n_vocab);
-    let mut out = Vec::with_capacity(examples.len());
-    let u32s = |n: usize, r: &mut &[u8]| -> Option<Vec<u32>> {
-        let b = r.get(..n * 4)?;
-        let v = b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        *r = &r[n * 4..];
-        Some(v)
+    let words = |name: &str, dtype: safetensors::Dtype| -> Option<Vec<u32>> {
+        let t = st.tensor(name).ok()?;
+        (t.dtype() == dtype)
+            .then(|| t.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     };
-    for e in examples {
-        let n = u32s(1, &mut r)?.first().copied()? as usize;
+    let (rows, ids) = (words("rows", safetensors::Dtype::U32)?, words("ids", safetensors::Dtype::U32)?);
+    let probs = words("probs", safetensors::Dtype::F32)?;
+    let rest = words("rest", safetensors::Dtype::F32)?;
+    let total: usize = rows.iter().map(|&n| n as usize).sum();
+    if rows.len() != examples.len() || ids.len() != total * k || probs.len() != total * k || rest.len() != total {
+        return None;
+    }
+    let mut out = Vec::with_capacity(examples.len());
+    let mut at = 0usize;
+    for (e, &n) in examples.iter().zip(&rows) {
+        let n = n as usize;
         if n != e.n_loss() {
             return None;
         }
-        let ids = u32s(n * k, &mut r)?;
-        let probs = u32s(n * k, &mut r)?.into_iter().map(f32::from_bits).collect();
-        let rest = u32s(n, &mut r)?.into_iter().map(f32::from_bits).collect();
-        out.push(SparseRows { k, ids, probs, rest });
+        out.push(SparseRows {
+            k,
+            ids: ids[at * k..(at + n) * k].to_vec(),
+            probs: probs[at * k..(at + n) * k].iter().map(|&b| f32::from_bits(b)).collect(),
+            rest: rest[at..at + n].iter().map(|&b| f32::from_bits(b)).collect(),
+        });
+        at += n;
     }
-    r.is_empty().then_some(out)
+    Some(out)
 }
 
 fn write_cache(path: &Path, header: &CacheHeader, rows: &[SparseRows]) -> Result<()> {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let h =
-        serde_json::to_vec(header).map_err(|e| Error::InvalidArg { name: "teacher cache", reason: e.to_string() })?;
-    let mut buf = Vec::new();
-    buf.extend_from_slice(CACHE_MAGIC);
-    buf.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    buf.extend_from_slice(&h);
-    for sr in rows {
-        buf.extend_from_slice(&(sr.n_rows() as u32).to_le_bytes());
-        for id in &sr.ids {
-            buf.extend_from_slice(&id.to_le_bytes());
-        }
-        for p in &sr.probs {
-            buf.extend_from_slice(&p.to_bits().to_le_bytes());
-        }
-        for p in &sr.rest {
-            buf.extend_from_slice(&p.to_bits().to_le_bytes());
-        }
+    let bad = |e: String| Error::InvalidArg { name: "teacher cache", reason: e };
+    let h = serde_json::to_string(header).map_err(|e| bad(e.to_string()))?;
+    let le = |words: &mut dyn Iterator<Item = u32>| -> Vec<u8> { words.flat_map(u32::to_le_bytes).collect() };
+    let counts = le(&mut rows.iter().map(|r| r.n_rows() as u32));
+    let ids = le(&mut rows.iter().flat_map(|r| r.ids.iter().copied()));
+    let probs = le(&mut rows.iter().flat_map(|r| r.probs.iter().map(|p| p.to_bits())));
+    let rest = le(&mut rows.iter().flat_map(|r| r.rest.iter().map(|p| p.to_bits())));
+    let total: usize = rows.iter().map(SparseRows::n_rows).sum();
+    let k = rows.first().map_or(0, |r| r.k);
+    fn view(dtype: Dtype, shape: Vec<usize>, data: &[u8]) -> Result<TensorView<'_>> {
+        TensorView::new(dtype, shape, data)
+            .map_err(|e| Error::InvalidArg { name: "teacher cache", reason: e.to_string() })
     }
+    let tensors = vec![
+        ("rows", view(Dtype::U32, vec![rows.len()], &counts)?),
+        ("ids", view(Dtype::U32, vec![total, k], &ids)?),
+        ("probs", view(Dtype::F32, vec![total, k], &probs)?),
+        ("rest", view(Dtype::F32, vec![total], &rest)?),
+    ];
+    let meta = std::collections::HashMap::from([(CACHE_KEY.to_string(), h)]);
     let tmp = super::gguf_import::temp_path_for(path)?;
-    let res = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(&buf).and_then(|_| f.sync_all()))
-        .map_err(|e| Error::io(&tmp, e))
+    let res = safetensors::serialize_to_file(tensors, Some(meta), &tmp)
+        .map_err(|e| bad(format!("{}: {e}", tmp.display())))
         .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
