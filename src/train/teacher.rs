@@ -165,6 +165,46 @@ impl Teacher {
         Teacher { model, mode: TeacherMode::Exact, n_threads, sparse: None, cache_file: None, cache_hit: false }
     }
 
+    /// A sparse teacher with given distributions, one [`SparseRows`] per example (for
+    /// synthetic tasks: the distributions need not come from `model`, which gives the
+    /// vocabulary). Rows must match the examples' loss positions, share one K < vocab, name
+    /// tokens inside the vocabulary and hold probabilities that sum with `rest` to 1.
+    pub fn from_rows(model: Arc<Model>, examples: &[Example], rows: Vec<SparseRows>) -> Result<Teacher> {
+        let v = model.n_vocab();
+        let bad = |reason: String| Error::InvalidArg { name: "teacher rows", reason };
+        let k = rows.first().map_or(1, |r| r.k);
+        if rows.len() != examples.len() || k == 0 || k >= v {
+            return Err(bad(format!(
+                "{} row sets with K {k} for {} examples of a {v}-token vocabulary",
+                rows.len(),
+                examples.len()
+            )));
+        }
+        for (i, (r, e)) in rows.iter().zip(examples).enumerate() {
+            let n = r.n_rows();
+            if r.k != k || n != e.n_loss() || r.ids.len() != n * k || r.probs.len() != n * k {
+                return Err(bad(format!("example {i}: rows do not match its {} loss positions and K {k}", e.n_loss())));
+            }
+            if r.ids.iter().any(|&id| id as usize >= v) {
+                return Err(bad(format!("example {i}: a token id outside the vocabulary")));
+            }
+            for j in 0..n {
+                let mass: f32 = r.probs[j * k..(j + 1) * k].iter().sum::<f32>() + r.rest[j];
+                if (mass - 1.0).abs() > 1e-3 || r.probs[j * k..(j + 1) * k].iter().any(|p| !(0.0..=1.0).contains(p)) {
+                    return Err(bad(format!("example {i} row {j}: probabilities sum to {mass}")));
+                }
+            }
+        }
+        Ok(Teacher {
+            model,
+            mode: TeacherMode::Sparse { top_k: k },
+            n_threads: 1,
+            sparse: Some(rows),
+            cache_file: None,
+            cache_hit: false,
+        })
+    }
+
     /// A teacher in `mode` for `examples`. Sparse mode reads `cache_dir/teacher-….bin` when
     /// it matches (same target file, token data and K), else computes it with llama.cpp and
     /// writes it there (when `cache_dir` is given).
