@@ -238,27 +238,9 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 /// The C host, linked against libadaspec.so through a folder that carries its soname.
 fn build_loader(dir: &Path) -> PathBuf {
-    let lib = dir.join("lib");
-    std::fs::create_dir_all(&lib).unwrap();
-    for name in ["libadaspec.so", &format!("libadaspec.so.{}", env!("CARGO_PKG_VERSION_MAJOR"))] {
-        let link = lib.join(name);
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(lib_path(), &link).unwrap();
-    }
     let bin = dir.join("load_each");
-    let out = Command::new("cc")
-        .args(["-std=c99", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Werror", "-O1"])
-        .arg("-I")
-        .arg(root().join("include"))
-        .arg(root().join("ffi/tests/c/load_each.c"))
-        .arg(format!("-L{}", lib.display()))
-        .arg("-ladaspec")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-o")
-        .arg(&bin)
-        .output()
-        .expect("run cc");
-    assert!(out.status.success(), "cc failed: {}", String::from_utf8_lossy(&out.stderr));
+    let flags = ["-std=c99", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Werror", "-O1"];
+    build_linked_c_host("ffi/tests/c/load_each.c", &bin, &flags).unwrap_or_else(|e| panic!("cc failed: {e}"));
     bin
 }
 

@@ -51,19 +51,6 @@ fn build_c_host(out: &Path, extra: &[&str]) {
     run_ok(Command::new("cc").args(C_FLAGS).args(extra).arg("-I").arg(&inc).arg(&src).arg("-ldl").arg("-o").arg(out));
 }
 
-/// A folder next to `out` holding libadaspec.so under its soname (libadaspec.so.0) too, as an
-/// installed copy does; hosts link through it.
-fn soname_dir(out: &Path) -> PathBuf {
-    let lib = out.with_extension("lib");
-    std::fs::create_dir_all(&lib).expect("lib dir");
-    for name in ["libadaspec.so", &format!("libadaspec.so.{}", env!("CARGO_PKG_VERSION_MAJOR"))] {
-        let link = lib.join(name);
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(lib_dir().join("libadaspec.so"), &link).expect("symlink");
-    }
-    lib
-}
-
 fn build_cpp_host(out: &Path) {
     let src = root().join("examples/cpp/host_link.cpp");
     let inc = root().join("include");
@@ -301,25 +288,9 @@ fn c_host_is_clean_under_a_memory_checker() {
 
 /// ffi/tests/c/stress_threads.c, linked against libadaspec.so, with `extra` compiler flags.
 fn build_stress_host(out: &Path, extra: &[&str]) -> Result<(), String> {
-    let lib = soname_dir(out);
-    let o = Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g", "-pthread"])
-        .args(extra)
-        .arg("-I")
-        .arg(root().join("include"))
-        .arg(root().join("ffi/tests/c/stress_threads.c"))
-        .arg(format!("-L{}", lib.display()))
-        .arg("-ladaspec")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-o")
-        .arg(out)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&o.stderr).into_owned())
-    }
+    let mut flags = vec!["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g", "-pthread"];
+    flags.extend_from_slice(extra);
+    build_linked_c_host("ffi/tests/c/stress_threads.c", out, &flags)
 }
 
 /// Parses the stress host's "ok <calls> <busy> <stale>" line.

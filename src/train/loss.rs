@@ -344,27 +344,35 @@ mod tests {
         }
     }
 
+    /// The autograd gradient of `teacher`'s divergence at draft logits `z0` (1 × 3), checked
+    /// against central finite differences; returned for further checks.
+    fn checked_gradient(div: Divergence, teacher: &TeacherRows, z0: &Tensor) -> Vec<f64> {
+        let var = Var::from_tensor(z0).unwrap();
+        let l = per_token_divergence_rows(div, teacher, var.as_tensor()).unwrap().sum_all().unwrap();
+        let grads = l.backward().unwrap();
+        let g = grads.get(var.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = z0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for i in 0..3 {
+            let eval = |d: f64| {
+                let mut v = base.clone();
+                v[i] += d;
+                let zz = Tensor::from_vec(v, (1, 3), &Device::Cpu).unwrap();
+                scalar(&per_token_divergence_rows(div, teacher, &zz).unwrap())
+            };
+            let fd = (eval(1e-6) - eval(-1e-6)) / 2e-6;
+            assert!((fd - g[i]).abs() < 1e-6, "{div:?} d/dz{i}: autograd {} vs fd {fd}", g[i]);
+        }
+        g
+    }
+
     #[test]
     fn gradients_flow_and_match_finite_differences() {
         // Away from TV's kinks (p ≠ q everywhere) for the finite differences.
         let (logp, z0) = case();
         let z0 = (z0 + t2(&[&[0.1, -0.2, 0.05]])).unwrap();
+        let dense = TeacherRows::Dense(logp);
         for div in [Divergence::Fkl, Divergence::Rkl, Divergence::Tvd, Divergence::Jsd] {
-            let var = Var::from_tensor(&z0).unwrap();
-            let l = per_token_divergence(div, &logp, var.as_tensor()).unwrap().sum_all().unwrap();
-            let grads = l.backward().unwrap();
-            let g = grads.get(var.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let base = z0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            for i in 0..3 {
-                let eval = |d: f64| {
-                    let mut v = base.clone();
-                    v[i] += d;
-                    let zz = Tensor::from_vec(v, (1, 3), &Device::Cpu).unwrap();
-                    scalar(&per_token_divergence(div, &logp, &zz).unwrap())
-                };
-                let fd = (eval(1e-6) - eval(-1e-6)) / 2e-6;
-                assert!((fd - g[i]).abs() < 1e-6, "{div:?} d/dz{i}: autograd {} vs fd {fd}", g[i]);
-            }
+            let g = checked_gradient(div, &dense, &z0);
             // FKL's gradient is q − p exactly.
             if div == Divergence::Fkl {
                 let q = log_softmax_last(&z0).unwrap().exp().unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -406,21 +414,7 @@ mod tests {
         // Gradients through the gathered and the masked-out part match finite differences.
         let z0 = (z + t2(&[&[0.1, -0.2, 0.05]])).unwrap();
         for div in [Divergence::Fkl, Divergence::Rkl, Divergence::Jsd] {
-            let var = Var::from_tensor(&z0).unwrap();
-            let l = per_token_divergence_rows(div, &bins, var.as_tensor()).unwrap().sum_all().unwrap();
-            let grads = l.backward().unwrap();
-            let g = grads.get(var.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let base = z0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            for i in 0..3 {
-                let eval = |d: f64| {
-                    let mut v = base.clone();
-                    v[i] += d;
-                    let zz = Tensor::from_vec(v, (1, 3), &Device::Cpu).unwrap();
-                    scalar(&per_token_divergence_rows(div, &bins, &zz).unwrap())
-                };
-                let fd = (eval(1e-6) - eval(-1e-6)) / 2e-6;
-                assert!((fd - g[i]).abs() < 1e-6, "{div:?} d/dz{i}: autograd {} vs fd {fd}", g[i]);
-            }
+            checked_gradient(div, &bins, &z0);
         }
     }
 

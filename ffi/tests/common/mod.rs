@@ -522,3 +522,39 @@ pub fn real_pair() -> Option<(PathBuf, PathBuf)> {
     }
     Some((dir.join(names[0]), dir.join(names[1])))
 }
+
+/// A folder next to `out` holding libadaspec.so under its soname (libadaspec.so.0) too, as an
+/// installed copy does; hosts link through it.
+pub fn soname_dir(out: &Path) -> PathBuf {
+    let lib = out.with_extension("lib");
+    std::fs::create_dir_all(&lib).expect("lib dir");
+    for name in ["libadaspec.so", &format!("libadaspec.so.{}", env!("CARGO_PKG_VERSION_MAJOR"))] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib_dir().join("libadaspec.so"), &link).expect("symlink");
+    }
+    lib
+}
+
+/// Compiles the C test host `src` (a path from the repository root) into `out` with `flags`,
+/// linked against libadaspec.so through [`soname_dir`] (and an rpath to it). Err: cc's stderr.
+pub fn build_linked_c_host(src: &str, out: &Path, flags: &[&str]) -> Result<(), String> {
+    let lib = soname_dir(out);
+    let o = std::process::Command::new("cc")
+        .args(flags)
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join(src))
+        .arg(format!("-L{}", lib.display()))
+        .arg("-ladaspec")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-o")
+        .arg(out)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
