@@ -310,6 +310,9 @@ struct Trained {
     head: Arc<Model>,
     before: (f64, Vec<f64>),
     after: (f64, Vec<f64>),
+    /// The same steps again from the same initial head with AdaSPEC selection (k 0.5) against
+    /// the trained head as reference: (held-out loss, α per step, mean selected fraction).
+    adaspec: (f64, Vec<f64>, f64),
 }
 
 #[cfg(feature = "train")]
@@ -369,12 +372,25 @@ fn trained() -> &'static Trained {
         let model = HeadModel::new(&cfg, &weights).unwrap();
         let (a0, _, l0) = evaluate(&model, &val_feats, 2).unwrap();
         let tc = HeadTrainConfig { steps: 120, lr: 2e-3, ttt_steps: 2, progress: false, ..Default::default() };
-        train_head(&model, &feats, &val_feats, &tc, 0).unwrap();
+        train_head(&model, None, &feats, &val_feats, &tc, 0).unwrap();
         let (a1, _, l1) = evaluate(&model, &val_feats, 2).unwrap();
         let out = f.dir.join("trained-head.gguf");
         write_head_gguf(&cfg, &model.to_weights().unwrap(), &out, &target_path, ExportType::F32).unwrap();
         let head = Arc::new(Model::load(&out, &ModelParams::default()).unwrap());
-        Trained { target, head, before: (l0, a0), after: (l1, a1) }
+        // AdaSPEC: the same steps from the same start, selecting against the trained head.
+        let second = HeadModel::new(&cfg, &weights).unwrap();
+        let log = f.dir.join("adaspec-head.jsonl");
+        let tc2 = HeadTrainConfig { select_k: Some(0.5), log: Some(log.clone()), ..tc };
+        train_head(&second, Some(&model), &feats, &val_feats, &tc2, 0).unwrap();
+        assert!(train_head(&second, None, &feats, &val_feats, &tc2, 0).is_err(), "selection without a reference");
+        let (a2, _, l2) = evaluate(&second, &val_feats, 2).unwrap();
+        let fractions: Vec<f64> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("selected_fraction")?.as_f64())
+            .collect();
+        let sel = fractions.iter().sum::<f64>() / fractions.len().max(1) as f64;
+        Trained { target, head, before: (l0, a0), after: (l1, a1), adaspec: (l2, a2, sel) }
     })
 }
 
@@ -405,6 +421,19 @@ fn head_init_train_export_on_a_tiny_target() {
         proposed += got.stats.draft_proposed;
     }
     assert!(accepted > 0, "the trained head's drafts were never accepted ({proposed} proposed)");
+}
+
+/// AdaSPEC selection in the head trainer: with the FKL-trained head as reference and k 0.5,
+/// each step trains on about half of the positions, and the head still learns (held-out
+/// agreement well above the untrained head's). Prints the comparison with FKL at equal steps.
+#[cfg(feature = "train")]
+#[test]
+fn head_training_with_adaspec_selection() {
+    let t = trained();
+    let ((_, a0), (l1, a1), (l2, a2, sel)) = (&t.before, &t.after, &t.adaspec);
+    eprintln!("equal steps: FKL loss {l1:.3} α {a1:.3?}; AdaSPEC (k 0.5, selected {sel:.3}) loss {l2:.3} α {a2:.3?}");
+    assert!((0.45..0.65).contains(sel), "selected fraction {sel}");
+    assert!(a2[0] > a0[0] + 0.05, "AdaSPEC did not learn: {a0:?} -> {a2:?}");
 }
 
 /// Under sampling, a session drafting with the trained head (chains, dynamic trees, `auto` on

@@ -79,6 +79,14 @@ pub struct HeadTrainArgs {
     /// Seed of the example order and the validation split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// AdaSPEC: a reference head (checkpoint, e.g. one trained without selection from the same
+    /// --init); each step then trains only the --k fraction of positions where the head trails
+    /// the reference most.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Fraction of positions AdaSPEC trains on, in (0, 1] (with --reference).
+    #[arg(long, default_value_t = 0.4)]
+    pub k: f64,
     /// Output checkpoint (safetensors; config in NAME.head.json).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -176,6 +184,16 @@ fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
     }
     let val_feats = feats.split_off(train.len());
     let model = HeadModel::new(&cfg, &weights)?;
+    let reference = match &a.reference {
+        Some(p) => {
+            let (rc, rw) = load_head(p).with_context(|| format!("loading the reference head {}", p.display()))?;
+            if rc != cfg {
+                anyhow::bail!("--reference {} has another shape or vocabulary than --init", p.display());
+            }
+            Some(HeadModel::new(&rc, &rw)?)
+        }
+        None => None,
+    };
     let tc = HeadTrainConfig {
         ttt_steps: a.ttt,
         lr: a.lr,
@@ -184,10 +202,11 @@ fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
         batch: a.batch,
         seed: a.seed,
         log: a.metrics.clone(),
+        select_k: a.reference.as_ref().map(|_| a.k),
         ..Default::default()
     };
     let t0 = std::time::Instant::now();
-    let evals = train_head(&model, &feats, &val_feats, &tc, a.eval_every)?;
+    let evals = train_head(&model, reference.as_ref(), &feats, &val_feats, &tc, a.eval_every)?;
     let trained = model.to_weights()?;
     save_head(&a.output, &cfg, &trained)?;
     if let Some(out) = &a.export {

@@ -247,6 +247,9 @@ pub struct HeadTrainConfig {
     pub progress: bool,
     /// JSONL metrics log (one line per step and per evaluation).
     pub log: Option<PathBuf>,
+    /// AdaSPEC selection: at each TTT step of a sequence, train only the top-k fraction of its
+    /// positions by ΔL = L_head − L_reference (needs the reference head in [`train_head`]).
+    pub select_k: Option<f64>,
 }
 
 impl Default for HeadTrainConfig {
@@ -261,6 +264,7 @@ impl Default for HeadTrainConfig {
             seed: 0,
             progress: true,
             log: None,
+            select_k: None,
         }
     }
 }
@@ -270,10 +274,28 @@ struct SeqLoss {
     loss: Tensor,
     /// Per TTT step: (agreeing positions, trained positions).
     agree: Vec<(f64, f64)>,
+    /// Positions trained on and positions that could be (they differ under selection).
+    selected: (f64, f64),
 }
 
-/// `None` when no position of the sequence is trained (all masked).
-fn seq_loss(model: &HeadModel, ex: &HeadExample, steps: usize) -> Result<Option<SeqLoss>> {
+/// Cross-entropy of one TTT step's logits against the K + 1-bin teacher, per position (n).
+fn step_ce(logits: &Tensor, ex: &HeadExample) -> Result<Tensor> {
+    let lsm = log_softmax(logits)?; // (n, V_d)
+    let lq = lsm.gather(&ex.tid, 1)?; // (n, K)
+    let q_other = (1.0 - lq.exp()?.sum(1)?)?.clamp(1e-6, 1.0)?.log()?; // (n)
+    Ok(((&ex.tp * &lq)?.sum(1)? + (&ex.other * q_other)?)?.neg()?)
+}
+
+/// `None` when no position of the sequence is trained (all masked). With `select` (a
+/// reference head and k), each step trains only the top-k fraction of its valid positions by
+/// ΔL = CE(head) − CE(reference), the loss still divided by the number of valid positions
+/// (AdaSPEC's normalisation).
+fn seq_loss(
+    model: &HeadModel,
+    ex: &HeadExample,
+    steps: usize,
+    select: Option<(&HeadModel, f64)>,
+) -> Result<Option<SeqLoss>> {
     if ex.mask.sum_all()?.to_scalar::<f32>()? == 0.0 {
         return Ok(None);
     }
@@ -281,8 +303,13 @@ fn seq_loss(model: &HeadModel, ex: &HeadExample, steps: usize) -> Result<Option<
     let feat = ex.feat.to_dtype(DType::F32)?;
     let n = emb.dims()[0];
     let outs = model.forward_ttt(&emb, &feat, steps)?;
+    let ref_outs = match select {
+        Some((r, _)) => Some(r.forward_ttt(&emb, &feat, steps)?),
+        None => None,
+    };
     let mut total: Option<Tensor> = None;
     let mut agree = Vec::with_capacity(steps);
+    let mut selected = (0.0, 0.0);
     let mask_all = ex.mask.to_vec1::<f32>()?;
     let am = ex.argmax.to_vec1::<u32>()?;
     for (i, o) in outs.iter().enumerate() {
@@ -296,11 +323,21 @@ fn seq_loss(model: &HeadModel, ex: &HeadExample, steps: usize) -> Result<Option<
             agree.push((0.0, 0.0));
             continue;
         }
-        let lsm = log_softmax(&o.logits)?; // (n, V_d)
-        let lq = lsm.gather(&ex.tid, 1)?; // (n, K)
-        let q_other = (1.0 - lq.exp()?.sum(1)?)?.clamp(1e-6, 1.0)?.log()?; // (n)
-        let ce = ((&ex.tp * &lq)?.sum(1)? + (&ex.other * q_other)?)?.neg()?; // (n)
-        let m = Tensor::from_vec(mask.clone(), n, &Device::Cpu)?;
+        let ce = step_ce(&o.logits, ex)?; // (n)
+        let mut train_mask = mask.clone();
+        if let (Some(refs), Some((_, k))) = (&ref_outs, select) {
+            let ce_ref = step_ce(&refs[i].logits.detach(), ex)?.to_vec1::<f32>()?;
+            let ce_head = ce.detach().to_vec1::<f32>()?;
+            let valid: Vec<usize> = (0..n).filter(|&p| mask[p] > 0.0).collect();
+            let delta: Vec<f32> = valid.iter().map(|&p| ce_head[p] - ce_ref[p]).collect();
+            let keep = super::loss::select_top_gap(&delta, k)?;
+            for (&p, &kept) in valid.iter().zip(&keep) {
+                train_mask[p] = kept;
+            }
+        }
+        selected.0 += train_mask.iter().sum::<f32>() as f64;
+        selected.1 += count as f64;
+        let m = Tensor::from_vec(train_mask, n, &Device::Cpu)?;
         let l = ((ce * &m)?.sum_all()? / count as f64)?;
         let l = (l * 0.8f64.powi(i as i32))?;
         total = Some(match total {
@@ -311,7 +348,7 @@ fn seq_loss(model: &HeadModel, ex: &HeadExample, steps: usize) -> Result<Option<
         let hits: f32 = pred.iter().zip(&am).zip(&mask).map(|((p, a), m)| if p == a { *m } else { 0.0 }).sum();
         agree.push((hits as f64, count as f64));
     }
-    Ok(total.map(|loss| SeqLoss { loss, agree }))
+    Ok(total.map(|loss| SeqLoss { loss, agree, selected }))
 }
 
 /// Greedy agreement per TTT step on `val` (teacher-forced): α_i = P(head argmax = target
@@ -322,7 +359,7 @@ pub fn evaluate(model: &HeadModel, val: &[HeadExample], steps: usize) -> Result<
     let mut loss = 0.0;
     let mut n = 0usize;
     for ex in val {
-        let Some(s) = seq_loss(model, ex, steps)? else { continue };
+        let Some(s) = seq_loss(model, ex, steps, None)? else { continue };
         n += 1;
         loss += s.loss.to_scalar::<f32>()? as f64;
         for (a, b) in acc.iter_mut().zip(&s.agree) {
@@ -341,14 +378,30 @@ pub fn evaluate(model: &HeadModel, val: &[HeadExample], steps: usize) -> Result<
 }
 
 /// Trains `model` on `train`, evaluating on `val` at the start, every `eval_every` steps and at
-/// the end. Returns the JSON records of the evaluations.
+/// the end. With `cfg.select_k`, `reference` (e.g. a head trained without selection: AdaSPEC's
+/// stage 1) is required and each step trains on the selected positions only. Returns the JSON
+/// records of the evaluations.
 pub fn train_head(
     model: &HeadModel,
+    reference: Option<&HeadModel>,
     train: &[HeadExample],
     val: &[HeadExample],
     cfg: &HeadTrainConfig,
     eval_every: usize,
 ) -> Result<Vec<serde_json::Value>> {
+    let select = match (reference, cfg.select_k) {
+        (Some(r), Some(k)) => {
+            super::loss::check_k(k)?;
+            Some((r, k))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Error::InvalidArg {
+                name: "--reference",
+                reason: "AdaSPEC selection (--k) needs a reference head, and a reference is only used with it".into(),
+            })
+        }
+    };
     let tc = TrainConfig { beta1: 0.9, beta2: 0.95, weight_decay: 0.0, lr: cfg.lr, ..Default::default() };
     let mut opt = AdamW::new(model.named_vars(), &tc)?;
     let mut log = match &cfg.log {
@@ -380,12 +433,14 @@ pub fn train_head(
     for step in 1..=cfg.steps {
         let mut acc: Vec<Option<Tensor>> = vec![None; opt.params().len()];
         let mut loss_sum = 0.0;
+        let mut sel = (0.0, 0.0);
         for _ in 0..cfg.batch {
             let ex = &train[order[cursor % order.len()]];
             cursor += 1;
             tokens += ex.emb.dims()[0];
-            let Some(s) = seq_loss(model, ex, cfg.ttt_steps)? else { continue };
+            let Some(s) = seq_loss(model, ex, cfg.ttt_steps, select)? else { continue };
             loss_sum += s.loss.to_scalar::<f32>()? as f64;
+            sel = (sel.0 + s.selected.0, sel.1 + s.selected.1);
             let grads = (s.loss / cfg.batch as f64)?.backward()?;
             accumulate(&grads, opt.params(), &mut acc)?;
         }
@@ -395,7 +450,7 @@ pub fn train_head(
         let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let loss = loss_sum / cfg.batch as f64;
         write(
-            &serde_json::json!({"kind": "train", "step": step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tps}),
+            &serde_json::json!({"kind": "train", "step": step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tps, "selected_fraction": sel.0 / sel.1.max(1.0)}),
         )?;
         bar.inc(1);
         bar.set_message(format!("loss {loss:.3} {tps:.0} tok/s"));
