@@ -492,3 +492,120 @@ fn head_drafting_under_sampling_matches_target_distribution() {
         assert!(tpp > 1.05, "{strategy}: {tpp:.2} tokens per pass: the head's drafts were hardly accepted");
     }
 }
+
+/// `adaspec head init | train | eval` as a user runs them: a head for a tiny target from a
+/// JSONL file, a few training steps (with and without AdaSPEC selection), then `head eval`
+/// reports α per TTT step, τ and the loss as JSON; bad input is a one-line error, not a panic.
+#[cfg(feature = "train")]
+#[test]
+fn head_commands_init_train_eval() {
+    let f = fixture(TinyArch::Llama);
+    let dir = f.dir.join("cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = f.target.path().to_path_buf();
+    let data = dir.join("data.jsonl");
+    let lines: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Question {i}: what is {i} plus {i}?"), "response": format!("It is {}.", 2 * i)})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let adaspec = |args: &[&std::ffi::OsStr]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_adaspec")).args(args).output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let p = |p: &std::path::Path| p.as_os_str().to_os_string();
+    let (init, ckpt) = (dir.join("head0.gguf"), dir.join("head0.safetensors"));
+    let run = |v: Vec<std::ffi::OsString>| {
+        let refs: Vec<&std::ffi::OsStr> = v.iter().map(|s| s.as_os_str()).collect();
+        adaspec(&refs)
+    };
+    let (ok, _, err) = run(vec![
+        os("head"),
+        os("init"),
+        os("--target"),
+        p(&target),
+        os("--data"),
+        p(&data),
+        os("--draft-vocab"),
+        os("200"),
+        os("--ffn"),
+        os("64"),
+        os("-o"),
+        p(&init),
+        os("--checkpoint"),
+        p(&ckpt),
+    ]);
+    assert!(ok, "{err}");
+    let trained = dir.join("head.safetensors");
+    let train = |out: &std::path::Path, extra: Vec<std::ffi::OsString>| {
+        let mut v = vec![
+            os("head"),
+            os("train"),
+            os("--target"),
+            p(&target),
+            os("--init"),
+            p(&ckpt),
+            os("--data"),
+            p(&data),
+            os("--raw"),
+            os("--steps"),
+            os("6"),
+            os("--warmup"),
+            os("2"),
+            os("--batch"),
+            os("2"),
+            os("--ttt"),
+            os("2"),
+            os("--threads"),
+            os("2"),
+            os("-o"),
+            p(out),
+            os("--json"),
+        ];
+        v.extend(extra);
+        run(v)
+    };
+    let (ok, out, err) = train(&trained, vec![]);
+    assert!(ok, "{err}");
+    assert!(serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["evals"].is_array(), "{out}");
+    let (ok, _, err) =
+        train(&dir.join("head-adaspec.safetensors"), vec![os("--reference"), p(&trained), os("--k"), os("0.5")]);
+    assert!(ok, "{err}");
+    let eval = |head: &std::path::Path, extra: Vec<std::ffi::OsString>| {
+        let mut v = vec![
+            os("head"),
+            os("eval"),
+            os("--target"),
+            p(&target),
+            os("--head"),
+            p(head),
+            os("--data"),
+            p(&data),
+            os("--raw"),
+            os("--threads"),
+            os("2"),
+        ];
+        v.extend(extra);
+        run(v)
+    };
+    let (ok, out, err) = eval(&trained, vec![os("--ttt"), os("2"), os("--json")]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["alpha"].as_array().map(|a| a.len()), Some(2), "{out}");
+    assert!(v["tau_chain"].as_f64().unwrap() >= 1.0 && v["sequences"].as_u64().unwrap() > 0, "{out}");
+    let (ok, out, _) = eval(&trained, vec![]);
+    assert!(ok && out.contains("greedy α per TTT step"), "{out}");
+    // Refusals: --ttt 0, a missing head.
+    for (what, (ok, _, err)) in
+        [("ttt", eval(&trained, vec![os("--ttt"), os("0")])), ("missing", eval(&dir.join("none.safetensors"), vec![]))]
+    {
+        assert!(!ok && err.starts_with("error:") && !err.contains("panicked"), "{what}: {err}");
+    }
+}

@@ -24,6 +24,45 @@ pub enum HeadCommand {
     Init(HeadInitArgs),
     /// Train a head on the target's own features and distributions (EAGLE-3 training-time test).
     Train(HeadTrainArgs),
+    /// Measure a head checkpoint on data: teacher-forced greedy agreement with the target per
+    /// TTT step (α), the chain length it implies (τ) and the loss.
+    Eval(HeadEvalArgs),
+}
+
+/// `adaspec head eval --target T.gguf --head head.safetensors --data D.jsonl [--ttt 3] [--json]`
+#[derive(Debug, Args)]
+pub struct HeadEvalArgs {
+    /// The target GGUF the head drafts for.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// The head: a checkpoint of `adaspec head init --checkpoint` or `adaspec head train`.
+    #[arg(long)]
+    pub head: PathBuf,
+    /// Data (JSONL with responses, the formats `adaspec train` reads); measured on the response
+    /// tokens.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// No chat template around prompts.
+    #[arg(long)]
+    pub raw: bool,
+    /// Longest sequence (prompt + response) in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Most sequences (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_examples: usize,
+    /// TTT steps to measure (α of step i: the head drafting i tokens ahead on its own outputs).
+    #[arg(long, default_value_t = 3)]
+    pub ttt: usize,
+    /// Cache of the extracted target features and teacher (safetensors); reused when present.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// CPU threads for the target (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `adaspec head train --target T.gguf --init head.safetensors --data D.jsonl -o trained.safetensors --export head.gguf`
@@ -145,37 +184,94 @@ pub fn run(args: &HeadArgs) -> anyhow::Result<()> {
     match &args.command {
         HeadCommand::Init(a) => run_init(a),
         HeadCommand::Train(a) => run_train(a),
+        HeadCommand::Eval(a) => run_eval(a),
     }
 }
 
-fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
-    use super::data::{load_examples, split_validation, TokenizeOptions};
-    use super::head::load_head;
-    use super::head_model::HeadModel;
-    use super::head_train::{extract, train_head, HeadTrainConfig};
-    let ty = a.ty;
-    let (cfg, weights) = load_head(&a.init).with_context(|| format!("loading the head {}", a.init.display()))?;
-    let target = std::sync::Arc::new(Model::load(&a.target, &ModelParams::default())?);
+/// A head checkpoint, the target it was made for and examples of data, all checked.
+struct HeadInputs {
+    cfg: super::head::HeadConfig,
+    weights: super::model::Weights,
+    target: std::sync::Arc<Model>,
+    examples: Vec<super::data::Example>,
+}
+
+fn head_inputs(
+    head: &std::path::Path,
+    target_path: &std::path::Path,
+    data: &[PathBuf],
+    raw: bool,
+    max_len: usize,
+    max_examples: usize,
+    seed: u64,
+) -> anyhow::Result<HeadInputs> {
+    use super::data::{load_examples, TokenizeOptions};
+    let (cfg, weights) =
+        super::head::load_head(head).with_context(|| format!("loading the head {}", head.display()))?;
+    let target = std::sync::Arc::new(Model::load(target_path, &ModelParams::default())?);
     if target.n_embd() != cfg.target_hidden_size || target.n_vocab() != cfg.target_vocab {
         anyhow::bail!(
             "{} was made for a target of hidden size {} and vocabulary {}, {} has {} and {}",
-            a.init.display(),
+            head.display(),
             cfg.target_hidden_size,
             cfg.target_vocab,
-            a.target.display(),
+            target_path.display(),
             target.n_embd(),
             target.n_vocab()
         );
     }
-    let opts = TokenizeOptions { chat: !a.raw, max_len: a.max_len, ..Default::default() };
-    let (mut examples, stats) = load_examples(&target, &a.data, &opts, BadLines::Stop)?;
-    if a.max_examples > 0 {
-        let order = super::data::permutation(examples.len(), a.seed ^ 0x5eed);
-        let keep: Vec<_> = order.into_iter().take(a.max_examples).map(|i| examples[i].clone()).collect();
+    let opts = TokenizeOptions { chat: !raw, max_len, ..Default::default() };
+    let (mut examples, stats) = load_examples(&target, data, &opts, BadLines::Stop)?;
+    tracing::info!("{} sequences ({stats:?})", examples.len());
+    if max_examples > 0 {
+        let order = super::data::permutation(examples.len(), seed ^ 0x5eed);
+        let keep: Vec<_> = order.into_iter().take(max_examples).map(|i| examples[i].clone()).collect();
         examples = keep;
     }
+    Ok(HeadInputs { cfg, weights, target, examples })
+}
+
+fn run_eval(a: &HeadEvalArgs) -> anyhow::Result<()> {
+    use super::head_model::HeadModel;
+    use super::head_train::{evaluate, extract};
+    if a.ttt == 0 {
+        anyhow::bail!("--ttt must be at least 1");
+    }
+    let inp = head_inputs(&a.head, &a.target, &a.data, a.raw, a.max_len, a.max_examples, 0)?;
+    let threads = if a.threads > 0 { a.threads } else { crate::backend::default_threads() };
+    let feats = extract(&inp.target, &inp.cfg, &inp.examples, threads, a.cache.as_deref(), true)?;
+    if feats.is_empty() {
+        anyhow::bail!("no usable sequences in the data");
+    }
+    let model = HeadModel::new(&inp.cfg, &inp.weights)?;
+    let (alpha, tau, loss) = evaluate(&model, &feats, a.ttt)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"head": a.head, "sequences": feats.len(), "alpha": alpha, "tau_chain": tau, "loss": loss})
+        );
+    } else {
+        let per: Vec<String> = alpha.iter().map(|x| format!("{x:.3}")).collect();
+        println!(
+            "{} on {} sequences: greedy α per TTT step {}, τ(chain) ≈ {tau:.2}, loss {loss:.3}",
+            a.head.display(),
+            feats.len(),
+            per.join(" / ")
+        );
+    }
+    Ok(())
+}
+
+fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
+    use super::data::split_validation;
+    use super::head::load_head;
+    use super::head_model::HeadModel;
+    use super::head_train::{extract, train_head, HeadTrainConfig};
+    let ty = a.ty;
+    let HeadInputs { cfg, weights, target, examples } =
+        head_inputs(&a.init, &a.target, &a.data, a.raw, a.max_len, a.max_examples, a.seed)?;
     let (train, val) = split_validation(examples, a.val_fraction, a.seed)?;
-    tracing::info!("{} training and {} validation sequences ({stats:?})", train.len(), val.len());
+    tracing::info!("{} training and {} validation sequences", train.len(), val.len());
     let threads = if a.threads > 0 { a.threads } else { crate::backend::default_threads() };
     let all: Vec<_> = train.iter().chain(&val).cloned().collect();
     let mut feats = extract(&target, &cfg, &all, threads, a.cache.as_deref(), true)?;
