@@ -36,20 +36,6 @@ pub enum BadLines {
     Skip,
 }
 
-impl std::str::FromStr for BadLines {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "stop" => Ok(BadLines::Stop),
-            "skip" => Ok(BadLines::Skip),
-            other => Err(Error::InvalidArg {
-                name: "--on-bad-line",
-                reason: format!("expected \"stop\" or \"skip\", got {other:?}"),
-            }),
-        }
-    }
-}
-
 /// One prompt (and maybe its response) read from a JSONL line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {

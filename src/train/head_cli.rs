@@ -29,57 +29,18 @@ pub enum HeadCommand {
     Eval(HeadEvalArgs),
 }
 
-/// `adaspec head eval --target T.gguf --head head.safetensors --data D.jsonl [--ttt 3] [--json]`
+/// The target and the data a head is trained or measured on (shared by `head train` and
+/// `head eval`).
 #[derive(Debug, Args)]
-pub struct HeadEvalArgs {
-    /// The target GGUF the head drafts for.
-    #[arg(long)]
-    pub target: PathBuf,
-    /// The head: a checkpoint of `adaspec head init --checkpoint` or `adaspec head train`.
-    #[arg(long)]
-    pub head: PathBuf,
-    /// Data (JSONL with responses, the formats `adaspec train` reads); measured on the response
-    /// tokens.
-    #[arg(long, num_args = 1.., required = true)]
-    pub data: Vec<PathBuf>,
-    /// No chat template around prompts.
-    #[arg(long)]
-    pub raw: bool,
-    /// Longest sequence (prompt + response) in tokens.
-    #[arg(long, default_value_t = 256)]
-    pub max_len: usize,
-    /// Most sequences (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub max_examples: usize,
-    /// TTT steps to measure (α of step i: the head drafting i tokens ahead on its own outputs).
-    #[arg(long, default_value_t = 3)]
-    pub ttt: usize,
-    /// Cache of the extracted target features and teacher (safetensors); reused when present.
-    #[arg(long)]
-    pub cache: Option<PathBuf>,
-    /// CPU threads for the target (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: i32,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `adaspec head train --target T.gguf --init head.safetensors --data D.jsonl -o trained.safetensors --export head.gguf`
-#[derive(Debug, Args)]
-pub struct HeadTrainArgs {
+pub struct HeadDataArgs {
     /// The target GGUF (features and teacher distributions come from it, through llama.cpp).
     #[arg(long)]
     pub target: PathBuf,
-    /// The head to start from: a checkpoint of `adaspec head init --checkpoint` or of an
-    /// earlier `head train`.
-    #[arg(long)]
-    pub init: PathBuf,
-    /// Training data (JSONL with responses: the formats `adaspec train` reads); trained on the
-    /// fixed responses, loss on response tokens only.
+    /// Data (JSONL with responses: the formats `adaspec train` reads); loss and agreement on
+    /// the fixed response tokens only.
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
-    /// Use the chat template around prompts (default on; --raw to turn off).
+    /// No chat template around prompts (default: the target's template).
     #[arg(long)]
     pub raw: bool,
     /// Longest sequence (prompt + response) in tokens.
@@ -88,6 +49,39 @@ pub struct HeadTrainArgs {
     /// Most sequences to use (0 = all).
     #[arg(long, default_value_t = 0)]
     pub max_examples: usize,
+    /// Cache of the extracted target features and teacher (safetensors); reused when present.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// CPU threads for the target (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+}
+
+/// `adaspec head eval --target T.gguf --head head.safetensors --data D.jsonl [--ttt 3] [--json]`
+#[derive(Debug, Args)]
+pub struct HeadEvalArgs {
+    #[command(flatten)]
+    pub input: HeadDataArgs,
+    /// The head: a checkpoint of `adaspec head init --checkpoint` or `adaspec head train`.
+    #[arg(long)]
+    pub head: PathBuf,
+    /// TTT steps to measure (α of step i: the head drafting i tokens ahead on its own outputs).
+    #[arg(long, default_value_t = 3)]
+    pub ttt: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `adaspec head train --target T.gguf --init head.safetensors --data D.jsonl -o trained.safetensors --export head.gguf`
+#[derive(Debug, Args)]
+pub struct HeadTrainArgs {
+    #[command(flatten)]
+    pub input: HeadDataArgs,
+    /// The head to start from: a checkpoint of `adaspec head init --checkpoint` or of an
+    /// earlier `head train`.
+    #[arg(long)]
+    pub init: PathBuf,
     /// Fraction of sequences held out for evaluation.
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f64,
@@ -109,12 +103,6 @@ pub struct HeadTrainArgs {
     /// Evaluate every N steps (0 = only at the start and end).
     #[arg(long, default_value_t = 50)]
     pub eval_every: usize,
-    /// Cache of the extracted target features and teacher (safetensors); reused when present.
-    #[arg(long)]
-    pub cache: Option<PathBuf>,
-    /// CPU threads for the target (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: i32,
     /// Seed of the example order and the validation split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -188,6 +176,16 @@ pub fn run(args: &HeadArgs) -> anyhow::Result<()> {
     }
 }
 
+impl HeadDataArgs {
+    fn n_threads(&self) -> i32 {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            crate::backend::default_threads()
+        }
+    }
+}
+
 /// A head checkpoint, the target it was made for and examples of data, all checked.
 struct HeadInputs {
     cfg: super::head::HeadConfig,
@@ -196,18 +194,11 @@ struct HeadInputs {
     examples: Vec<super::data::Example>,
 }
 
-fn head_inputs(
-    head: &std::path::Path,
-    target_path: &std::path::Path,
-    data: &[PathBuf],
-    raw: bool,
-    max_len: usize,
-    max_examples: usize,
-    seed: u64,
-) -> anyhow::Result<HeadInputs> {
+fn head_inputs(head: &std::path::Path, d: &HeadDataArgs, seed: u64) -> anyhow::Result<HeadInputs> {
     use super::data::{load_examples, TokenizeOptions};
     let (cfg, weights) =
         super::head::load_head(head).with_context(|| format!("loading the head {}", head.display()))?;
+    let target_path = &d.target;
     let target = std::sync::Arc::new(Model::load(target_path, &ModelParams::default())?);
     if target.n_embd() != cfg.target_hidden_size || target.n_vocab() != cfg.target_vocab {
         anyhow::bail!(
@@ -220,12 +211,12 @@ fn head_inputs(
             target.n_vocab()
         );
     }
-    let opts = TokenizeOptions { chat: !raw, max_len, ..Default::default() };
-    let (mut examples, stats) = load_examples(&target, data, &opts, BadLines::Stop)?;
+    let opts = TokenizeOptions { chat: !d.raw, max_len: d.max_len, ..Default::default() };
+    let (mut examples, stats) = load_examples(&target, &d.data, &opts, BadLines::Stop)?;
     tracing::info!("{} sequences ({stats:?})", examples.len());
-    if max_examples > 0 {
+    if d.max_examples > 0 {
         let order = super::data::permutation(examples.len(), seed ^ 0x5eed);
-        let keep: Vec<_> = order.into_iter().take(max_examples).map(|i| examples[i].clone()).collect();
+        let keep: Vec<_> = order.into_iter().take(d.max_examples).map(|i| examples[i].clone()).collect();
         examples = keep;
     }
     Ok(HeadInputs { cfg, weights, target, examples })
@@ -237,9 +228,8 @@ fn run_eval(a: &HeadEvalArgs) -> anyhow::Result<()> {
     if a.ttt == 0 {
         anyhow::bail!("--ttt must be at least 1");
     }
-    let inp = head_inputs(&a.head, &a.target, &a.data, a.raw, a.max_len, a.max_examples, 0)?;
-    let threads = if a.threads > 0 { a.threads } else { crate::backend::default_threads() };
-    let feats = extract(&inp.target, &inp.cfg, &inp.examples, threads, a.cache.as_deref(), true)?;
+    let inp = head_inputs(&a.head, &a.input, 0)?;
+    let feats = extract(&inp.target, &inp.cfg, &inp.examples, a.input.n_threads(), a.input.cache.as_deref(), true)?;
     if feats.is_empty() {
         anyhow::bail!("no usable sequences in the data");
     }
@@ -268,13 +258,11 @@ fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
     use super::head_model::HeadModel;
     use super::head_train::{extract, train_head, HeadTrainConfig};
     let ty = a.ty;
-    let HeadInputs { cfg, weights, target, examples } =
-        head_inputs(&a.init, &a.target, &a.data, a.raw, a.max_len, a.max_examples, a.seed)?;
+    let HeadInputs { cfg, weights, target, examples } = head_inputs(&a.init, &a.input, a.seed)?;
     let (train, val) = split_validation(examples, a.val_fraction, a.seed)?;
     tracing::info!("{} training and {} validation sequences", train.len(), val.len());
-    let threads = if a.threads > 0 { a.threads } else { crate::backend::default_threads() };
     let all: Vec<_> = train.iter().chain(&val).cloned().collect();
-    let mut feats = extract(&target, &cfg, &all, threads, a.cache.as_deref(), true)?;
+    let mut feats = extract(&target, &cfg, &all, a.input.n_threads(), a.input.cache.as_deref(), true)?;
     if feats.len() != all.len() {
         anyhow::bail!("{} of {} sequences were usable (too short ones are skipped)", feats.len(), all.len());
     }
@@ -306,7 +294,7 @@ fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
     let trained = model.to_weights()?;
     save_head(&a.output, &cfg, &trained)?;
     if let Some(out) = &a.export {
-        write_head_gguf(&cfg, &trained, out, &a.target, ty)?;
+        write_head_gguf(&cfg, &trained, out, &a.input.target, ty)?;
     }
     let last = evals.last().cloned().unwrap_or_default();
     if a.json {

@@ -40,22 +40,6 @@ impl Divergence {
     }
 }
 
-impl std::str::FromStr for Divergence {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fkl" => Ok(Divergence::Fkl),
-            "rkl" => Ok(Divergence::Rkl),
-            "tvd" => Ok(Divergence::Tvd),
-            "jsd" => Ok(Divergence::Jsd),
-            other => Err(Error::InvalidArg {
-                name: "--method",
-                reason: format!("unknown divergence {other:?}: expected fkl, rkl, tvd or jsd"),
-            }),
-        }
-    }
-}
-
 /// Log-softmax over the last dim, `x − logsumexp(x)`, from gradient-carrying ops. The max
 /// shift is detached (log-softmax is shift invariant, so no gradient changes).
 pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {

@@ -39,21 +39,6 @@ pub enum LrSchedule {
     Cosine,
 }
 
-impl std::str::FromStr for LrSchedule {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "constant" => Ok(LrSchedule::Constant),
-            "linear" => Ok(LrSchedule::Linear),
-            "cosine" => Ok(LrSchedule::Cosine),
-            other => Err(Error::InvalidArg {
-                name: "--lr-schedule",
-                reason: format!("expected constant, linear or cosine, got {other:?}"),
-            }),
-        }
-    }
-}
-
 /// Everything that defines a training run (saved in each checkpoint's `state.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
