@@ -578,6 +578,13 @@ fn head_commands_init_train_eval() {
     let (ok, _, err) =
         train(&dir.join("head-adaspec.safetensors"), vec![os("--reference"), p(&trained), os("--k"), os("0.5")]);
     assert!(ok, "{err}");
+    let (ok, _, err) = train(
+        &dir.join("head-refloss.safetensors"),
+        vec![os("--reference"), p(&trained), os("--k"), os("0.5"), os("--select-by"), os("ref-loss")],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = train(&dir.join("head-none.safetensors"), vec![os("--select-by"), os("ref-loss")]);
+    assert!(!ok && err.contains("--select-by ref-loss needs --reference"), "{err}");
     let eval = |head: &std::path::Path, extra: Vec<std::ffi::OsString>| {
         let mut v = vec![
             os("head"),

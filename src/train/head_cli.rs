@@ -114,6 +114,10 @@ pub struct HeadTrainArgs {
     /// Fraction of positions AdaSPEC trains on, in (0, 1] (with --reference).
     #[arg(long, default_value_t = 0.4)]
     pub k: f64,
+    /// How the top k are ranked: `gap` (AdaSPEC: CE(head) − CE(reference), largest first) or
+    /// `ref-loss` (the positions the reference fits best).
+    #[arg(long, value_enum, default_value_t = crate::train::loss::Selection::Gap)]
+    pub select_by: crate::train::loss::Selection,
     /// Output checkpoint (safetensors; config in NAME.head.json).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -253,6 +257,9 @@ fn run_eval(a: &HeadEvalArgs) -> anyhow::Result<()> {
 }
 
 fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
+    if a.reference.is_none() && a.select_by != crate::train::loss::Selection::Gap {
+        anyhow::bail!("--select-by {} needs --reference (AdaSPEC selection)", a.select_by.name());
+    }
     use super::data::split_validation;
     use super::head::load_head;
     use super::head_model::HeadModel;
@@ -287,6 +294,7 @@ fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
         seed: a.seed,
         log: a.metrics.clone(),
         select_k: a.reference.as_ref().map(|_| a.k),
+        selection: a.select_by,
         ..Default::default()
     };
     let t0 = std::time::Instant::now();

@@ -250,6 +250,8 @@ pub struct HeadTrainConfig {
     /// AdaSPEC selection: at each TTT step of a sequence, train only the top-k fraction of its
     /// positions by ΔL = L_head − L_reference (needs the reference head in [`train_head`]).
     pub select_k: Option<f64>,
+    /// How the top k are ranked (see [`super::loss::Selection`]; default AdaSPEC's gap).
+    pub selection: super::loss::Selection,
 }
 
 impl Default for HeadTrainConfig {
@@ -265,6 +267,7 @@ impl Default for HeadTrainConfig {
             progress: true,
             log: None,
             select_k: None,
+            selection: super::loss::Selection::Gap,
         }
     }
 }
@@ -287,14 +290,14 @@ fn step_ce(logits: &Tensor, ex: &HeadExample) -> Result<Tensor> {
 }
 
 /// `None` when no position of the sequence is trained (all masked). With `select` (a
-/// reference head and k), each step trains only the top-k fraction of its valid positions by
-/// ΔL = CE(head) − CE(reference), the loss still divided by the number of valid positions
+/// reference head, k and the rule), each step trains only the top-k fraction of its valid
+/// positions by ΔL = CE(head) − CE(reference) (or by −CE(reference)), the loss still divided by the number of valid positions
 /// (AdaSPEC's normalisation).
 fn seq_loss(
     model: &HeadModel,
     ex: &HeadExample,
     steps: usize,
-    select: Option<(&HeadModel, f64)>,
+    select: Option<(&HeadModel, f64, super::loss::Selection)>,
 ) -> Result<Option<SeqLoss>> {
     if ex.mask.sum_all()?.to_scalar::<f32>()? == 0.0 {
         return Ok(None);
@@ -304,7 +307,7 @@ fn seq_loss(
     let n = emb.dims()[0];
     let outs = model.forward_ttt(&emb, &feat, steps)?;
     let ref_outs = match select {
-        Some((r, _)) => Some(r.forward_ttt(&emb, &feat, steps)?),
+        Some((r, _, _)) => Some(r.forward_ttt(&emb, &feat, steps)?),
         None => None,
     };
     let mut total: Option<Tensor> = None;
@@ -325,11 +328,14 @@ fn seq_loss(
         }
         let ce = step_ce(&o.logits, ex)?; // (n)
         let mut train_mask = mask.clone();
-        if let (Some(refs), Some((_, k))) = (&ref_outs, select) {
+        if let (Some(refs), Some((_, k, selection))) = (&ref_outs, select) {
             let ce_ref = step_ce(&refs[i].logits.detach(), ex)?.to_vec1::<f32>()?;
             let ce_head = ce.detach().to_vec1::<f32>()?;
             let valid: Vec<usize> = (0..n).filter(|&p| mask[p] > 0.0).collect();
-            let delta: Vec<f32> = valid.iter().map(|&p| ce_head[p] - ce_ref[p]).collect();
+            let delta: Vec<f32> = match selection {
+                super::loss::Selection::Gap => valid.iter().map(|&p| ce_head[p] - ce_ref[p]).collect(),
+                super::loss::Selection::RefLoss => valid.iter().map(|&p| -ce_ref[p]).collect(),
+            };
             let keep = super::loss::select_top_gap(&delta, k)?;
             for (&p, &kept) in valid.iter().zip(&keep) {
                 train_mask[p] = kept;
@@ -392,7 +398,7 @@ pub fn train_head(
     let select = match (reference, cfg.select_k) {
         (Some(r), Some(k)) => {
             super::loss::check_k(k)?;
-            Some((r, k))
+            Some((r, k, cfg.selection))
         }
         (None, None) => None,
         _ => {

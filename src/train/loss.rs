@@ -232,16 +232,43 @@ pub fn mean_loss(div: Divergence, teacher: &TeacherRows, draft_logits: &Tensor) 
     Ok(LossOutput { loss, per_token, n_selected: n, n_valid: n })
 }
 
+/// Which tokens stage 2 trains on: the top-k fraction by a per-token score, recomputed
+/// every step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selection {
+    /// AdaSPEC's rule: the largest gap ΔL = L_draft − L_ref (the tokens where the draft lags
+    /// the reference most). Its fixed point is the reference: wherever the draft falls behind
+    /// the reference, ΔL grows and the token is selected again.
+    #[default]
+    Gap,
+    /// The tokens the reference fits best (smallest L_ref): a fixed notion of "learnable"
+    /// that does not pull the draft back to the reference's compromise on tokens it drops.
+    RefLoss,
+}
+
+impl Selection {
+    /// The CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Selection::Gap => "gap",
+            Selection::RefLoss => "ref-loss",
+        }
+    }
+}
+
 /// AdaSPEC stage-2 loss: L_draft = div(p ‖ q_draft) per token, L_ref = div(p ‖ q_ref)
-/// (`ref_logits` are detached), ΔL = L_draft − L_ref, keep ΔL ≥ quantile(ΔL, 1 − k) via
-/// [`select_top_gap`], loss = Σ selected L_draft / n_valid (the mean over selected tokens
-/// scaled by the selected fraction).
+/// (`ref_logits` are detached); with [`Selection::Gap`] keep ΔL = L_draft − L_ref ≥
+/// quantile(ΔL, 1 − k) via [`select_top_gap`] (with [`Selection::RefLoss`] the score is
+/// −L_ref); loss = Σ selected L_draft / n_valid (the mean over selected tokens scaled by the
+/// selected fraction).
 pub fn adaspec_loss(
     div: Divergence,
     teacher: &TeacherRows,
     draft_logits: &Tensor,
     ref_logits: &Tensor,
     k: f64,
+    selection: Selection,
 ) -> Result<LossOutput> {
     check_k(k)?;
     let per = per_token_divergence_rows(div, teacher, draft_logits)?;
@@ -252,8 +279,11 @@ pub fn adaspec_loss(
         return Ok(LossOutput { loss: per.sum_all()?, per_token, n_selected: 0, n_valid: 0 });
     }
     let ref_vals = per_ref.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let delta: Vec<f32> = per_token.iter().zip(&ref_vals).map(|(d, r)| d - r).collect();
-    let mask = select_top_gap(&delta, k)?;
+    let score: Vec<f32> = match selection {
+        Selection::Gap => per_token.iter().zip(&ref_vals).map(|(d, r)| d - r).collect(),
+        Selection::RefLoss => ref_vals.iter().map(|r| -r).collect(),
+    };
+    let mask = select_top_gap(&score, k)?;
     let n_selected = mask.iter().filter(|&&m| m > 0.0).count();
     let mask = Tensor::from_vec(mask, n, per.device())?.to_dtype(per.dtype())?;
     let loss = ((per * mask)?.sum_all()? / n as f64)?;
@@ -457,7 +487,7 @@ mod tests {
         let r = t2(&[&logp_rows[0], &z_rows[1], &logp_rows[2], &z_rows[3]]);
         let var = Var::from_tensor(&z).unwrap();
         let dense = TeacherRows::Dense(logp.clone());
-        let out = adaspec_loss(Divergence::Fkl, &dense, var.as_tensor(), &r, 0.5).unwrap();
+        let out = adaspec_loss(Divergence::Fkl, &dense, var.as_tensor(), &r, 0.5, Selection::Gap).unwrap();
         assert_eq!(out.n_valid, 4);
         assert_eq!(out.n_selected, 2);
         let per = &out.per_token;
@@ -470,10 +500,46 @@ mod tests {
         assert!(g[1].iter().chain(&g[3]).all(|&x| x == 0.0));
         assert!(g[0].iter().any(|&x| x.abs() > 1e-3));
         // k = 1 keeps everything and equals the mean loss.
-        let all = adaspec_loss(Divergence::Fkl, &dense, &z, &r, 1.0).unwrap();
+        let all = adaspec_loss(Divergence::Fkl, &dense, &z, &r, 1.0, Selection::Gap).unwrap();
         let mean = mean_loss(Divergence::Fkl, &dense, &z).unwrap();
         assert_eq!(all.n_selected, 4);
         assert!((scalar(&all.loss.reshape(1).unwrap()) - scalar(&mean.loss.reshape(1).unwrap())).abs() < 1e-12);
-        assert!(adaspec_loss(Divergence::Fkl, &dense, &z, &r, 0.0).is_err());
+        assert!(adaspec_loss(Divergence::Fkl, &dense, &z, &r, 0.0, Selection::Gap).is_err());
+    }
+
+    #[test]
+    fn ref_loss_selection_keeps_the_tokens_the_reference_fits_best() {
+        // The draft equals the teacher on token 0 (ΔL < 0 there: the gap rule drops it) and
+        // the reference fits tokens 0 and 3 best, so ref-loss keeps 0 and 3, the gap rule 2
+        // and 3.
+        let p = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.5, 0.25, 0.25]];
+        let rows: Vec<Vec<f64>> = p.iter().map(|r| logp_of(r)).collect();
+        let logp = t2(&rows.iter().map(|v| v.as_slice()).collect::<Vec<_>>());
+        let z = t2(&[&rows[0], &[2.0, 0.0, 0.0], &[3.0, 0.0, -3.0], &[0.0, 3.0, 0.0]]);
+        let r = t2(&[&[1.0, 0.5, 0.0], &[0.0, 0.0, 1.5], &[0.0, 2.0, -1.0], &[0.2, -0.5, -0.5]]);
+        let dense = TeacherRows::Dense(logp);
+        let l = |x: &Tensor| per_token_divergence_rows(Divergence::Fkl, &dense, x).unwrap().to_vec1::<f64>().unwrap();
+        let (ld, lr) = (l(&z), l(&r));
+        let two = |score: Vec<f64>| {
+            let mut i: Vec<usize> = (0..4).collect();
+            i.sort_by(|&a, &b| score[b].total_cmp(&score[a]));
+            let mut t = vec![i[0], i[1]];
+            t.sort();
+            t
+        };
+        assert_eq!(two(lr.iter().map(|x| -x).collect()), vec![0, 3], "L_ref {lr:?}");
+        assert_eq!(two(ld.iter().zip(&lr).map(|(d, r)| d - r).collect()), vec![2, 3], "L {ld:?} L_ref {lr:?}");
+        for (sel, want) in [(Selection::RefLoss, [0, 3]), (Selection::Gap, [2, 3])] {
+            let var = Var::from_tensor(&z).unwrap();
+            let out = adaspec_loss(Divergence::Fkl, &dense, var.as_tensor(), &r, 0.5, sel).unwrap();
+            assert_eq!(out.n_selected, 2);
+            let expect = (ld[want[0]] + ld[want[1]]) / 4.0;
+            assert!((scalar(&out.loss.reshape(1).unwrap()) - expect).abs() < 1e-9, "{sel:?}");
+            let grads = out.loss.backward().unwrap();
+            let g = grads.get(var.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+            for (i, row) in g.iter().enumerate() {
+                assert_eq!(row.iter().any(|&x| x.abs() > 1e-9), want.contains(&i) && ld[i] > 1e-6, "{sel:?} row {i}");
+            }
+        }
     }
 }

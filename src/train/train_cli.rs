@@ -16,7 +16,7 @@ use clap::{Args, Subcommand};
 use super::data::{load_examples, read_records, split_validation, BadLines, Example, TokenizeOptions};
 use super::eval::{acceptance_on, generate_continuations, generate_dataset, DraftSource, EvalReport, GenerateOptions};
 use super::gguf_import::load_any;
-use super::loss::{check_k, Divergence};
+use super::loss::{check_k, Divergence, Selection};
 use super::prune::parse_layers;
 use super::teacher::{Teacher, TeacherMode};
 use super::trainer::{check_compat, train, train_adaspec, LrSchedule, TrainConfig, TrainData, TrainReport};
@@ -108,6 +108,11 @@ pub struct TrainOpts {
     /// Fraction of valid tokens AdaSPEC trains on, in (0, 1].
     #[arg(long, default_value_t = 0.4)]
     pub k: f64,
+    /// How AdaSPEC ranks tokens for the top k: `gap` (the paper: L_draft − L_ref, largest
+    /// first) or `ref-loss` (the tokens the reference fits best; see the README's synthetic
+    /// selection results for when the two differ).
+    #[arg(long, value_enum, default_value_t = Selection::Gap)]
+    pub select_by: Selection,
     /// Learning rate (peak, after warm-up).
     #[arg(long, default_value_t = 3e-4)]
     pub lr: f64,
@@ -191,6 +196,9 @@ pub struct TrainOpts {
 impl TrainOpts {
     /// The training config these flags describe (`method` overrides `--method`).
     pub fn train_config(&self, method: Method) -> anyhow::Result<TrainConfig> {
+        if method != Method::Adaspec && self.select_by != Selection::Gap {
+            anyhow::bail!("--select-by {} needs --method adaspec", self.select_by.name());
+        }
         let (divergence, select_k) = match method {
             Method::Adaspec => {
                 check_k(self.k)?;
@@ -204,6 +212,7 @@ impl TrainOpts {
         let cfg = TrainConfig {
             divergence,
             select_k,
+            selection: self.select_by,
             lr: self.lr,
             beta1: self.beta1,
             beta2: self.beta2,

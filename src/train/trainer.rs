@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{epoch_order, write_atomic, Example, PaddedBatch};
 use super::error::{Error, Result};
 use super::gguf_import::{load_checkpoint, save_checkpoint};
-use super::loss::{adaspec_loss, check_k, mean_loss, per_token_divergence_rows, Divergence};
+use super::loss::{adaspec_loss, check_k, mean_loss, per_token_divergence_rows, Divergence, Selection};
 use super::model::{Config, DraftModel, Trainable, Weights};
 use super::teacher::{Teacher, TeacherMode};
 
@@ -47,6 +47,10 @@ pub struct TrainConfig {
     /// AdaSPEC selection: keep the top-k fraction of tokens by ΔL = L_draft − L_ref (needs a
     /// reference model). `None`: all valid tokens (the DistillSpec baselines, stage 1).
     pub select_k: Option<f64>,
+    /// How stage 2 ranks tokens for the top-k (default: AdaSPEC's gap; absent in older
+    /// checkpoints, which used the gap).
+    #[serde(default)]
+    pub selection: Selection,
     /// Peak learning rate (default 3e-4).
     pub lr: f64,
     pub beta1: f64,
@@ -85,6 +89,7 @@ impl Default for TrainConfig {
         TrainConfig {
             divergence: Divergence::Fkl,
             select_k: None,
+            selection: Selection::Gap,
             lr: 3e-4,
             beta1: 0.9,
             beta2: 0.999,
@@ -179,8 +184,9 @@ impl TrainConfig {
     pub fn method_name(&self) -> String {
         match (self.select_k, self.divergence) {
             (None, d) => d.name().to_string(),
-            (Some(_), Divergence::Fkl) => "adaspec".to_string(),
-            (Some(_), d) => format!("adaspec-{}", d.name()),
+            (Some(_), Divergence::Fkl) if self.selection == Selection::Gap => "adaspec".to_string(),
+            (Some(_), d) if self.selection == Selection::Gap => format!("adaspec-{}", d.name()),
+            (Some(_), d) => format!("adaspec-{}-{}", d.name(), self.selection.name()),
         }
     }
 }
@@ -224,7 +230,7 @@ fn resume_differences(old: &StateFile, cfg: &TrainConfig, data: &TrainData) -> V
             })+
         };
     }
-    same!(divergence, select_k, lr, beta1, beta2, eps, weight_decay, grad_clip, batch_size, grad_accum);
+    same!(divergence, select_k, selection, lr, beta1, beta2, eps, weight_decay, grad_clip, batch_size, grad_accum);
     same!(steps, epochs, schedule, warmup_steps, freeze_embeddings, freeze_lm_head, train_blocks, seed);
     let hash = super::data::examples_hash(data.train);
     if old.data_hash != 0 && old.data_hash != hash {
@@ -627,7 +633,7 @@ pub fn train(
             let out = match (&ref_model, cfg.select_k) {
                 (Some(r), Some(k)) => {
                     let ref_logits = batch_logits(r, &batch)?.detach();
-                    adaspec_loss(cfg.divergence, &logp, &logits, &ref_logits, k)?
+                    adaspec_loss(cfg.divergence, &logp, &logits, &ref_logits, k, cfg.selection)?
                 }
                 _ => mean_loss(cfg.divergence, &logp, &logits)?,
             };
