@@ -1,6 +1,12 @@
 //! `adaspec`: speculative generation with draft trees on llama.cpp, its benchmark, and (with
 //! the `train` feature) the AdaSPEC trainer's commands.
 
+/// With the trainer built in: mimalloc (candle's vocabulary-sized temporaries are reused instead
+/// of mapped and unmapped by glibc per op; see Cargo.toml).
+#[cfg(feature = "train")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;

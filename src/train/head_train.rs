@@ -440,23 +440,30 @@ pub fn train_head(
         let mut acc: Vec<Option<Tensor>> = vec![None; opt.params().len()];
         let mut loss_sum = 0.0;
         let mut sel = (0.0, 0.0);
+        let mut phases = super::trainer::PhaseTimes::default();
         for _ in 0..cfg.batch {
             let ex = &train[order[cursor % order.len()]];
             cursor += 1;
             tokens += ex.emb.dims()[0];
+            let tp = Instant::now();
             let Some(s) = seq_loss(model, ex, cfg.ttt_steps, select)? else { continue };
             loss_sum += s.loss.to_scalar::<f32>()? as f64;
+            phases.forward_s += tp.elapsed().as_secs_f64();
             sel = (sel.0 + s.selected.0, sel.1 + s.selected.1);
+            let tp = Instant::now();
             let grads = (s.loss / cfg.batch as f64)?.backward()?;
             accumulate(&grads, opt.params(), &mut acc)?;
+            phases.backward_s += tp.elapsed().as_secs_f64();
         }
+        let tp = Instant::now();
         let norm = clip_global_norm(&mut acc, cfg.grad_clip)?;
         let lr = if step <= cfg.warmup_steps { cfg.lr * step as f64 / cfg.warmup_steps as f64 } else { cfg.lr };
         opt.step(&acc, lr)?;
+        phases.optimizer_s = tp.elapsed().as_secs_f64();
         let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let loss = loss_sum / cfg.batch as f64;
         write(
-            &serde_json::json!({"kind": "train", "step": step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tps, "selected_fraction": sel.0 / sel.1.max(1.0)}),
+            &serde_json::json!({"kind": "train", "step": step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tps, "selected_fraction": sel.0 / sel.1.max(1.0), "phases": phases.to_json()}),
         )?;
         bar.inc(1);
         bar.set_message(format!("loss {loss:.3} {tps:.0} tok/s"));

@@ -257,6 +257,26 @@ pub struct StepLog {
     pub tokens: usize,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// Where the step's time went.
+    pub phases: PhaseTimes,
+}
+
+/// Seconds of one optimizer step by phase: teacher rows (from the cache or memory), forward
+/// (draft and reference logits and the loss), backward (gradients and their accumulation),
+/// optimizer (norm clip and AdamW).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    pub teacher_s: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+}
+
+impl PhaseTimes {
+    /// JSON object with the four phases.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"teacher_s": self.teacher_s, "forward_s": self.forward_s, "backward_s": self.backward_s, "optimizer_s": self.optimizer_s})
+    }
 }
 
 /// A validation pass (also a line of `metrics.jsonl`).
@@ -437,7 +457,7 @@ pub fn batch_logits(model: &DraftModel, batch: &PaddedBatch) -> Result<Tensor> {
     let hidden = model.forward_hidden(&ids, Some(&attn))?; // (batch, seq, hidden)
     let h = hidden.dim(2)?;
     let sel = hidden.reshape((batch.batch * batch.seq, h))?.index_select(&rows, 0)?; // (n_loss, hidden)
-    Ok(sel.matmul(&model.head().t()?)?.to_dtype(DType::F32)?)
+    Ok(model.head_logits(&sel)?.to_dtype(DType::F32)?)
 }
 
 /// Teacher-forced validation: mean FKL and greedy agreement over `examples`' response tokens.
@@ -622,13 +642,17 @@ pub fn train(
         let t0 = Instant::now();
         let mut acc: Vec<Option<Tensor>> = vec![None; opt.params().len()];
         let (mut loss_sum, mut sel, mut valid, mut tokens, mut used) = (0.0f64, 0usize, 0usize, 0usize, 0usize);
+        let mut phases = PhaseTimes::default();
         for _ in 0..cfg.grad_accum {
             let idx = next_indices(&mut state, data.train.len(), cfg.batch_size, cfg.seed);
             let batch = PaddedBatch::new(data.train, &idx, 0)?;
             if batch.loss_rows.is_empty() {
                 continue;
             }
+            let tp = Instant::now();
             let logp = data.teacher_train.rows(data.train, &batch, &dev)?;
+            phases.teacher_s += tp.elapsed().as_secs_f64();
+            let tp = Instant::now();
             let logits = batch_logits(&model, &batch)?;
             let out = match (&ref_model, cfg.select_k) {
                 (Some(r), Some(k)) => {
@@ -638,16 +662,21 @@ pub fn train(
                 _ => mean_loss(cfg.divergence, &logp, &logits)?,
             };
             loss_sum += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            phases.forward_s += tp.elapsed().as_secs_f64();
             used += 1;
             sel += out.n_selected;
             valid += out.n_valid;
             tokens += batch.n_tokens();
+            let tp = Instant::now();
             let grads = (out.loss / cfg.grad_accum as f64)?.backward()?;
             accumulate(&grads, opt.params(), &mut acc)?;
+            phases.backward_s += tp.elapsed().as_secs_f64();
         }
+        let tp = Instant::now();
         let grad_norm = clip_global_norm(&mut acc, cfg.grad_clip)?;
         let lr = cfg.lr_at(state.step + 1, total);
         opt.step(&acc, lr)?;
+        phases.optimizer_s = tp.elapsed().as_secs_f64();
         state.step += 1;
         state.tokens_seen += tokens as u64;
         tokens_since += tokens;
@@ -662,9 +691,10 @@ pub fn train(
             tokens,
             tokens_per_s: tokens as f64 / dt,
             elapsed_s: start.elapsed().as_secs_f64(),
+            phases,
         };
         log_line(
-            serde_json::json!({"kind": "train", "method": cfg.method_name(), "step": log.step, "loss": log.loss, "selected_fraction": log.selected_fraction, "lr": log.lr, "grad_norm": log.grad_norm, "tokens": log.tokens, "tokens_per_s": log.tokens_per_s, "elapsed_s": log.elapsed_s}),
+            serde_json::json!({"kind": "train", "method": cfg.method_name(), "step": log.step, "loss": log.loss, "selected_fraction": log.selected_fraction, "lr": log.lr, "grad_norm": log.grad_norm, "tokens": log.tokens, "tokens_per_s": log.tokens_per_s, "elapsed_s": log.elapsed_s, "phases": log.phases.to_json()}),
         )?;
         bar.set_message(format!(
             "loss {:.4} sel {:.2} {:.0} tok/s",
