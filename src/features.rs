@@ -28,10 +28,10 @@ pub fn eagle3_layers(n_layer: usize) -> [u32; 3] {
     [pick(2), pick(n_layer / 2), pick(n_layer.saturating_sub(3).max(1))]
 }
 
-/// Rows of the three feature layers since the last [`FeatureTap::clear`].
+/// Rows of each tapped tensor since the last [`FeatureTap::clear`].
 #[derive(Default)]
 struct Rows {
-    layers: [Vec<f32>; 3],
+    layers: Vec<Vec<f32>>,
     /// A tensor that did not have the expected shape or type (reported by `take`).
     error: Option<String>,
 }
@@ -39,6 +39,8 @@ struct Rows {
 /// Collects the features of every decode on the target context it is attached to.
 pub struct FeatureTap {
     layer_ids: [u32; 3],
+    /// Taps the target's final-norm output (`result_norm`), which holds output rows only.
+    final_norm: bool,
     /// Graph tensor name → which of the three slots it fills (a layer may be asked twice).
     names: Vec<(String, Vec<usize>)>,
     n_embd: usize,
@@ -65,10 +67,36 @@ impl FeatureTap {
                 None => names.push((name, vec![slot])),
             }
         }
-        Ok(FeatureTap { layer_ids, names, n_embd, rows: Mutex::new(Rows::default()) })
+        let rows = Rows { layers: vec![Vec::new(); 3], error: None };
+        Ok(FeatureTap { layer_ids, final_norm: false, names, n_embd, rows: Mutex::new(rows) })
     }
 
-    /// The layers read (their inputs).
+    /// A tap for the target's last hidden state after its final norm (`result_norm`, the
+    /// feature EAGLE-2-style and FSPAD heads read). llama.cpp computes it for output rows
+    /// only, so every token whose row is wanted must be decoded as an output
+    /// ([`FeatureTap::needs_output_rows`]).
+    pub fn final_norm(n_embd: usize) -> FeatureTap {
+        let rows = Rows { layers: vec![Vec::new()], error: None };
+        FeatureTap {
+            layer_ids: [0; 3],
+            final_norm: true,
+            names: vec![("result_norm".to_string(), vec![0])],
+            n_embd,
+            rows: Mutex::new(rows),
+        }
+    }
+
+    /// Rows exist only for tokens decoded as outputs (prompt processing must ask for them).
+    pub fn needs_output_rows(&self) -> bool {
+        self.final_norm
+    }
+
+    /// Floats per gathered row (every tapped tensor's row, concatenated).
+    pub fn row_width(&self) -> usize {
+        self.n_embd * self.lock().layers.len()
+    }
+
+    /// The layers read (their inputs; meaningless for a [`FeatureTap::final_norm`] tap).
     pub fn layer_ids(&self) -> [u32; 3] {
         self.layer_ids
     }
@@ -93,7 +121,8 @@ impl FeatureTap {
         r.layers.iter().map(Vec::len).min().unwrap_or(0) / self.n_embd.max(1)
     }
 
-    /// The concatenated features [low; mid; high] (3·n_embd floats per row) of the collected
+    /// The concatenated features [low; mid; high] (3·n_embd floats per row; n_embd for a
+    /// final-norm tap) of the collected
     /// rows `rows` (indices into the rows since the last clear), appended to `out`.
     pub fn gather(&self, rows: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let r = self.lock();

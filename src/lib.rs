@@ -13,6 +13,7 @@ pub mod dataset;
 pub mod eagle;
 pub mod error;
 pub mod features;
+pub mod fspad;
 #[cfg(feature = "cli")]
 pub mod inspect;
 pub mod model_file;

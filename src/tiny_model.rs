@@ -667,6 +667,74 @@ pub fn tiny_head_tensors(target: &TinyModelConfig, head: &TinyHeadConfig) -> Res
     Ok(t)
 }
 
+/// Writes a random-weight FSPAD-family head ([`crate::fspad`], variant `variant`) for the tiny
+/// target `target`: its hidden size, heads and tokenizer, FFN width `head.n_ff` (the
+/// feature-sampling MLP as wide), optionally its own LM head over a reduced vocabulary.
+pub fn write_tiny_fspad_head(
+    path: &Path,
+    target: &TinyModelConfig,
+    variant: crate::fspad::Variant,
+    head: &TinyHeadConfig,
+) -> Result<()> {
+    let t = tiny_fspad_tensors(target, variant, head)?;
+    let cfg = TinyModelConfig { n_layer: 1, n_ff: head.n_ff, f16: false, ..target.clone() };
+    let n_vocab = (tiny_vocab().tokens.len() + target.extra_tokens) as u32;
+    let (hd, fs) = (target.head_dim() as u32, if variant.sampling() { head.n_ff as u32 } else { 0 });
+    let extra = move |w: &mut GGUFWriter| {
+        w.add_metadata("fspad.variant", variant.name());
+        w.add_metadata_u32("fspad.attention.key_length", hd);
+        w.add_metadata_u32("fspad.sampling_length", fs);
+        w.add_metadata_u32("fspad.target_vocab_size", n_vocab);
+    };
+    write_gguf_as(path, &cfg, crate::fspad::ARCH, &extra, &t)
+}
+
+/// The tensors [`write_tiny_fspad_head`] writes.
+pub fn tiny_fspad_tensors(
+    target: &TinyModelConfig,
+    variant: crate::fspad::Variant,
+    head: &TinyHeadConfig,
+) -> Result<Vec<NamedTensor>> {
+    target.validate()?;
+    let cfg = crate::fspad::FspadConfig {
+        variant,
+        hidden: target.n_embd,
+        n_head: target.n_head,
+        n_head_kv: target.n_head_kv,
+        head_dim: target.head_dim(),
+        ffn: head.n_ff,
+        fs_ffn: if variant.sampling() { head.n_ff } else { 0 },
+        rope_theta: 10000.0,
+        rms_eps: 1e-6,
+        target_vocab: tiny_vocab().tokens.len() + target.extra_tokens,
+    };
+    let mut rng = Normal::new(head.seed ^ 0xf5bad);
+    let mut t: Vec<NamedTensor> = Vec::new();
+    for (name, shape) in cfg.tensor_shapes() {
+        let n: usize = shape.iter().product();
+        let data = if shape.len() == 1 && name.ends_with("norm.weight") {
+            rng.vec(n, 0.1, 1.0)
+        } else if shape.len() == 1 {
+            rng.vec(n, 0.02, 0.0)
+        } else {
+            rng.vec(n, 1.0 / (shape[1] as f32).sqrt(), 0.0)
+        };
+        t.push((name, shape, data));
+    }
+    if let Some(v) = head.draft_vocab {
+        let h = target.n_embd;
+        if v == 0 || 2 * (v - 1) >= cfg.target_vocab {
+            return Err(Error::InvalidParam {
+                name: "draft_vocab",
+                reason: format!("{v} every-other ids do not fit a vocabulary of {}", cfg.target_vocab),
+            });
+        }
+        t.push(("output.weight".into(), vec![v, h], rng.vec(v * h, target.logit_scale / (h as f32).sqrt(), 0.0)));
+        t.push(("d2t".into(), vec![v], (0..v).map(|i| (2 * i) as f32).collect()));
+    }
+    Ok(t)
+}
+
 /// The draft's weights: the target's plus seeded Gaussian noise of `draft_noise` times each
 /// tensor's RMS (norm weights are perturbed around their mean of 1 the same way).
 pub fn perturb_tensors(

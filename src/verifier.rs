@@ -99,7 +99,28 @@ impl Verifier {
         let past = self.ctx.prefix_len();
         self.clear_tap();
         if past + 1 < n {
-            decode_span(&mut self.ctx, &mut self.batch, &history[past..n - 1], past, false)?;
+            if self.ctx.tap().is_some_and(|t| t.needs_output_rows()) {
+                // A final-norm tap sees output rows only: every prompt token is an output, in
+                // chunks small enough that llama.cpp's logits buffer stays modest.
+                self.prefill_outputs(&history[past..n - 1], past)?;
+            } else {
+                decode_span(&mut self.ctx, &mut self.batch, &history[past..n - 1], past, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn prefill_outputs(&mut self, tokens: &[Token], start: usize) -> Result<()> {
+        const CHUNK: usize = 64;
+        if start + tokens.len() > self.ctx.n_ctx() {
+            return Err(Error::ContextFull { needed: start + tokens.len(), n_ctx: self.ctx.n_ctx() });
+        }
+        for (c, part) in tokens.chunks(CHUNK.min(self.ctx.n_batch())).enumerate() {
+            self.batch.clear();
+            for (j, &t) in part.iter().enumerate() {
+                self.batch.add(t, (start + c * CHUNK.min(self.ctx.n_batch()) + j) as i32, &[0], true)?;
+            }
+            self.ctx.decode(&self.batch)?;
         }
         Ok(())
     }

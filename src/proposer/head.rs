@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::shapes::{self, NodeDecoder};
-use super::{ModelProposer, Proposer, Request};
+use super::{FeatureHead, ModelProposer, Proposer, Request};
 use crate::backend::{ms_since, Model, Token};
 use crate::cost::BatchCost;
 use crate::eagle::{Entry, HeadContext, HeadInfo};
@@ -81,9 +81,8 @@ impl HeadDraft {
         self.g.len() / self.head.n_embd()
     }
 
-    /// Positions whose target features the head holds (encoded or not): equal to the tokens
-    /// of the target's cache between rounds.
-    pub fn features_len(&self) -> usize {
+    /// Positions whose target features the head holds (encoded or not).
+    fn n_features(&self) -> usize {
         self.n_g() + self.pending.len() / self.head.n_enc()
     }
 
@@ -176,7 +175,7 @@ impl HeadDraft {
 
     /// Times head decodes of each batch size on scratch positions (zero features); leaves the
     /// cache empty. The curve `auto` plans head drafting with.
-    pub fn measure_costs(&mut self, sizes: &[usize]) -> Result<BatchCost> {
+    fn measure_decode_costs(&mut self, sizes: &[usize]) -> Result<BatchCost> {
         let mut cost = BatchCost::default();
         let h = self.head.n_embd();
         let zeros = vec![0.0f32; h];
@@ -202,6 +201,28 @@ impl HeadDraft {
         }
         self.head.ctx_mut().clear();
         Ok(cost)
+    }
+}
+
+impl FeatureHead for HeadDraft {
+    fn features_len(&self) -> usize {
+        self.n_features()
+    }
+
+    fn cost_key(&self) -> String {
+        format!("head|{}", self.model().path().display())
+    }
+
+    fn measure_costs(&mut self, sizes: &[usize]) -> Result<BatchCost> {
+        self.measure_decode_costs(sizes)
+    }
+
+    fn as_model(&mut self) -> &mut dyn ModelProposer {
+        self
+    }
+
+    fn as_proposer(&mut self) -> &mut dyn Proposer {
+        self
     }
 }
 
@@ -296,12 +317,12 @@ impl Proposer for HeadDraft {
         let n = history.len();
         let rows = self.tap.n_rows();
         let start = (n - 1).saturating_sub(rows);
-        if start > self.features_len() {
+        if start > self.n_features() {
             return Err(Error::InvalidParam {
                 name: "head",
                 reason: format!(
                     "target features missing for positions {}..{start} (the session keeps them in step)",
-                    self.features_len()
+                    self.n_features()
                 ),
             });
         }
@@ -315,7 +336,7 @@ impl Proposer for HeadDraft {
 
     fn propose(&mut self, req: Request<'_>, tree: &mut DraftTree) -> Result<()> {
         let n = req.history.len();
-        if req.max_nodes == 0 || n < 2 || self.features_len() < n - 1 {
+        if req.max_nodes == 0 || n < 2 || self.n_features() < n - 1 {
             return Ok(());
         }
         let max_nodes = req.max_nodes.min(self.head.ctx().n_ctx().saturating_sub(n));
@@ -342,7 +363,7 @@ impl Proposer for HeadDraft {
         self.head.ctx_mut().keep_prefix(n_before.saturating_sub(1));
         self.prenorm.clear();
         // The target cached the root and the first n_commit - 1 accepted nodes: their rows.
-        if self.features_len() != n_before - 1 {
+        if self.n_features() != n_before - 1 {
             return; // features already out of step (an earlier failure): the session resyncs
         }
         let rows: Vec<usize> = std::iter::once(0).chain(accepted.iter().copied()).take(n_commit).collect();

@@ -7,6 +7,7 @@
 //! it must record every sampled token's proposal distribution ([`crate::tree::Proposal`]) and
 //! must never drop a sampled token after it was drawn (SPEC §3).
 
+pub mod fspad;
 pub mod head;
 pub mod lookup;
 pub mod model;
@@ -19,6 +20,7 @@ use crate::error::Result;
 use crate::sampling::SamplingParams;
 use crate::tree::{DraftTree, StaticShape};
 
+pub use fspad::FspadDraft;
 pub use head::HeadDraft;
 pub use lookup::LookupDraft;
 pub use model::ModelDraft;
@@ -92,4 +94,18 @@ pub trait ModelProposer: Proposer {
     fn lag(&self, history: &[Token]) -> usize;
     /// (batch size, ms) of its decodes since the last call.
     fn take_timings(&mut self) -> Vec<(usize, f64)>;
+}
+
+/// A feature-level head proposer, whatever its kind (`eagle3` through llama.cpp,
+/// FSPAD-family through its own graph): what the session needs beyond a [`ModelProposer`].
+pub trait FeatureHead: ModelProposer + Send {
+    /// Positions whose target features the head holds: equal to the tokens of the target's
+    /// cache between rounds.
+    fn features_len(&self) -> usize;
+    /// Identifies the head for the per-process cost cache.
+    fn cost_key(&self) -> String;
+    /// Times head calls per batch size: the curve `auto` plans head drafting with.
+    fn measure_costs(&mut self, sizes: &[usize]) -> Result<crate::cost::BatchCost>;
+    fn as_model(&mut self) -> &mut dyn ModelProposer;
+    fn as_proposer(&mut self) -> &mut dyn Proposer;
 }

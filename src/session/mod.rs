@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 use crate::features::FeatureTap;
 use crate::policy::{Drafters, Limits, Policy, RoundRecord, TestVariant, AUTO_MAX_DEPTH};
 use crate::probe;
-use crate::proposer::{HeadDraft, LookupDraft, ModelDraft, ModelProposer, Proposer};
+use crate::fspad::FspadHead;
+use crate::proposer::{FeatureHead, FspadDraft, HeadDraft, LookupDraft, ModelDraft, ModelProposer, Proposer};
 use crate::sampling::SamplingParams;
 use crate::strategy::{NumericMode, Strategy};
 use crate::verifier::Verifier;
@@ -97,12 +98,20 @@ pub enum FailPoint {
     AfterVerify,
 }
 
+/// A feature-level head as a session takes it.
+enum HeadFile {
+    /// An `eagle3` GGUF loaded by llama.cpp.
+    Eagle3(Arc<Model>),
+    /// An FSPAD-family head ([`crate::fspad`]).
+    Fspad(Arc<FspadHead>),
+}
+
 /// Target + optional draft with their KV caches and the conversation so far.
 pub struct Session {
     params: SessionParams,
     verifier: Verifier,
     draft: Option<ModelDraft>,
-    head: Option<HeadDraft>,
+    head: Option<Box<dyn FeatureHead>>,
     lookup: Option<LookupDraft>,
     policy: Policy,
     history: Vec<Token>,
@@ -131,13 +140,19 @@ impl Session {
     /// reading the target's hidden states, instead of a separate draft model. Checks that the
     /// head was made for this target (hidden size, layers, vocabulary).
     pub fn with_head(target: Arc<Model>, head: Arc<Model>, params: SessionParams) -> Result<Session> {
-        Self::build(target, None, Some(head), params)
+        Self::build(target, None, Some(HeadFile::Eagle3(head)), params)
+    }
+
+    /// A session that drafts with an FSPAD-family head ([`crate::fspad`]: EAGLE-2-style, FSPAD,
+    /// or an ablation) reading the target's final-norm hidden states.
+    pub fn with_fspad_head(target: Arc<Model>, head: Arc<FspadHead>, params: SessionParams) -> Result<Session> {
+        Self::build(target, None, Some(HeadFile::Fspad(head)), params)
     }
 
     fn build(
         target: Arc<Model>,
         draft: Option<Arc<Model>>,
-        head: Option<Arc<Model>>,
+        head: Option<HeadFile>,
         params: SessionParams,
     ) -> Result<Session> {
         if params.n_ctx < 16 {
@@ -181,10 +196,14 @@ impl Session {
             crate::backend::check_vocab_compat(&target, d)?;
         }
         let head_info = match &head {
-            Some(h) => {
+            Some(HeadFile::Eagle3(h)) => {
                 let info = head_info(h)?;
                 check_head_compat(&target, h, &info)?;
                 Some(info)
+            }
+            Some(HeadFile::Fspad(h)) => {
+                h.check_target(&target)?;
+                None
             }
             None => None,
         };
@@ -217,9 +236,10 @@ impl Session {
         let n_batch = (512u32.min(params.n_ctx)).max(t_seq.max(d_seq) as u32);
         let exact = params.mode == NumericMode::Exact;
         let tap = match (&head, &head_info) {
-            (Some(_), Some(info)) => {
+            (Some(HeadFile::Eagle3(_)), Some(info)) => {
                 Some(Arc::new(FeatureTap::new(info.target_layers, target.n_layer(), target.n_embd())?))
             }
+            (Some(HeadFile::Fspad(_)), _) => Some(Arc::new(FeatureTap::final_norm(target.n_embd()))),
             _ => None,
         };
         let verifier =
@@ -230,9 +250,18 @@ impl Session {
             }
             None => None,
         };
-        let head = match (head, head_info, tap) {
-            (Some(h), Some(info), Some(tap)) => {
-                Some(HeadDraft::new(h, &info, target.clone(), tap, params.n_ctx, d_seq as u32, params.n_threads)?)
+        let head: Option<Box<dyn FeatureHead>> = match (head, head_info, tap) {
+            (Some(HeadFile::Eagle3(h)), Some(info), Some(tap)) => Some(Box::new(HeadDraft::new(
+                h,
+                &info,
+                target.clone(),
+                tap,
+                params.n_ctx,
+                d_seq as u32,
+                params.n_threads,
+            )?)),
+            (Some(HeadFile::Fspad(h)), _, Some(tap)) => {
+                Some(Box::new(FspadDraft::new(h, &target, tap, params.n_ctx, params.n_threads)?))
             }
             _ => None,
         };
@@ -322,7 +351,7 @@ impl Session {
             v.push(d);
         }
         if let Some(h) = self.head.as_mut() {
-            v.push(h);
+            v.push(h.as_proposer());
         }
         if let Some(l) = self.lookup.as_mut() {
             v.push(l);
@@ -367,7 +396,7 @@ impl Session {
             self.policy.cost.draft = measured(&dkey, ctx, batch, &probe, &[1, 2, 3, 4, 6, 8])?;
         }
         if let Some(h) = self.head.as_mut() {
-            let hkey = format!("head|{}", key(h.model()));
+            let hkey = format!("{}|{threads}|{mode}", h.cost_key());
             self.policy.cost.draft = match cost::cached(&hkey) {
                 Some((c, _)) => c,
                 None => {
@@ -547,7 +576,7 @@ impl Session {
         let t_round = Instant::now();
         let model: Option<&mut dyn ModelProposer> = match (self.draft.as_mut(), self.head.as_mut()) {
             (Some(d), _) => Some(d),
-            (None, Some(h)) => Some(h),
+            (None, Some(h)) => Some(h.as_model()),
             (None, None) => None,
         };
         let drafters = Drafters { model, lookup: self.lookup.as_mut() };
