@@ -443,6 +443,32 @@ impl FspadHead {
     fn t(&self, name: &str) -> *mut sys::ggml_tensor {
         self.w[name]
     }
+
+    /// Tensor `name` dequantized to f32 with its row-major shape (for the trainer and
+    /// inspection); `None` for a tensor the head does not have or `d2t`.
+    pub fn tensor_f32(&self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
+        let &t = self.w.get(name)?;
+        if name == "d2t" {
+            return None;
+        }
+        let shape = Gguf::shape(t);
+        let n: usize = shape.iter().product();
+        let ty = ggml_type_of(t);
+        let mut out = vec![0.0f32; n];
+        if ty == sys::GGML_TYPE_F32 {
+            // SAFETY: a loaded contiguous f32 tensor of n elements.
+            out.copy_from_slice(unsafe { std::slice::from_raw_parts((*t).data as *const f32, n) });
+            return Some((shape, out));
+        }
+        // SAFETY: ggml's type table; to_float converts n elements (whole rows of whole blocks,
+        // checked when the head was loaded) of the tensor's data.
+        unsafe {
+            let traits = sys::ggml_get_type_traits(ty);
+            let to_float = traits.as_ref()?.to_float?;
+            to_float((*t).data, out.as_mut_ptr(), n as i64);
+        }
+        Some((shape, out))
+    }
 }
 
 /// The target's tensors a head needs: its token embedding and (without a head LM head) its

@@ -235,8 +235,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let mut session = match &a.models.head {
         Some(h) if sp.strategy != Strategy::None => {
-            let head = Arc::new(Model::load(h, target.params())?);
-            Session::with_head(target.clone(), head, sp.clone())?
+            let head = adaspec::session::HeadFile::load(h, target.params())?;
+            Session::with_head_file(target.clone(), head, sp.clone())?
         }
         _ => Session::new(target.clone(), draft, sp.clone())?,
     };

@@ -138,3 +138,67 @@ fn bad_head_files_are_errors() {
     let e = Session::with_fspad_head(f.target.clone(), h, params(Strategy::Chain(2))).err().expect("refused");
     assert!(e.to_string().contains("hidden size"), "{e}");
 }
+
+/// The trainer's candle model and the engine's ggml graph compute the same function: logits
+/// and hidden outputs of committed entries (step 0) and of depth-1 draft entries reading their
+/// parent's hidden output (step 1), for every variant, with the target's LM head and with a
+/// reduced vocabulary.
+#[cfg(feature = "train")]
+#[test]
+fn candle_model_matches_the_engine_graph() {
+    use adaspec::fspad::{EntryIn, FspadRunner};
+    use adaspec::train::fspad_model::FspadModel;
+    use adaspec::train::fspad_train::{load_fspad_gguf, target_embedding, target_lm};
+    use candle_core::{Device, Tensor};
+
+    let f = fixture(TinyArch::Qwen2);
+    let tp = f.dir.join("target.gguf");
+    let emb_all = target_embedding(&tp).unwrap();
+    let t = 12usize;
+    let tokens: Vec<u32> = (0..t as u32 + 1).map(|i| (i * 37 + 5) % 400).collect();
+    for (v, d2t, head) in &f.heads {
+        let path = head.path().to_path_buf();
+        let (cfg, w, lm, _) = load_fspad_gguf(&path).unwrap();
+        let h = cfg.hidden;
+        let lm = lm.unwrap_or_else(|| target_lm(&tp, &[]).unwrap());
+        let model = FspadModel::new(&cfg, &w, lm).unwrap();
+        let feat: Vec<f32> = (0..t * h).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 2.0).collect();
+        let feat_t = Tensor::from_vec(feat.clone(), (t, h), &Device::Cpu).unwrap();
+        let ids = Tensor::from_vec(tokens[1..].to_vec(), t, &Device::Cpu).unwrap();
+        let emb = emb_all.index_select(&ids, 0).unwrap();
+        let outs = model.forward(&emb, &feat_t, 2).unwrap();
+        let c_logits: Vec<Vec<Vec<f32>>> = outs.iter().map(|o| model.logits(&o.tok).unwrap().to_vec2().unwrap()).collect();
+        let c_hidden: Vec<Vec<f32>> = outs[0].hidden.to_vec2::<f32>().unwrap().concat().chunks(h).map(|c| c.to_vec()).collect();
+
+        let mut run = FspadRunner::new(head.clone(), &f.target, 2).unwrap();
+        let nv = run.n_vocab_out();
+        let entries: Vec<EntryIn<'_>> = (0..t)
+            .map(|p| EntryIn { token: tokens[p + 1] as i32, pos: p as i32, hidden: &feat[p * h..(p + 1) * h] })
+            .collect();
+        let mut mask = vec![0.0f32; t * t];
+        for r in 0..t {
+            for j in r + 1..t {
+                mask[r * t + j] = f32::NEG_INFINITY;
+            }
+        }
+        let out = run.run(&entries, &[], &[], &mask).unwrap();
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+            let err = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err / scale < 2e-3, "{v} d2t={d2t} {what}: max error {err} at scale {scale}");
+        };
+        for p in 0..t {
+            close(&out.logits[p * nv..(p + 1) * nv], &c_logits[0][p], &format!("step 0 logits at {p}"));
+            close(&out.hidden[p * h..(p + 1) * h], &c_hidden[p], &format!("step 0 hidden at {p}"));
+        }
+        // Depth 1 at position p: the parent's (entry p-1's) hidden output, every committed key
+        // before p visible.
+        let kvd = cfg.n_head_kv * cfg.head_dim;
+        for p in [1usize, 5, t - 1] {
+            let e = [EntryIn { token: tokens[p + 1] as i32, pos: p as i32, hidden: &out.hidden[(p - 1) * h..p * h] }];
+            let m = vec![0.0f32; p + 1];
+            let o = run.run(&e, &out.k[..p * kvd], &out.v[..p * kvd], &m).unwrap();
+            close(&o.logits, &c_logits[1][p], &format!("step 1 logits at {p}"));
+        }
+    }
+}

@@ -168,7 +168,7 @@ pub fn run_bench(
     let mut configs = vec![Variant { strategy: Strategy::None, drafts: Drafts::Model }];
     configs.extend(cfg.strategies.iter().filter(|v| v.strategy != Strategy::None).cloned());
     let head = match (&cfg.head, configs.iter().any(|v| v.drafts == Drafts::Head)) {
-        (Some(p), _) => Some(Arc::new(Model::load(p, target.params())?)),
+        (Some(p), _) => Some(crate::session::HeadFile::load(p, target.params())?),
         (None, true) => {
             return Err(crate::error::Error::InvalidParam {
                 name: "strategies",
@@ -186,7 +186,7 @@ pub fn run_bench(
             lookup: v.drafts != Drafts::Model,
         };
         match (v.drafts, &head) {
-            (Drafts::Head, Some(h)) => Session::with_head(target.clone(), h.clone(), sp),
+            (Drafts::Head, Some(h)) => Session::with_head_file(target.clone(), h.clone(), sp),
             _ => Session::new(target.clone(), (v.drafts != Drafts::Lookup).then(|| draft.clone()), sp),
         }
     };

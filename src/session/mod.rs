@@ -99,11 +99,31 @@ pub enum FailPoint {
 }
 
 /// A feature-level head as a session takes it.
-enum HeadFile {
+#[derive(Clone)]
+pub enum HeadFile {
     /// An `eagle3` GGUF loaded by llama.cpp.
     Eagle3(Arc<Model>),
     /// An FSPAD-family head ([`crate::fspad`]).
     Fspad(Arc<FspadHead>),
+}
+
+impl HeadFile {
+    /// Loads a head GGUF of either kind, told apart by `general.architecture`.
+    pub fn load(path: &std::path::Path, params: &crate::backend::ModelParams) -> Result<HeadFile> {
+        if crate::fspad::file_architecture(path)? == crate::fspad::ARCH {
+            Ok(HeadFile::Fspad(Arc::new(FspadHead::load(path)?)))
+        } else {
+            Ok(HeadFile::Eagle3(Arc::new(Model::load(path, params)?)))
+        }
+    }
+
+    /// The file it was loaded from.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            HeadFile::Eagle3(m) => m.path(),
+            HeadFile::Fspad(h) => h.path(),
+        }
+    }
 }
 
 /// Target + optional draft with their KV caches and the conversation so far.
@@ -147,6 +167,11 @@ impl Session {
     /// or an ablation) reading the target's final-norm hidden states.
     pub fn with_fspad_head(target: Arc<Model>, head: Arc<FspadHead>, params: SessionParams) -> Result<Session> {
         Self::build(target, None, Some(HeadFile::Fspad(head)), params)
+    }
+
+    /// A session drafting with a head of either kind ([`HeadFile::load`]).
+    pub fn with_head_file(target: Arc<Model>, head: HeadFile, params: SessionParams) -> Result<Session> {
+        Self::build(target, None, Some(head), params)
     }
 
     fn build(

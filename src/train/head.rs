@@ -229,9 +229,15 @@ pub fn write_head_gguf(
     }
     // d2t: the target id of each draft id. llama.cpp's graph scatters draft logit i to target
     // row d2t[i] (ggml_set_rows), so the GGUF holds absolute ids (EAGLE-3's checkpoints hold
-    // offsets t - i; llama.cpp's converter adds the index). candle has no I64 tensors: written
-    // as 2·V zero f32 (the same byte size) and patched.
+    // offsets t - i; llama.cpp's converter adds the index).
     let d2t: Vec<i64> = cfg.draft_vocab.iter().map(|&t| t as i64).collect();
+    write_head_file(out, &md, qt, &d2t)
+}
+
+/// Writes a head GGUF: metadata `md`, tensors `qt` and — when not empty — an I64 `d2t`; the
+/// file is re-read before it replaces `out`.
+pub(crate) fn write_head_file(out: &Path, md: &[(String, Value)], mut qt: Vec<(String, QTensor)>, d2t: &[i64]) -> Result<()> {
+    // candle has no I64 tensors: d2t is written as 2·V zero f32 (the same byte size) and patched.
     if !d2t.is_empty() {
         let z = Tensor::zeros(2 * d2t.len(), DType::F32, &Device::Cpu)?;
         qt.push(("d2t".into(), QTensor::quantize(&z, candle_core::quantized::GgmlDType::F32)?));

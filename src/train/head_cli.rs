@@ -24,6 +24,9 @@ pub enum HeadCommand {
     Init(HeadInitArgs),
     /// Train a head on the target's own features and distributions (EAGLE-3 training-time test).
     Train(HeadTrainArgs),
+    /// Train an FSPAD-family head (FSPAD, its EAGLE-2-style baseline or an ablation) as the
+    /// FSPAD code does, and write it as an `fspad` GGUF the engine drafts with.
+    Fspad(super::fspad_cli::FspadArgs),
     /// Measure a head checkpoint on data: teacher-forced greedy agreement with the target per
     /// TTT step (α), the chain length it implies (τ) and the loss.
     Eval(HeadEvalArgs),
@@ -177,11 +180,12 @@ pub fn run(args: &HeadArgs) -> anyhow::Result<()> {
         HeadCommand::Init(a) => run_init(a),
         HeadCommand::Train(a) => run_train(a),
         HeadCommand::Eval(a) => run_eval(a),
+        HeadCommand::Fspad(a) => super::fspad_cli::run(a),
     }
 }
 
 impl HeadDataArgs {
-    fn n_threads(&self) -> i32 {
+    pub(crate) fn n_threads(&self) -> i32 {
         if self.threads > 0 {
             self.threads
         } else {
@@ -324,20 +328,22 @@ fn run_train(a: &HeadTrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_init(a: &HeadInitArgs) -> anyhow::Result<()> {
-    let ty = a.ty;
-    let draft_vocab = if a.draft_vocab == 0 {
-        Vec::new()
-    } else {
-        if a.data.is_empty() {
+/// The `n` most frequent target tokens of `data` (prompts and responses), increasing; empty
+/// for `n` = 0 (the target's whole vocabulary).
+pub(crate) fn draft_vocab_for(target_path: &std::path::Path, data: &[PathBuf], n: usize) -> anyhow::Result<Vec<u32>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    {
+        if data.is_empty() {
             anyhow::bail!(
                 "--draft-vocab {} needs --data to count token frequencies (or --draft-vocab 0)",
-                a.draft_vocab
+                n
             );
         }
-        let target = Model::load(&a.target, &ModelParams::default())
-            .with_context(|| format!("loading the tokenizer of {}", a.target.display()))?;
-        let (records, _) = read_records(&a.data, false, BadLines::Stop)?;
+        let target = Model::load(target_path, &ModelParams::default())
+            .with_context(|| format!("loading the tokenizer of {}", target_path.display()))?;
+        let (records, _) = read_records(data, false, BadLines::Stop)?;
         let mut freq = vec![0u64; target.n_vocab()];
         for r in &records {
             for text in std::iter::once(&r.prompt).chain(r.response.iter()) {
@@ -349,21 +355,26 @@ fn run_init(a: &HeadInitArgs) -> anyhow::Result<()> {
             }
         }
         let seen = freq.iter().filter(|&&f| f > 0).count();
-        if a.draft_vocab >= target.n_vocab() {
+        if n >= target.n_vocab() {
             anyhow::bail!(
                 "--draft-vocab {} is not below the target's vocabulary ({}); use 0 for the whole vocabulary",
-                a.draft_vocab,
+                n,
                 target.n_vocab()
             );
         }
-        if seen < a.draft_vocab {
+        if seen < n {
             tracing::warn!(
                 "the data holds {seen} distinct tokens, fewer than --draft-vocab {}: the rest are the lowest unseen ids",
-                a.draft_vocab
+                n
             );
         }
-        top_vocab(&freq, a.draft_vocab)
-    };
+        Ok(top_vocab(&freq, n))
+    }
+}
+
+fn run_init(a: &HeadInitArgs) -> anyhow::Result<()> {
+    let ty = a.ty;
+    let draft_vocab = draft_vocab_for(&a.target, &a.data, a.draft_vocab)?;
     let cfg = head_config_for(&a.target, a.ffn, draft_vocab)?;
     let weights = init_head(&cfg, &a.target, a.seed)?;
     write_head_gguf(&cfg, &weights, &a.output, &a.target, ty)?;

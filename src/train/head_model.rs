@@ -92,7 +92,7 @@ impl HeadModel {
     }
 
     /// The additive mask (T, (i+1)·T) of TTT step `i` (see the module docs).
-    fn step_mask(t: usize, i: usize) -> Result<Tensor> {
+    pub(crate) fn step_mask(t: usize, i: usize) -> Result<Tensor> {
         let mut m = vec![MASK; t * (i + 1) * t];
         for p in 0..t {
             let row = &mut m[p * (i + 1) * t..(p + 1) * (i + 1) * t];
@@ -156,8 +156,13 @@ impl HeadModel {
     }
 }
 
+/// The additive mask of TTT step `i` over `t` positions (see the module docs).
+pub(crate) fn step_mask(t: usize, i: usize) -> Result<Tensor> {
+    HeadModel::step_mask(t, i)
+}
+
 /// Softmax over the last dim from basic ops (gradient-carrying; the max shift is detached).
-fn softmax(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn softmax(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
@@ -171,7 +176,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     Ok(s.broadcast_sub(&lse)?)
 }
 
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
     if rep == 1 {
         return Ok(x.clone());
     }

@@ -75,7 +75,7 @@ pub fn extract(
     for (d, &t) in cfg.draft_vocab.iter().enumerate() {
         to_draft[t as usize] = d as u32;
     }
-    let bar = bar(examples.len(), progress, "target features");
+    let bar = progress_bar(examples.len(), progress, "target features");
     let t0 = Instant::now();
     let mut out = Vec::with_capacity(examples.len());
     let mut n_tokens = 0usize;
@@ -217,7 +217,7 @@ fn load_cache(path: &Path, n_max: usize) -> Result<Vec<HeadExample>> {
     Ok(out)
 }
 
-fn bar(n: usize, show: bool, what: &str) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(n: usize, show: bool, what: &str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
@@ -432,7 +432,7 @@ pub fn train_head(
     };
     do_eval(0, &mut write)?;
     let order = super::data::permutation(train.len(), cfg.seed);
-    let bar = bar(cfg.steps, cfg.progress, "head train");
+    let bar = progress_bar(cfg.steps, cfg.progress, "head train");
     let t0 = Instant::now();
     let mut cursor = 0;
     let mut tokens = 0usize;
