@@ -11,7 +11,7 @@ use adaspec::backend::{decode_span, Batch, Context, ContextExtras, ContextParams
 use adaspec::eagle::head_info;
 use adaspec::features::FeatureTap;
 use adaspec::probe::probe_tokens;
-use adaspec::proposer::HeadDraft;
+use adaspec::proposer::{FeatureHead, HeadDraft};
 use adaspec::{Model, ModelParams};
 
 /// Median ms of `reps` decodes of `b` tokens after a 64-token prefix, with or without a tap.

@@ -285,17 +285,23 @@ impl Gguf {
             // SAFETY: t is valid.
             let nb = unsafe { sys::ggml_nbytes(t) };
             // SAFETY: valid context and tensor id.
-            let off = unsafe { sys::gguf_get_data_offset(self.raw.as_ptr()) + sys::gguf_get_tensor_offset(self.raw.as_ptr(), id) };
+            let off = unsafe {
+                sys::gguf_get_data_offset(self.raw.as_ptr()) + sys::gguf_get_tensor_offset(self.raw.as_ptr(), id)
+            };
             bytes += nb + 64;
             metas.push((n.clone(), t, off, nb));
         }
         // SAFETY: plain size query.
         let overhead = unsafe { sys::ggml_tensor_overhead() } * (names.len() + 1);
-        let params = sys::ggml_init_params { mem_size: bytes + overhead + 1024, mem_buffer: std::ptr::null_mut(), no_alloc: false };
+        let params = sys::ggml_init_params {
+            mem_size: bytes + overhead + 1024,
+            mem_buffer: std::ptr::null_mut(),
+            no_alloc: false,
+        };
         // SAFETY: ggml allocates the context (null on failure).
-        let ctx = NonNull::new(unsafe { sys::ggml_init(params) })
-            .map(GgmlCtx)
-            .ok_or_else(|| Error::ContextCreate(format!("{}: cannot allocate {bytes} bytes for tensors", self.path.display())))?;
+        let ctx = NonNull::new(unsafe { sys::ggml_init(params) }).map(GgmlCtx).ok_or_else(|| {
+            Error::ContextCreate(format!("{}: cannot allocate {bytes} bytes for tensors", self.path.display()))
+        })?;
         let mut file = std::fs::File::open(&self.path)
             .map_err(|e| Error::ModelFile { path: self.path.clone(), reason: e.to_string() })?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -347,9 +353,8 @@ impl FspadHead {
         }
         let k = |s: &str| format!("{ARCH}.{s}");
         let vname = g.str(&k("variant")).ok_or_else(|| g.bad("fspad.variant missing"))?;
-        let variant = Variant::parse(&vname).ok_or_else(|| {
-            g.bad(format!("fspad.variant '{vname}' is not one of eagle2, fspad, fs, pad"))
-        })?;
+        let variant = Variant::parse(&vname)
+            .ok_or_else(|| g.bad(format!("fspad.variant '{vname}' is not one of eagle2, fspad, fs, pad")))?;
         let cfg = FspadConfig {
             variant,
             hidden: g.u32(&k("embedding_length"))?,
@@ -386,7 +391,10 @@ impl FspadHead {
                 return Err(g.bad(format!("{n} must be F32")));
             }
             // SAFETY: plain query on a ggml type.
-            if !vector && (unsafe { sys::ggml_blck_size(ty) } as usize == 0 || want[1] % unsafe { sys::ggml_blck_size(ty) } as usize != 0) {
+            if !vector
+                && (unsafe { sys::ggml_blck_size(ty) } as usize == 0
+                    || want[1] % unsafe { sys::ggml_blck_size(ty) } as usize != 0)
+            {
                 return Err(g.bad(format!("{n}: rows of {} do not fit its type's blocks", want[1])));
             }
         }
@@ -496,7 +504,9 @@ impl TargetTensors {
             let t = g.tensor(n).ok_or_else(|| g.bad(format!("tensor {n} missing")))?;
             let s = Gguf::shape(t);
             if s.len() != 2 || s[1] != hidden || s[0] < n_vocab {
-                return Err(g.bad(format!("{n} has shape {s:?}; a head over {n_vocab} tokens of width {hidden} needs [{n_vocab}, {hidden}]")));
+                return Err(g.bad(format!(
+                    "{n} has shape {s:?}; a head over {n_vocab} tokens of width {hidden} needs [{n_vocab}, {hidden}]"
+                )));
             }
         }
         let (ctx, w) = g.load(&names)?;
@@ -666,7 +676,23 @@ impl FspadRunner {
             u
         };
         // Attention (no input norm), RoPE NEOX style at each entry's position.
-        let rope = |t| sys::ggml_rope_ext(ctx, t, pos, std::ptr::null_mut(), dh as i32, 2, 0, c.rope_theta, 1.0, 0.0, 1.0, 32.0, 1.0);
+        let rope = |t| {
+            sys::ggml_rope_ext(
+                ctx,
+                t,
+                pos,
+                std::ptr::null_mut(),
+                dh as i32,
+                2,
+                0,
+                c.rope_theta,
+                1.0,
+                0.0,
+                1.0,
+                32.0,
+                1.0,
+            )
+        };
         let q = rope(sys::ggml_reshape_3d(ctx, mm("blk.0.attn_q.weight", x), dh, nh, nb));
         let k_new = rope(sys::ggml_reshape_3d(ctx, mm("blk.0.attn_k.weight", x), dh, nkv, nb));
         let v_new = sys::ggml_reshape_3d(ctx, mm("blk.0.attn_v.weight", x), dh, nkv, nb);

@@ -53,16 +53,20 @@ pub struct InspectReport {
     /// Tensor type name → number of tensors of that type.
     pub tensor_types: BTreeMap<String, usize>,
     pub tokenizer: TokenizerSummary,
-    /// What an `eagle3` head reads and drafts over (None for other architectures).
+    /// What a head (`eagle3` or `fspad`) reads and drafts over (None for other architectures).
     pub head: Option<HeadSummary>,
     #[serde(skip)]
     tokens: Vec<String>,
 }
 
-/// An `eagle3` head's link to its target.
+/// A head's link to its target.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HeadSummary {
-    /// Target layers whose inputs it reads.
+    /// `eagle3` (llama.cpp's graph) or `fspad` (the engine's FSPAD-family graph).
+    pub kind: String,
+    /// FSPAD-family variant: `eagle2`, `fspad`, `fs` or `pad` (None for eagle3).
+    pub variant: Option<String>,
+    /// Target layers whose inputs it reads (eagle3; FSPAD-family heads read the final norm).
     pub target_layers: Vec<i64>,
     pub target_hidden_size: Option<u64>,
     /// Size of its reduced draft vocabulary (`d2t`), or None when it uses the target's.
@@ -175,9 +179,20 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
         add_eos_token: b("tokenizer.ggml.add_eos_token"),
         has_chat_template: md.contains_key("tokenizer.chat_template"),
     };
-    let head = (architecture == "eagle3").then(|| {
-        let find = |n: &str| model.tensors().iter().find(|t| t.name == n).cloned();
-        HeadSummary {
+    let find = |n: &str| model.tensors().iter().find(|t| t.name == n).cloned();
+    let head = match architecture.as_str() {
+        "fspad" => Some(HeadSummary {
+            kind: "fspad".into(),
+            variant: s("fspad.variant"),
+            target_layers: Vec::new(),
+            target_hidden_size: as_u64(md.get("fspad.embedding_length")),
+            draft_vocab: find("d2t").map(|t| t.shape[0]),
+            own_token_embd: false,
+            own_output: find("output.weight").is_some(),
+        }),
+        "eagle3" => Some(HeadSummary {
+            kind: "eagle3".into(),
+            variant: None,
             target_layers: match md.get("eagle3.target_layers") {
                 Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
                 _ => Vec::new(),
@@ -186,8 +201,9 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<InspectReport> {
             draft_vocab: find("d2t").map(|t| t.shape[0]),
             own_token_embd: find("token_embd.weight").is_some(),
             own_output: find("output.weight").is_some(),
-        }
-    });
+        }),
+        _ => None,
+    };
     Ok(InspectReport {
         head,
         path: path.to_path_buf(),
@@ -265,7 +281,7 @@ pub fn compat_reports(t: &InspectReport, d: &InspectReport) -> CompatReport {
                 h.target_hidden_size, t.embedding_length
             ));
         }
-        if h.target_layers.len() != 3 {
+        if h.kind == "eagle3" && h.target_layers.len() != 3 {
             problems.push(format!("eagle3.target_layers must hold 3 layer ids, has {:?}", h.target_layers));
         }
         if let Some(l) = h.target_layers.iter().find(|&&l| l < 0 || Some(l as u64) >= t.block_count) {
@@ -295,7 +311,7 @@ pub fn compat_reports(t: &InspectReport, d: &InspectReport) -> CompatReport {
 pub struct InspectArgs {
     /// GGUF file to describe.
     pub file: PathBuf,
-    /// Also check whether FILE (as draft, or as an eagle3 head: hidden size, layers, vocabulary)
+    /// Also check whether FILE (as draft, or as an eagle3 or fspad head: hidden size, layers, vocabulary)
     /// is compatible with this target GGUF.
     #[arg(long, value_name = "TARGET.gguf")]
     pub compat: Option<PathBuf>,
@@ -347,9 +363,12 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             if tk.has_chat_template { "yes" } else { "no" }
         );
         if let Some(h) = &report.head {
+            let reads = match &h.variant {
+                Some(v) => format!("fspad ({v}), reads the target's final-norm hidden state"),
+                None => format!("eagle3, reads target layers {:?}", h.target_layers),
+            };
             println!(
-                "head:          eagle3, reads target layers {:?} of hidden size {}, draft vocabulary {}, {} embedding, {} LM head",
-                h.target_layers,
+                "head:          {reads} of hidden size {}, draft vocabulary {}, {} embedding, {} LM head",
                 opt(h.target_hidden_size),
                 h.draft_vocab.map(|v| v.to_string()).unwrap_or_else(|| "= the target's".into()),
                 if h.own_token_embd { "own" } else { "the target's" },

@@ -66,9 +66,9 @@ struct ModelArgs {
     /// [default: $ADASPEC_MODELS/qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf].
     #[arg(long)]
     draft: Option<PathBuf>,
-    /// Feature-level head (an `eagle3` GGUF made for the target, e.g. by `adaspec head init`
-    /// and `adaspec head train`): drafts from the target's own hidden states instead of the
-    /// draft model. In `bench`, used by `head=STRATEGY` configurations.
+    /// Feature-level head made for the target: an `eagle3` GGUF (`adaspec head init` and
+    /// `adaspec head train`) or an `fspad` GGUF (FSPAD, EAGLE-2-style or an ablation: `adaspec
+    /// head fspad`); drafts from the target's own hidden states instead of the draft model. In `bench`, used by `head=STRATEGY` configurations.
     #[arg(long)]
     head: Option<PathBuf>,
     /// Do not let `auto` add n-gram lookups of the prompt and output (on by default, used

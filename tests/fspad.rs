@@ -167,8 +167,10 @@ fn candle_model_matches_the_engine_graph() {
         let ids = Tensor::from_vec(tokens[1..].to_vec(), t, &Device::Cpu).unwrap();
         let emb = emb_all.index_select(&ids, 0).unwrap();
         let outs = model.forward(&emb, &feat_t, 2).unwrap();
-        let c_logits: Vec<Vec<Vec<f32>>> = outs.iter().map(|o| model.logits(&o.tok).unwrap().to_vec2().unwrap()).collect();
-        let c_hidden: Vec<Vec<f32>> = outs[0].hidden.to_vec2::<f32>().unwrap().concat().chunks(h).map(|c| c.to_vec()).collect();
+        let c_logits: Vec<Vec<Vec<f32>>> =
+            outs.iter().map(|o| model.logits(&o.tok).unwrap().to_vec2().unwrap()).collect();
+        let c_hidden: Vec<Vec<f32>> =
+            outs[0].hidden.to_vec2::<f32>().unwrap().concat().chunks(h).map(|c| c.to_vec()).collect();
 
         let mut run = FspadRunner::new(head.clone(), &f.target, 2).unwrap();
         let nv = run.n_vocab_out();
@@ -201,4 +203,270 @@ fn candle_model_matches_the_engine_graph() {
             close(&o.logits, &c_logits[1][p], &format!("step 1 logits at {p}"));
         }
     }
+}
+
+/// FSPAD and EAGLE-2-style heads trained for a tiny, nearly bigram qwen2 target with the real
+/// tools (features through llama.cpp, FSPAD loss in candle), exported as `fspad` GGUFs, with
+/// held-out α per depth before and after.
+#[cfg(feature = "train")]
+struct Trained {
+    target: Arc<Model>,
+    heads: Vec<TrainedHead>,
+}
+
+/// (variant, head, held-out α per depth before and after training).
+#[cfg(feature = "train")]
+type TrainedHead = (Variant, Arc<FspadHead>, Vec<f64>, Vec<f64>);
+
+#[cfg(feature = "train")]
+fn trained() -> &'static Trained {
+    use adaspec::train::data::{load_examples, split_validation, BadLines, Example, TokenizeOptions};
+    use adaspec::train::fspad_model::FspadModel;
+    use adaspec::train::fspad_train::{
+        evaluate, extract, fspad_config_for, init_fspad, target_lm, train_fspad, write_fspad_gguf, FspadTrainConfig,
+    };
+    use adaspec::train::head::top_vocab;
+    use adaspec::train::ExportType;
+    use adaspec::GenerateParams;
+    static T: OnceLock<Trained> = OnceLock::new();
+    T.get_or_init(|| {
+        let f = fixture(TinyArch::Qwen2);
+        let target_path = f.dir.join("bigram-target.gguf");
+        let tcfg =
+            TinyModelConfig { arch: TinyArch::Qwen2, n_layer: 6, seed: 3, block_scale: 0.05, ..Default::default() };
+        write_tiny_model(&target_path, &tcfg).unwrap();
+        let target = Arc::new(Model::load(&target_path, &ModelParams::default()).unwrap());
+        let data = [std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gsm8k/train.jsonl")];
+        let opts = TokenizeOptions { chat: false, max_len: 512, ..Default::default() };
+        let (prompts, _) = load_examples(&target, &data, &opts, BadLines::Stop).unwrap();
+        // Sampled target continuations, so the data covers what the sampling test draws.
+        let mut gen = Session::new(target.clone(), None, params(Strategy::None)).unwrap();
+        let examples: Vec<Example> = prompts
+            .iter()
+            .take(160)
+            .enumerate()
+            .map(|(i, e)| {
+                let prompt = e.tokens[..e.prompt_len.min(24)].to_vec();
+                gen.reset();
+                let sampling =
+                    adaspec::SamplingParams { temperature: 1.5, top_k: 4, seed: i as u64, ..Default::default() };
+                let gp = GenerateParams { max_tokens: 48, sampling, ignore_eog: true, ..Default::default() };
+                let g = gen.generate(&Prompt::Tokens(prompt.clone()), &gp, &mut |_, _| true).unwrap();
+                Example { prompt_len: prompt.len(), tokens: [prompt, g.tokens].concat() }
+            })
+            .collect();
+        let mut freq = vec![0u64; target.n_vocab()];
+        for e in &examples {
+            for &t in &e.tokens {
+                freq[t as usize] += 1;
+            }
+        }
+        let vocab = top_vocab(&freq, 400);
+        let (train, val) = split_validation(examples, 0.15, 0).unwrap();
+        let train = extract(&target, &train, 2, false).unwrap();
+        let val = extract(&target, &val, 2, false).unwrap();
+        let lm = target_lm(&target_path, &vocab).unwrap();
+        let mut heads = Vec::new();
+        for v in [Variant::Fspad, Variant::Eagle2] {
+            let cfg = fspad_config_for(&target_path, v, Some(128)).unwrap();
+            let model = FspadModel::new(&cfg, &init_fspad(&cfg, 1).unwrap(), lm.clone()).unwrap();
+            let (a0, _) = evaluate(&model, &val, 3).unwrap();
+            // Short sequences: the FSPAD noise scale (0.1·512/L) would swamp these features.
+            let tc = FspadTrainConfig { steps: 150, lr: 2e-3, noise: 0.005, progress: false, ..Default::default() };
+            let summary = train_fspad(&model, None, &train, &val, &tc, 3).unwrap();
+            let a1: Vec<f64> = serde_json::from_value(summary["alpha"].clone()).unwrap();
+            let out = f.dir.join(format!("trained-{}.gguf", v.name()));
+            write_fspad_gguf(&cfg, &model.to_weights(), Some(&lm), &vocab, &out, &target_path, ExportType::F32)
+                .unwrap();
+            heads.push((v, Arc::new(FspadHead::load(&out).unwrap()), a0, a1));
+        }
+        Trained { target, heads }
+    })
+}
+
+/// Training raises held-out greedy agreement far above the untrained head's at every depth;
+/// the exported heads draft in the engine with accepted tokens and target-identical output.
+#[cfg(feature = "train")]
+#[test]
+fn trained_heads_learn_and_draft_in_the_engine() {
+    let t = trained();
+    let gp = greedy(60);
+    let mut alone = Session::new(t.target.clone(), None, params(Strategy::None)).unwrap();
+    for (v, head, a0, a1) in &t.heads {
+        eprintln!("{v}: held-out α per depth {a0:.3?} -> {a1:.3?}");
+        assert!(a1[0] > a0[0] + 0.2 && a1[0] > 0.5, "{v}: depth-1 α did not rise: {a0:?} -> {a1:?}");
+        assert!(a1[2] > a0[2] + 0.1, "{v}: depth-3 α did not rise: {a0:?} -> {a1:?}");
+        for strategy in [Strategy::Chain(3), Strategy::Tree { top_k: 3, depth: 3, nodes: 12 }] {
+            let mut s = Session::with_fspad_head(t.target.clone(), head.clone(), params(strategy.clone())).unwrap();
+            let (mut accepted, mut rounds, mut tokens) = (0, 0, 0);
+            for p in PROMPTS {
+                alone.reset();
+                s.reset();
+                let want = run(&mut alone, p, &gp);
+                let got = run(&mut s, p, &gp);
+                assert_eq!(got.tokens, want.tokens, "{v} {strategy} {p}");
+                accepted += got.stats.draft_accepted;
+                rounds += got.stats.rounds;
+                tokens += got.stats.tokens;
+            }
+            let tpp = tokens as f64 / rounds as f64;
+            eprintln!("{v} {strategy}: {accepted} accepted, {tpp:.2} tokens per target pass");
+            assert!(tpp > 1.3, "{v} {strategy}: {tpp:.2} tokens per pass");
+        }
+    }
+}
+
+/// Under sampling, sessions drafting with the trained FSPAD head (chain, dynamic tree, `auto`
+/// on flat costs) give the target's own joint distribution of the first two tokens
+/// (chi-square at p = 1e-4 over thousands of seeded generations), with drafts accepted often
+/// enough that the acceptance rule is what is tested.
+#[cfg(feature = "train")]
+#[test]
+fn fspad_drafting_under_sampling_matches_target_distribution() {
+    use adaspec::backend::sequence_logits;
+    use adaspec::sampling::warp;
+    use adaspec::{GenerateParams, SamplingParams, Token};
+    use std::collections::HashMap;
+
+    let t = trained();
+    let (target, head) = (t.target.clone(), t.heads[0].1.clone());
+    let sp = |seed| SamplingParams { temperature: 1.5, top_k: 4, top_p: 1.0, min_p: 0.0, seed };
+    let prompt = target.tokenize("Natalia sold clips to 48 of her friends in April, and then", false, false).unwrap();
+    let nv = target.n_vocab();
+    let last = |toks: &[Token]| {
+        let all = sequence_logits(&target, toks, 1).unwrap();
+        warp(&all[(toks.len() - 1) * nv..], &sp(0))
+    };
+    let mut expected = HashMap::new();
+    for (t1, &a) in last(&prompt).iter().enumerate().filter(|(_, &a)| a > 0.0) {
+        let p2 = last(&[prompt.clone(), vec![t1 as Token]].concat());
+        for (t2, &b) in p2.iter().enumerate().filter(|(_, &b)| b > 0.0) {
+            expected.insert((t1 as Token, t2 as Token), a as f64 * b as f64);
+        }
+    }
+    let n = 3000;
+    for strategy in [Strategy::Chain(3), "tree:3,3,8".parse().unwrap(), Strategy::Auto] {
+        let mut s = Session::with_fspad_head(target.clone(), head.clone(), params(strategy.clone())).unwrap();
+        s.policy_mut().fix_costs(&(0..16).map(|i| 10.0 + 0.1 * i as f64).collect::<Vec<_>>(), 0.5);
+        let mut counts = HashMap::new();
+        let (mut passes, mut tokens) = (0, 0);
+        for seed in 0..n {
+            s.reset();
+            let gp = GenerateParams { max_tokens: 4, sampling: sp(1000 + seed as u64), stop: vec![], ignore_eog: true };
+            let g = s.generate(&Prompt::Tokens(prompt.clone()), &gp, &mut |_, _| true).unwrap();
+            *counts.entry((g.tokens[0], g.tokens[1])).or_insert(0usize) += 1;
+            passes += g.stats.rounds;
+            tokens += g.stats.tokens;
+        }
+        let (stat, crit) = common::dist::chi_square(&counts, &expected, n);
+        let tpp = tokens as f64 / passes as f64;
+        eprintln!("{strategy}: chi2 {stat:.1} (critical {crit:.1}), tokens/pass {tpp:.2}");
+        assert!(stat < crit, "{strategy}: chi-square {stat:.1} above {crit:.1}");
+        assert!(tpp > 1.05, "{strategy}: {tpp:.2} tokens per pass: the head's drafts were hardly accepted");
+    }
+}
+
+/// `adaspec head fspad` as a user runs it: a few steps on a JSONL file for a tiny target, a
+/// JSON summary, an `fspad` GGUF that `adaspec inspect` describes and checks against the target
+/// and `adaspec generate --head` drafts with (output identical to `--strategy none`); bad input
+/// is a one-line error.
+#[cfg(feature = "train")]
+#[test]
+fn fspad_commands_train_inspect_generate() {
+    let f = fixture(TinyArch::Llama);
+    let dir = f.dir.join("cli");
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = f.dir.join("target.gguf");
+    let data = dir.join("data.jsonl");
+    let lines: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Question {i}: what is {i} plus {i}?"), "response": format!("It is {}.", 2 * i)})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let adaspec = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_adaspec")).args(args).output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (t, d) = (target.to_str().unwrap(), data.to_str().unwrap());
+    let out = dir.join("pad.gguf");
+    let o = out.to_str().unwrap();
+    let (ok, stdout, err) = adaspec(&[
+        "head",
+        "fspad",
+        "--variant",
+        "pad",
+        "--target",
+        t,
+        "--data",
+        d,
+        "--raw",
+        "--draft-vocab",
+        "100",
+        "--ffn",
+        "64",
+        "--steps",
+        "5",
+        "--warmup",
+        "2",
+        "--lr",
+        "1e-3",
+        "--depth",
+        "3",
+        "-o",
+        o,
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(v["variant"], "pad");
+    assert_eq!(v["alpha"].as_array().map(Vec::len), Some(3));
+    assert_eq!(v["draft_vocab"], 100);
+    assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let (ok, stdout, err) = adaspec(&["inspect", o, "--compat", t, "--json"]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["file"]["architecture"], "fspad", "{stdout}");
+    assert_eq!(r["file"]["head"]["variant"], "pad");
+    assert_eq!(r["file"]["head"]["draft_vocab"], 100);
+    assert_eq!(r["compat"]["compatible"], true, "{stdout}");
+    let gen = |extra: &[&str]| {
+        let mut a = vec!["generate", "--target", t, "--prompt", "Question 3: what is", "--max-tokens", "24", "--json"];
+        a.extend_from_slice(extra);
+        let (ok, stdout, err) = adaspec(&a);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    };
+    assert_eq!(gen(&["--head", o, "--strategy", "tree:3,3,8"]), gen(&["--strategy", "none", "--draft", "none"]));
+    // Errors: a missing data file, selection without a reference's shape.
+    let (ok, _, err) = adaspec(&["head", "fspad", "--target", t, "--data", "/nonexistent.jsonl", "-o", o]);
+    assert!(!ok && err.lines().filter(|l| !l.trim().is_empty()).count() <= 3, "{err}");
+    let (ok, _, err) = adaspec(&[
+        "head",
+        "fspad",
+        "--variant",
+        "fspad",
+        "--target",
+        t,
+        "--data",
+        d,
+        "--raw",
+        "--draft-vocab",
+        "100",
+        "--ffn",
+        "64",
+        "--steps",
+        "1",
+        "--reference",
+        o,
+        "-o",
+        dir.join("x.gguf").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("another variant"), "{err}");
 }

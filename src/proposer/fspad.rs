@@ -142,7 +142,7 @@ impl FspadDraft {
             let b = q - p;
             let entries: Vec<EntryIn<'_>> = (p..q)
                 .map(|pos| EntryIn {
-                    token: history[pos + 1] as i32,
+                    token: history[pos + 1],
                     pos: pos as i32,
                     hidden: &self.feats[pos * h..(pos + 1) * h],
                 })
@@ -264,7 +264,7 @@ impl NodeDecoder for FspadDraft {
             .iter()
             .zip(&parents_hidden)
             .map(|(&i, ph)| EntryIn {
-                token: tree.nodes[i].token as i32,
+                token: tree.nodes[i].token,
                 pos: (base - 1 + tree.nodes[i].depth) as i32,
                 hidden: ph,
             })

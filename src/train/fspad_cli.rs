@@ -10,8 +10,7 @@ use super::data::{load_examples, split_validation, BadLines, TokenizeOptions};
 use super::export::ExportType;
 use super::fspad_model::FspadModel;
 use super::fspad_train::{
-    extract, fspad_config_for, init_fspad, load_fspad_gguf, target_lm, train_fspad, write_fspad_gguf,
-    FspadTrainConfig,
+    extract, fspad_config_for, init_fspad, load_fspad_gguf, target_lm, train_fspad, write_fspad_gguf, FspadTrainConfig,
 };
 use super::head_cli::{draft_vocab_for, HeadDataArgs};
 use crate::backend::{Model, ModelParams};

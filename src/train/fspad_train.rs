@@ -398,7 +398,8 @@ pub fn write_fspad_gguf(
         qt.push((name, QTensor::quantize(&t, ty.tensor_type(&shape))?));
     }
     if !draft_vocab.is_empty() {
-        let lm = lm.ok_or_else(|| Error::InvalidArg { name: "lm", reason: "a reduced vocabulary needs its rows".into() })?;
+        let lm =
+            lm.ok_or_else(|| Error::InvalidArg { name: "lm", reason: "a reduced vocabulary needs its rows".into() })?;
         let shape = vec![draft_vocab.len(), cfg.hidden];
         qt.push(("output.weight".into(), QTensor::quantize(&lm.contiguous()?, ty.tensor_type(&shape))?));
     }

@@ -236,7 +236,12 @@ pub fn write_head_gguf(
 
 /// Writes a head GGUF: metadata `md`, tensors `qt` and — when not empty — an I64 `d2t`; the
 /// file is re-read before it replaces `out`.
-pub(crate) fn write_head_file(out: &Path, md: &[(String, Value)], mut qt: Vec<(String, QTensor)>, d2t: &[i64]) -> Result<()> {
+pub(crate) fn write_head_file(
+    out: &Path,
+    md: &[(String, Value)],
+    mut qt: Vec<(String, QTensor)>,
+    d2t: &[i64],
+) -> Result<()> {
     // candle has no I64 tensors: d2t is written as 2·V zero f32 (the same byte size) and patched.
     if !d2t.is_empty() {
         let z = Tensor::zeros(2 * d2t.len(), DType::F32, &Device::Cpu)?;

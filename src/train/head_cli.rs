@@ -336,10 +336,7 @@ pub(crate) fn draft_vocab_for(target_path: &std::path::Path, data: &[PathBuf], n
     }
     {
         if data.is_empty() {
-            anyhow::bail!(
-                "--draft-vocab {} needs --data to count token frequencies (or --draft-vocab 0)",
-                n
-            );
+            anyhow::bail!("--draft-vocab {} needs --data to count token frequencies (or --draft-vocab 0)", n);
         }
         let target = Model::load(target_path, &ModelParams::default())
             .with_context(|| format!("loading the tokenizer of {}", target_path.display()))?;

@@ -6,14 +6,14 @@ pub mod data; // issue-5
 pub mod error;
 pub mod eval; // issue-5
 pub mod export;
+pub mod fspad_cli;
+pub mod fspad_model;
+pub mod fspad_train;
 pub mod gguf_import;
 pub mod head;
 pub mod head_cli;
-pub mod fspad_cli;
 pub mod head_model;
 pub mod head_train;
-pub mod fspad_model;
-pub mod fspad_train;
 pub mod loss; // issue-5
 pub mod model;
 pub mod plot;
