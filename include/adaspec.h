@@ -439,6 +439,18 @@ enum adaspec_status adaspec_session_new_with_head(const struct adaspec_model *ta
                                                   const struct adaspec_session_params *params,
                                                   struct adaspec_session **out_session);
 
+// Creates a session on `target` that drafts with the head GGUF at `head_path`, loaded by
+// this call: an `eagle3` head (as `adaspec_session_new_with_head`) or an FSPAD-family head
+// (`fspad` GGUF: FSPAD, its EAGLE-2-style baseline or an ablation, made by
+// `adaspec head fspad`), told apart by the file's architecture. FSPAD-family heads run in this
+// library (ggml on the CPU) and read the target's final-norm hidden states. Errors as
+// `adaspec_session_new_with_head` (an unreadable or malformed file:
+// `ADASPEC_STATUS_MODEL_FILE`); `head_path` must not be NULL.
+enum adaspec_status adaspec_session_new_with_head_file(const struct adaspec_model *target,
+                                                       const char *head_path,
+                                                       const struct adaspec_session_params *params,
+                                                       struct adaspec_session **out_session);
+
 // Releases a session (its KV caches and its references to the models). NULL is ignored; a
 // handle that is not live (freed twice) sets the last error and is otherwise ignored. The
 // handle is invalid once this returns. Free may race other calls on the session (another

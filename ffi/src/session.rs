@@ -169,6 +169,38 @@ pub extern "C" fn adaspec_session_new_with_head(
     })
 }
 
+/// Creates a session on `target` that drafts with the head GGUF at `head_path`, loaded by
+/// this call: an `eagle3` head (as `adaspec_session_new_with_head`) or an FSPAD-family head
+/// (`fspad` GGUF: FSPAD, its EAGLE-2-style baseline or an ablation, made by
+/// `adaspec head fspad`), told apart by the file's architecture. FSPAD-family heads run in this
+/// library (ggml on the CPU) and read the target's final-norm hidden states. Errors as
+/// `adaspec_session_new_with_head` (an unreadable or malformed file:
+/// `ADASPEC_STATUS_MODEL_FILE`); `head_path` must not be NULL.
+#[no_mangle]
+pub extern "C" fn adaspec_session_new_with_head_file(
+    target: *const adaspec_model,
+    head_path: *const c_char,
+    params: *const adaspec_session_params,
+    out_session: *mut *mut adaspec_session,
+) -> adaspec_status {
+    boundary("adaspec_session_new_with_head_file", || {
+        check_null!(out_session);
+        // SAFETY: NULL-checked inside; the host passes a NUL-terminated string.
+        let path = unsafe { read_str(head_path, "head_path") }?;
+        let t = model_clone(target, "target")?;
+        // SAFETY: NULL or a host-owned struct, size-checked inside.
+        let p = unsafe { read_params(params, "params") }?;
+        let (mut sp, seed) = session_params(&p)?;
+        if sp.n_threads == 0 {
+            sp.n_threads = t.n_threads;
+        }
+        let head = engine::session::HeadFile::load(std::path::Path::new(path), t.model.params())?;
+        let session = engine::Session::with_head_file(t.model.clone(), head, sp)?;
+        publish(session, seed, out_session);
+        Ok(())
+    })
+}
+
 fn new_session(
     target: *const adaspec_model,
     other: *const adaspec_model,
@@ -189,14 +221,19 @@ fn new_session(
         (Some(h), true) => engine::Session::with_head(t.model.clone(), h.model.clone(), sp)?,
         (d, _) => engine::Session::new(t.model.clone(), d.map(|d| d.model.clone()), sp)?,
     };
+    publish(session, seed, out_session);
+    Ok(())
+}
+
+/// Registers `session` and writes its handle to `*out_session` (checked non-NULL by the caller).
+fn publish(session: engine::Session, seed: u64, out_session: *mut *mut adaspec_session) {
     let handle = Arc::new(SessionHandle {
         inner: UnsafeCell::new(Inner { session, seed, last_text: Vec::new(), poisoned: false }),
         in_use: AtomicBool::new(false),
         freed: AtomicBool::new(false),
     });
-    // SAFETY: NULL-checked above; written only on success.
+    // SAFETY: NULL-checked by the caller; written only on success.
     unsafe { *out_session = session_into_raw(handle) };
-    Ok(())
 }
 
 /// Releases a session (its KV caches and its references to the models). NULL is ignored; a

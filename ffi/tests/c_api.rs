@@ -1268,6 +1268,52 @@ fn a_head_session_is_lossless_and_misuse_is_reported() {
     }
 }
 
+/// FSPAD-family heads through the C ABI: `adaspec_session_new_with_head_file` loads an `fspad`
+/// head (or an `eagle3` one) by path; greedy output equals target alone for each variant, and
+/// bad paths and files are a status with a message.
+#[test]
+fn an_fspad_head_session_is_lossless_and_bad_files_are_reported() {
+    use engine::fspad::Variant;
+    let api = api();
+    let p = tiny(TinyArch::Qwen2);
+    let cfg = engine::tiny_model::TinyModelConfig { arch: TinyArch::Qwen2, seed: 11, ..Default::default() };
+    let t = api.load(&p.target, None);
+    let plain = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
+    let gp = api.greedy(48);
+    let (want, _) = api.generate_text(plain, "The quick brown fox jumps over", &gp).unwrap();
+    let mut tree = api.session_params(STRATEGY_TREE);
+    (tree.tree_top_k, tree.tree_depth, tree.tree_nodes) = (3, 3, 10);
+    for v in Variant::ALL {
+        let path = p.dir.join(format!("fspad-{}.gguf", v.name()));
+        engine::tiny_model::write_tiny_fspad_head(&path, &cfg, v, &Default::default()).expect("write head");
+        let c = cstr(path.to_str().unwrap());
+        let mut s = null_mut();
+        // SAFETY: live target, valid path, params and out pointer.
+        let st = unsafe { (api.session_new_with_head_file)(t, c.as_ptr(), &tree, &mut s) };
+        assert_eq!(st, OK, "{v}: {}", api.last_error_string());
+        let (got, stats) = api.generate_text(s, "The quick brown fox jumps over", &gp).unwrap();
+        assert_eq!(got.tokens, want.tokens, "{v}: head session differs from target alone");
+        assert!(stats.n_draft_proposed > 0, "{v}: the head proposed nothing");
+        // SAFETY: live session, freed once.
+        unsafe { (api.session_free)(s) };
+    }
+    let mut s = null_mut();
+    let missing = cstr(p.dir.join("no-such-head.gguf").to_str().unwrap());
+    let not_gguf = p.dir.join("not-a-head.gguf");
+    std::fs::write(&not_gguf, b"GGUF\x03\0\0\0 truncated").unwrap();
+    let not_gguf = cstr(not_gguf.to_str().unwrap());
+    // SAFETY: each call gets valid or NULL pointers as documented.
+    unsafe {
+        assert_eq!((api.session_new_with_head_file)(t, null(), &tree, &mut s), NULL_ARGUMENT);
+        assert_eq!((api.session_new_with_head_file)(t, missing.as_ptr(), &tree, &mut s), MODEL_FILE);
+        assert_eq!((api.session_new_with_head_file)(t, not_gguf.as_ptr(), &tree, &mut s), MODEL_FILE);
+        assert!(!api.last_error_string().is_empty());
+        assert!(s.is_null());
+        (api.session_free)(plain);
+        (api.model_free)(t);
+    }
+}
+
 /// Inputs at and past llama.cpp's limits: the largest accepted sizes work, token ids outside
 /// the vocabulary, prompts longer than the context, unbounded lengths and huge or many stop
 /// strings get a status (never an abort, which would end this test process).

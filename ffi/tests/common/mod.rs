@@ -130,6 +130,8 @@ pub struct Api {
     pub session_new: unsafe extern "C" fn(*const Model, *const Model, *const SessionParams, *mut *mut Session) -> i32,
     pub session_new_with_head:
         unsafe extern "C" fn(*const Model, *const Model, *const SessionParams, *mut *mut Session) -> i32,
+    pub session_new_with_head_file:
+        unsafe extern "C" fn(*const Model, *const c_char, *const SessionParams, *mut *mut Session) -> i32,
     pub session_free: unsafe extern "C" fn(*mut Session),
     pub session_reset: unsafe extern "C" fn(*mut Session) -> i32,
     pub session_history: unsafe extern "C" fn(*mut Session, *mut i32, usize, *mut usize) -> i32,
@@ -188,6 +190,7 @@ pub const EXPORTS: &[&str] = &[
     "adaspec_detokenize",
     "adaspec_session_new",
     "adaspec_session_new_with_head",
+    "adaspec_session_new_with_head_file",
     "adaspec_session_free",
     "adaspec_session_reset",
     "adaspec_session_history",
@@ -270,6 +273,7 @@ pub fn api() -> &'static Api {
             detokenize: sym!(lib, "adaspec_detokenize"),
             session_new: sym!(lib, "adaspec_session_new"),
             session_new_with_head: sym!(lib, "adaspec_session_new_with_head"),
+            session_new_with_head_file: sym!(lib, "adaspec_session_new_with_head_file"),
             session_free: sym!(lib, "adaspec_session_free"),
             session_reset: sym!(lib, "adaspec_session_reset"),
             session_history: sym!(lib, "adaspec_session_history"),
