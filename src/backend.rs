@@ -139,13 +139,35 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// Whether weight repacking would put tensors in ggml's AMX buffer, whose matmul crashes on
+/// some AMX machines with K-quants (llama.cpp issue #20824, seen here on a Xeon with AMX_INT8:
+/// the first Q4_K_M decode segfaults). `ADASPEC_ALLOW_AMX=1` keeps it.
+fn amx_repack_unsafe() -> bool {
+    // SAFETY: a plain query of how ggml-cpu was compiled.
+    let amx = unsafe { sys::ggml_cpu_has_amx_int8() } != 0;
+    amx && std::env::var_os("ADASPEC_ALLOW_AMX").map_or(true, |v| v.is_empty() || v == "0")
+}
+
 impl Model {
-    /// Loads a GGUF model.
+    /// Loads a GGUF model. On CPUs with AMX, weights are not repacked (see
+    /// [`amx_repack_unsafe`]); the model's [`Model::params`] then say `repack: false`.
     pub fn load(path: impl AsRef<Path>, params: &ModelParams) -> Result<Model> {
         init();
         let path = path.as_ref();
         let c_path = model_file::c_path(path)?;
         model_file::check(path, &c_path, params.use_mmap)?;
+        let mut params = params.clone();
+        if params.repack && amx_repack_unsafe() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                tracing::info!(
+                    "this CPU has AMX: weights are not repacked (llama.cpp's AMX matmul crashes on some \
+                     AMX machines, llama.cpp #20824); ADASPEC_ALLOW_AMX=1 repacks anyway"
+                )
+            });
+            params.repack = false;
+        }
+        let params = &params;
         // SAFETY: returns a plain struct of defaults.
         let mut mp = unsafe { sys::llama_model_default_params() };
         mp.n_gpu_layers = i32::try_from(params.n_gpu_layers).unwrap_or(i32::MAX);

@@ -428,3 +428,33 @@ pub fn load_fspad_gguf(path: &Path) -> Result<(FspadConfig, Weights, Option<Tens
     let lm = if d2t.is_empty() { None } else { Some(get("output.weight")?) };
     Ok((cfg, w, lm, d2t))
 }
+
+/// Saves extracted sequences (a safetensors file), so experiments extract once.
+pub fn save_examples(path: &Path, v: &[FspadExample]) -> Result<()> {
+    let mut m = std::collections::HashMap::new();
+    for (i, e) in v.iter().enumerate() {
+        m.insert(format!("{i}.emb"), e.emb.clone());
+        m.insert(format!("{i}.feat"), e.feat.clone());
+        m.insert(format!("{i}.mask"), Tensor::from_vec(e.mask.clone(), e.mask.len(), &Device::Cpu)?);
+    }
+    let tmp = super::gguf_import::temp_path_for(path)?;
+    candle_core::safetensors::save(&m, &tmp)
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Loads what [`save_examples`] wrote.
+pub fn load_saved_examples(path: &Path) -> Result<Vec<FspadExample>> {
+    let m = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    let mut out = Vec::new();
+    for i in 0.. {
+        let (Some(emb), Some(feat), Some(mask)) =
+            (m.get(&format!("{i}.emb")), m.get(&format!("{i}.feat")), m.get(&format!("{i}.mask")))
+        else {
+            break;
+        };
+        out.push(FspadExample { emb: emb.clone(), feat: feat.clone(), mask: mask.to_vec1::<f32>()? });
+    }
+    Ok(out)
+}
