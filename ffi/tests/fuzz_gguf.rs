@@ -253,7 +253,7 @@ struct Outcome {
 
 /// Runs the loader over `paths` (heads for `target` when given), restarting after any file it
 /// dies on.
-fn run_loader(bin: &Path, paths: &[PathBuf], target: Option<&Path>) -> Outcome {
+fn run_loader(bin: &Path, paths: &[PathBuf], target: Option<&Path>, by_path: bool) -> Outcome {
     let list: String = paths.iter().map(|p| format!("{}\n", p.display())).collect();
     let mut lines = vec![None; paths.len()];
     let mut crashes = Vec::new();
@@ -262,6 +262,7 @@ fn run_loader(bin: &Path, paths: &[PathBuf], target: Option<&Path>) -> Outcome {
         let mut child = Command::new(bin)
             .arg(first.to_string())
             .args(target)
+            .args(by_path.then_some("file"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -340,10 +341,12 @@ struct Tally {
 }
 
 /// Loads `mutants` (heads for `target` when given) in the C host and inspects them with the CLI.
+#[allow(clippy::too_many_arguments)]
 fn check_mutants(
     name: &str,
     mutants: Vec<(Vec<u8>, String)>,
     target: Option<&Path>,
+    by_path: bool,
     bin: &Path,
     adaspec: &Path,
     dir: &Path,
@@ -360,7 +363,7 @@ fn check_mutants(
             paths.push(p);
         }
         let what = |k: usize| format!("{name} mutant {} ({})", chunk[k].0, chunk[k].1 .1);
-        let out = run_loader(bin, &paths, target);
+        let out = run_loader(bin, &paths, target, by_path);
         for (k, status, tail) in &out.crashes {
             t.failures.push(format!("{}: the host died: {status}: {tail}", what(*k)));
         }
@@ -372,6 +375,8 @@ fn check_mutants(
             match load {
                 OK => t.loaded += 1,
                 MODEL_FILE if !msg.is_empty() => t.refused += 1,
+                // A well-formed head for another target (e.g. a mutated vocabulary size).
+                INCOMPATIBLE_VOCAB if by_path && !msg.is_empty() => t.refused += 1,
                 _ => t.failures.push(format!("{}: load status {load}, message {msg:?}", what(k))),
             }
         }
@@ -405,29 +410,34 @@ fn gguf_mutants_are_refused_without_aborts() {
     let bin = build_loader(&dir);
     let adaspec = cli();
 
-    // Three files: the tiny llama and qwen2 targets, and an eagle3 head for the llama one
-    // (loaded through adaspec_session_new_with_head).
+    // Four files: the tiny llama and qwen2 targets, an eagle3 head for the llama one (loaded
+    // through adaspec_session_new_with_head) and an FSPAD head with a reduced vocabulary
+    // (loaded by path through adaspec_session_new_with_head_file, drafting a small tree).
     let llama = tiny(TinyArch::Llama);
     let head = dir.join("head.gguf");
     let cfg = engine::tiny_model::TinyModelConfig { arch: TinyArch::Llama, seed: 11, ..Default::default() };
     engine::tiny_model::write_tiny_head(&head, &cfg, &Default::default()).expect("write head");
-    let bases: [(&str, &Path, Option<&Path>); 3] = [
-        ("llama", &llama.target, None),
-        ("qwen2", &tiny(TinyArch::Qwen2).target, None),
-        ("head", &head, Some(&llama.target)),
+    let fspad = dir.join("fspad.gguf");
+    let hc = engine::tiny_model::TinyHeadConfig { draft_vocab: Some(100), ..Default::default() };
+    engine::tiny_model::write_tiny_fspad_head(&fspad, &cfg, engine::fspad::Variant::Fspad, &hc).expect("write head");
+    let bases: [(&str, &Path, Option<&Path>, bool); 4] = [
+        ("llama", &llama.target, None, false),
+        ("qwen2", &tiny(TinyArch::Qwen2).target, None, false),
+        ("head", &head, Some(&llama.target), false),
+        ("fspad", &fspad, Some(&llama.target), true),
     ];
     let mut rng = Rng(seed);
     let mut t = Tally::default();
     let mut total = 0;
-    for (k, (name, path, target)) in bases.iter().enumerate() {
+    for (k, (name, path, target, by_path)) in bases.iter().enumerate() {
         let base = std::fs::read(path).unwrap();
         let (fields, data) = walk(&base);
         assert!(fields.len() > 50 && data < base.len(), "{name}: the walker found {} fields", fields.len());
         let mut mutants = sweep(&base, &fields);
-        let random = n / 3 + usize::from(k < n % 3);
+        let random = n / 4 + usize::from(k < n % 4);
         mutants.extend((0..random).map(|_| mutate(&base, &fields, data, &mut rng)));
         total += mutants.len();
-        check_mutants(name, mutants, *target, &bin, &adaspec, &dir, &mut t);
+        check_mutants(name, mutants, *target, *by_path, &bin, &adaspec, &dir, &mut t);
     }
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!(

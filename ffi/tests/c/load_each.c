@@ -2,7 +2,9 @@
  * stdin (one path per line) through adaspec_model_load, as a host would, and for each model
  * that loads, creates a plain session and generates two tokens. With a target GGUF as the
  * second argument, each file is a head instead: the session drafts with it on that target
- * (chains of 2). Before each file it prints
+ * (chains of 2). With "file" as the third argument, each file is a head loaded by path through
+ * adaspec_session_new_with_head_file (FSPAD-family heads), its status printed as the load
+ * status. Before each file it prints
  * "try <i>", after it "done <i> <load status> <generate status or -> <message>", flushed, so
  * that the parent can tell which file a signal or abort came from and restart after it. A
  * file that takes over 20 s (a hang) ends the process with SIGALRM. */
@@ -20,6 +22,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "cannot load the target %s: %s\n", argv[2], adaspec_last_error());
         return 2;
     }
+    int by_path = argc > 3 && strcmp(argv[3], "file") == 0;
     char path[4096];
     long i = -1;
     while (fgets(path, sizeof path, stdin)) {
@@ -29,6 +32,32 @@ int main(int argc, char **argv) {
         printf("try %ld\n", i);
         fflush(stdout);
         alarm(20);
+        if (by_path && target) {
+            adaspec_session_params sp = adaspec_session_default_params();
+            sp.strategy = ADASPEC_STRATEGY_TREE;
+            sp.tree_top_k = 2;
+            sp.tree_depth = 2;
+            sp.tree_nodes = 4;
+            sp.n_ctx = 64;
+            sp.n_threads = 1;
+            adaspec_session *s = NULL;
+            enum adaspec_status st = adaspec_session_new_with_head_file(target, path, &sp, &s);
+            enum adaspec_status gs = st;
+            if (st == ADASPEC_STATUS_OK) {
+                adaspec_generate_params gp = adaspec_generate_default_params();
+                gp.max_tokens = 4;
+                gp.ignore_eog = true;
+                gs = adaspec_session_generate(s, "ab", &gp, NULL, NULL, NULL);
+                adaspec_session_free(s);
+            }
+            char msg[512];
+            adaspec_last_error_copy(msg, sizeof msg);
+            for (char *c = msg; *c; c++)
+                if (*c == '\n') *c = ' ';
+            printf("done %ld %d %d %s\n", i, (int)st, (int)gs, gs == ADASPEC_STATUS_OK ? "" : msg);
+            fflush(stdout);
+            continue;
+        }
         adaspec_model *m = NULL;
         adaspec_model_params mp = adaspec_model_default_params();
         mp.n_threads = 1;
