@@ -220,14 +220,13 @@ type TrainedHead = (Variant, Arc<FspadHead>, Vec<f64>, Vec<f64>);
 
 #[cfg(feature = "train")]
 fn trained() -> &'static Trained {
-    use adaspec::train::data::{load_examples, split_validation, BadLines, Example, TokenizeOptions};
+    use adaspec::train::data::{load_examples, split_validation, BadLines, TokenizeOptions};
     use adaspec::train::fspad_model::FspadModel;
     use adaspec::train::fspad_train::{
         evaluate, extract, fspad_config_for, init_fspad, target_lm, train_fspad, write_fspad_gguf, FspadTrainConfig,
     };
     use adaspec::train::head::top_vocab;
     use adaspec::train::ExportType;
-    use adaspec::GenerateParams;
     static T: OnceLock<Trained> = OnceLock::new();
     T.get_or_init(|| {
         let f = fixture(TinyArch::Qwen2);
@@ -239,22 +238,7 @@ fn trained() -> &'static Trained {
         let data = [std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gsm8k/train.jsonl")];
         let opts = TokenizeOptions { chat: false, max_len: 512, ..Default::default() };
         let (prompts, _) = load_examples(&target, &data, &opts, BadLines::Stop).unwrap();
-        // Sampled target continuations, so the data covers what the sampling test draws.
-        let mut gen = Session::new(target.clone(), None, params(Strategy::None)).unwrap();
-        let examples: Vec<Example> = prompts
-            .iter()
-            .take(160)
-            .enumerate()
-            .map(|(i, e)| {
-                let prompt = e.tokens[..e.prompt_len.min(24)].to_vec();
-                gen.reset();
-                let sampling =
-                    adaspec::SamplingParams { temperature: 1.5, top_k: 4, seed: i as u64, ..Default::default() };
-                let gp = GenerateParams { max_tokens: 48, sampling, ignore_eog: true, ..Default::default() };
-                let g = gen.generate(&Prompt::Tokens(prompt.clone()), &gp, &mut |_, _| true).unwrap();
-                Example { prompt_len: prompt.len(), tokens: [prompt, g.tokens].concat() }
-            })
-            .collect();
+        let examples = common::gen::sampled_continuations(&target, &prompts, 160);
         let mut freq = vec![0u64; target.n_vocab()];
         for e in &examples {
             for &t in &e.tokens {
@@ -323,43 +307,19 @@ fn trained_heads_learn_and_draft_in_the_engine() {
 #[cfg(feature = "train")]
 #[test]
 fn fspad_drafting_under_sampling_matches_target_distribution() {
-    use adaspec::backend::sequence_logits;
-    use adaspec::sampling::warp;
-    use adaspec::{GenerateParams, SamplingParams, Token};
-    use std::collections::HashMap;
+    use adaspec::SamplingParams;
 
     let t = trained();
     let (target, head) = (t.target.clone(), t.heads[0].1.clone());
-    let sp = |seed| SamplingParams { temperature: 1.5, top_k: 4, top_p: 1.0, min_p: 0.0, seed };
+    let sp = SamplingParams { temperature: 1.5, top_k: 4, top_p: 1.0, min_p: 0.0, seed: 0 };
     let prompt = target.tokenize("Natalia sold clips to 48 of her friends in April, and then", false, false).unwrap();
-    let nv = target.n_vocab();
-    let last = |toks: &[Token]| {
-        let all = sequence_logits(&target, toks, 1).unwrap();
-        warp(&all[(toks.len() - 1) * nv..], &sp(0))
-    };
-    let mut expected = HashMap::new();
-    for (t1, &a) in last(&prompt).iter().enumerate().filter(|(_, &a)| a > 0.0) {
-        let p2 = last(&[prompt.clone(), vec![t1 as Token]].concat());
-        for (t2, &b) in p2.iter().enumerate().filter(|(_, &b)| b > 0.0) {
-            expected.insert((t1 as Token, t2 as Token), a as f64 * b as f64);
-        }
-    }
+    let expected = common::dist::exact_first_two(&target, &prompt, &sp);
     let n = 3000;
     for strategy in [Strategy::Chain(3), "tree:3,3,8".parse().unwrap(), Strategy::Auto] {
         let mut s = Session::with_fspad_head(target.clone(), head.clone(), params(strategy.clone())).unwrap();
         s.policy_mut().fix_costs(&(0..16).map(|i| 10.0 + 0.1 * i as f64).collect::<Vec<_>>(), 0.5);
-        let mut counts = HashMap::new();
-        let (mut passes, mut tokens) = (0, 0);
-        for seed in 0..n {
-            s.reset();
-            let gp = GenerateParams { max_tokens: 4, sampling: sp(1000 + seed as u64), stop: vec![], ignore_eog: true };
-            let g = s.generate(&Prompt::Tokens(prompt.clone()), &gp, &mut |_, _| true).unwrap();
-            *counts.entry((g.tokens[0], g.tokens[1])).or_insert(0usize) += 1;
-            passes += g.stats.rounds;
-            tokens += g.stats.tokens;
-        }
+        let (counts, tpp) = common::dist::sampled_first_two(&mut s, &prompt, &sp, n);
         let (stat, crit) = common::dist::chi_square(&counts, &expected, n);
-        let tpp = tokens as f64 / passes as f64;
         eprintln!("{strategy}: chi2 {stat:.1} (critical {crit:.1}), tokens/pass {tpp:.2}");
         assert!(stat < crit, "{strategy}: chi-square {stat:.1} above {crit:.1}");
         assert!(tpp > 1.05, "{strategy}: {tpp:.2} tokens per pass: the head's drafts were hardly accepted");

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::error::{Error, Result};
-use super::head_model::{log_softmax, repeat_kv, softmax, step_mask};
+use super::head_model::{log_softmax, repeat_kv, rope_tables, softmax, step_mask};
 use super::model::{rms_norm, rope, RopeStyle, Weights};
 use crate::fspad::FspadConfig;
 
@@ -125,20 +125,6 @@ impl FspadModel {
         }
         Ok(out)
     }
-}
-
-/// NEOX-style cos/sin tables (T, head_dim/2) for positions 0..t.
-fn rope_tables(t: usize, hd: usize, theta: f64) -> Result<(Tensor, Tensor)> {
-    let half = hd / 2;
-    let inv: Vec<f64> = (0..half).map(|i| theta.powf(-2.0 * i as f64 / hd as f64)).collect();
-    let (mut c, mut s) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
-    for p in 0..t {
-        for f in &inv {
-            c.push((p as f64 * f).cos() as f32);
-            s.push((p as f64 * f).sin() as f32);
-        }
-    }
-    Ok((Tensor::from_vec(c, (t, half), &Device::Cpu)?, Tensor::from_vec(s, (t, half), &Device::Cpu)?))
 }
 
 /// Soft cross-entropy per row of `logits` (n, V) against the distributions `target_logits`

@@ -70,17 +70,7 @@ pub fn init_fspad(cfg: &FspadConfig, seed: u64) -> Result<Weights> {
 
 /// Rows `ids` of the target's LM head (all rows when `ids` is empty), f32 (V, H).
 pub fn target_lm(target: &Path, ids: &[u32]) -> Result<Tensor> {
-    let (content, mut reader) = read_gguf_content(target)?;
-    let name = if content.tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
-    let q = content
-        .tensor(&mut reader, name, &Device::Cpu)
-        .map_err(|e| Error::Gguf { path: target.to_path_buf(), reason: format!("{name}: {e}") })?;
-    let full = q.dequantize(&Device::Cpu)?;
-    if ids.is_empty() {
-        return Ok(full);
-    }
-    let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
-    Ok(full.index_select(&idx, 0)?.contiguous()?)
+    super::head::target_lm_rows(target, ids)
 }
 
 /// The target's token embedding matrix (V, H) f32.

@@ -167,14 +167,18 @@ pub fn init_head(cfg: &HeadConfig, target: &Path, seed: u64) -> Result<Weights> 
     Ok(w)
 }
 
-/// Rows `ids` of the target's LM head (`output.weight`, or the tied embedding), f32.
-fn target_lm_rows(target: &Path, ids: &[u32]) -> Result<Tensor> {
+/// Rows `ids` of the target's LM head (`output.weight`, or the tied embedding), f32; every
+/// row when `ids` is empty.
+pub(crate) fn target_lm_rows(target: &Path, ids: &[u32]) -> Result<Tensor> {
     let (content, mut reader) = read_gguf_content(target)?;
     let name = if content.tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
     let q = content
         .tensor(&mut reader, name, &Device::Cpu)
         .map_err(|e| Error::Gguf { path: target.to_path_buf(), reason: format!("{name}: {e}") })?;
     let full = q.dequantize(&Device::Cpu)?;
+    if ids.is_empty() {
+        return Ok(full);
+    }
     let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?;
     Ok(full.index_select(&idx, 0)?.contiguous()?)
 }

@@ -78,17 +78,7 @@ impl HeadModel {
 
     /// cos/sin tables (T, head_dim/2) for positions 0..t.
     fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
-        let hd = self.cfg.head_dim;
-        let half = hd / 2;
-        let inv: Vec<f64> = (0..half).map(|i| self.cfg.rope_theta.powf(-2.0 * i as f64 / hd as f64)).collect();
-        let (mut c, mut s) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
-        for p in 0..t {
-            for f in &inv {
-                c.push((p as f64 * f).cos() as f32);
-                s.push((p as f64 * f).sin() as f32);
-            }
-        }
-        Ok((Tensor::from_vec(c, (t, half), &Device::Cpu)?, Tensor::from_vec(s, (t, half), &Device::Cpu)?))
+        rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta)
     }
 
     /// The additive mask (T, (i+1)·T) of TTT step `i` (see the module docs).
@@ -154,6 +144,20 @@ impl HeadModel {
         }
         Ok(out)
     }
+}
+
+/// RoPE cos/sin tables (T, head_dim/2) for positions 0..t with base `theta`.
+pub(crate) fn rope_tables(t: usize, hd: usize, theta: f64) -> Result<(Tensor, Tensor)> {
+    let half = hd / 2;
+    let inv: Vec<f64> = (0..half).map(|i| theta.powf(-2.0 * i as f64 / hd as f64)).collect();
+    let (mut c, mut s) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+    for p in 0..t {
+        for f in &inv {
+            c.push((p as f64 * f).cos() as f32);
+            s.push((p as f64 * f).sin() as f32);
+        }
+    }
+    Ok((Tensor::from_vec(c, (t, half), &Device::Cpu)?, Tensor::from_vec(s, (t, half), &Device::Cpu)?))
 }
 
 /// The additive mask of TTT step `i` over `t` positions (see the module docs).

@@ -38,3 +38,50 @@ pub fn chi_square(
     let crit = df * (1.0 - 2.0 / (9.0 * df) + z * (2.0 / (9.0 * df)).sqrt()).powi(3);
     (stat, crit)
 }
+
+/// The exact joint distribution of the first two tokens the target samples after `prompt`
+/// under `sp` (warped logits, as the session samples).
+pub fn exact_first_two(
+    target: &std::sync::Arc<adaspec::Model>,
+    prompt: &[Token],
+    sp: &adaspec::SamplingParams,
+) -> HashMap<(Token, Token), f64> {
+    use adaspec::backend::sequence_logits;
+    use adaspec::sampling::warp;
+    let nv = target.n_vocab();
+    let last = |toks: &[Token]| {
+        let all = sequence_logits(target, toks, 1).unwrap();
+        warp(&all[(toks.len() - 1) * nv..], sp)
+    };
+    let mut expected = HashMap::new();
+    for (t1, &a) in last(prompt).iter().enumerate().filter(|(_, &a)| a > 0.0) {
+        let p2 = last(&[prompt.to_vec(), vec![t1 as Token]].concat());
+        for (t2, &b) in p2.iter().enumerate().filter(|(_, &b)| b > 0.0) {
+            expected.insert((t1 as Token, t2 as Token), a as f64 * b as f64);
+        }
+    }
+    expected
+}
+
+/// Counts of the first two tokens over `n` generations of 4 tokens after `prompt` with seeds
+/// `sp.seed + 1000 + i`, and the mean tokens per target pass.
+pub fn sampled_first_two(
+    s: &mut adaspec::Session,
+    prompt: &[Token],
+    sp: &adaspec::SamplingParams,
+    n: usize,
+) -> (HashMap<(Token, Token), usize>, f64) {
+    use adaspec::{GenerateParams, Prompt};
+    let mut counts = HashMap::new();
+    let (mut passes, mut tokens) = (0, 0);
+    for i in 0..n {
+        s.reset();
+        let sampling = adaspec::SamplingParams { seed: sp.seed + 1000 + i as u64, ..sp.clone() };
+        let gp = GenerateParams { max_tokens: 4, sampling, stop: vec![], ignore_eog: true };
+        let g = s.generate(&Prompt::Tokens(prompt.to_vec()), &gp, &mut |_, _| true).unwrap();
+        *counts.entry((g.tokens[0], g.tokens[1])).or_insert(0usize) += 1;
+        passes += g.stats.rounds;
+        tokens += g.stats.tokens;
+    }
+    (counts, tokens as f64 / passes.max(1) as f64)
+}
