@@ -9,7 +9,8 @@
 //! OUT [/tmp/adaspec-fspad], SHARED_DATA (a folder with sharegpt/train.jsonl: added to the
 //! training data), VARIANTS [eagle2,fspad,fs,pad], SEEDS [0], STEPS [150], BATCH [4], LR [5e-4],
 //! FFN [2048], VOCAB [8192], MAX_LEN [192], MAX_TRAIN [300], EVAL_PROMPTS [8], EVAL_TOKENS [64],
-//! BENCH_PROMPTS [3], BENCH_TOKENS [48], THREADS [2].
+//! BENCH_PROMPTS [3], BENCH_TOKENS [48], THREADS [2]; EAGLE3=1 adds the EAGLE-3-layout head
+//! (`adaspec head` trainer) at the same data, steps, batch, lr, FFN width and vocabulary.
 //!
 //! `cargo run --release --features train --example fspad_experiment`
 
@@ -90,6 +91,13 @@ fn main() -> anyhow::Result<()> {
             data.push(p);
         }
     }
+    // The training sequences: a seeded sample of the data (the same in every run).
+    let train_examples = || -> anyhow::Result<Vec<Example>> {
+        let opts = TokenizeOptions { chat: true, max_len, ..Default::default() };
+        let (examples, _) = load_examples(&target, &data, &opts, BadLines::Skip)?;
+        let order = adaspec::train::data::permutation(examples.len(), 7);
+        Ok(order.into_iter().take(max_train).map(|i| examples[i].clone()).collect())
+    };
     let train_cache = out.join("train-features.safetensors");
     let vocab_path = out.join("draft-vocab.json");
     let (train, val) = if train_cache.exists() && vocab_path.exists() {
@@ -99,10 +107,7 @@ fn main() -> anyhow::Result<()> {
         let val = all.split_off(all.len() - n_val);
         (all, val)
     } else {
-        let opts = TokenizeOptions { chat: true, max_len, ..Default::default() };
-        let (examples, _) = load_examples(&target, &data, &opts, BadLines::Skip)?;
-        let order = adaspec::train::data::permutation(examples.len(), 7);
-        let examples: Vec<Example> = order.into_iter().take(max_train).map(|i| examples[i].clone()).collect();
+        let examples = train_examples()?;
         let mut freq = vec![0u64; target.n_vocab()];
         for e in &examples {
             for &t in &e.tokens {
@@ -134,20 +139,31 @@ fn main() -> anyhow::Result<()> {
         let text = target.apply_chat_template(&[ChatMessage::new("user", p)], true)?;
         Ok(target.tokenize(&text, false, true)?)
     };
+    // The target's greedy continuations of each task's held-out prompts (saved as tokens).
+    let continuations = |task: &str, file: &str| -> anyhow::Result<Vec<Example>> {
+        let path = out.join(format!("eval-{task}.tokens.json"));
+        if let Some(v) = read_json(&path) {
+            let v: Vec<(usize, Vec<i32>)> = serde_json::from_value(v)?;
+            return Ok(v.into_iter().map(|(prompt_len, tokens)| Example { prompt_len, tokens }).collect());
+        }
+        let mut alone = Session::new(target.clone(), None, sp(Strategy::None, threads))?;
+        let mut ex = Vec::new();
+        for p in prompts_of(file, eval_prompts)? {
+            let toks = chat_tokens(&p)?;
+            alone.reset();
+            let gp = GenerateParams { max_tokens: eval_tokens, ..Default::default() };
+            let g = alone.generate(&Prompt::Tokens(toks.clone()), &gp, &mut |_, _| true)?;
+            ex.push(Example { prompt_len: toks.len(), tokens: [toks, g.tokens].concat() });
+        }
+        let v: Vec<(usize, &Vec<i32>)> = ex.iter().map(|e| (e.prompt_len, &e.tokens)).collect();
+        write_json(&path, &json!(v))?;
+        Ok(ex)
+    };
     let mut eval_sets: Vec<(&str, Vec<FspadExample>)> = Vec::new();
     for (task, file) in TASKS {
         let cache = out.join(format!("eval-{task}.safetensors"));
         if !cache.exists() {
-            let mut alone = Session::new(target.clone(), None, sp(Strategy::None, threads))?;
-            let mut ex = Vec::new();
-            for p in prompts_of(file, eval_prompts)? {
-                let toks = chat_tokens(&p)?;
-                alone.reset();
-                let gp = GenerateParams { max_tokens: eval_tokens, ..Default::default() };
-                let g = alone.generate(&Prompt::Tokens(toks.clone()), &gp, &mut |_, _| true)?;
-                ex.push(Example { prompt_len: toks.len(), tokens: [toks, g.tokens].concat() });
-            }
-            let feats = extract(&target, &ex, threads, false)?;
+            let feats = extract(&target, &continuations(task, file)?, threads, false)?;
             save_examples(&cache, &feats)?;
             log(format!("{task}: {} held-out continuations", feats.len()));
         }
@@ -190,6 +206,58 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    // 3b. With EAGLE3=1: the EAGLE-3-layout head of the heads issue on the same data, steps,
+    //     batch, learning rate, FFN width and draft vocabulary (3 TTT steps).
+    let eagle3 = env("EAGLE3", 0u32) == 1;
+    if eagle3 {
+        use adaspec::train::head::{head_config_for, init_head, write_head_gguf};
+        use adaspec::train::head_model::HeadModel;
+        use adaspec::train::head_train::{evaluate as evaluate3, extract as extract3, train_head, HeadTrainConfig};
+        for &seed in &seeds {
+            let tag = format!("eagle3-s{seed}");
+            let gguf = out.join(format!("head-{tag}.gguf"));
+            let summary_path = out.join(format!("train-{tag}.json"));
+            if gguf.exists() && summary_path.exists() {
+                continue;
+            }
+            let cfg = head_config_for(&target_path, Some(ffn), vocab.clone())?;
+            let (tr, va) = split_validation(train_examples()?, 0.1, 0)?;
+            let all: Vec<Example> = tr.iter().chain(&va).cloned().collect();
+            let cache = out.join("eagle3-features.safetensors");
+            let mut feats = extract3(&target, &cfg, &all, threads, Some(&cache), true)?;
+            let val3 = feats.split_off(tr.len());
+            let model = HeadModel::new(&cfg, &init_head(&cfg, &target_path, seed)?)?;
+            let tc = HeadTrainConfig {
+                ttt_steps: 3,
+                lr,
+                steps,
+                batch,
+                seed,
+                log: Some(out.join(format!("train-{tag}.jsonl"))),
+                ..Default::default()
+            };
+            log(format!("training {tag}"));
+            let t0 = Instant::now();
+            let evals = train_head(&model, None, &feats, &val3, &tc, 0)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let tokens: usize =
+                steps * batch * feats.iter().map(|e| e.emb.dims()[0]).sum::<usize>() / feats.len().max(1);
+            write_head_gguf(&cfg, &model.to_weights()?, &gguf, &target_path, ExportType::Q8_0)?;
+            let mut per_task = serde_json::Map::new();
+            for (task, file) in TASKS {
+                let ex = continuations(task, file)?;
+                let f3 = extract3(&target, &cfg, &ex, threads, None, false)?;
+                let (alpha, tau, _) = evaluate3(&model, &f3, 3)?;
+                per_task.insert(task.to_string(), json!({"alpha": alpha, "tau_chain": tau}));
+            }
+            let summary = json!({"variant": "eagle3", "steps": steps, "train_seconds": secs,
+                "train_tokens_per_s": tokens as f64 / secs.max(1e-9), "params": cfg.n_params(),
+                "evals": evals, "heldout": per_task});
+            write_json(&summary_path, &summary)?;
+            log(format!("{tag}: {}", serde_json::to_string(&summary["heldout"])?));
+        }
+    }
+
     // 4. End to end in the engine: τ with the FSPAD tree and a chain of 4, head cost per step.
     let bench_path = out.join("bench.json");
     let mut bench = read_json(&bench_path).unwrap_or_else(|| json!({}));
@@ -225,18 +293,22 @@ fn main() -> anyhow::Result<()> {
         bench[alone_key] = run_all(&mut s)?;
         write_json(&bench_path, &bench)?;
     }
+    let mut names: Vec<String> = variants.iter().map(|v| v.name().to_string()).collect();
+    if eagle3 {
+        names.push("eagle3".into());
+    }
     for &seed in &seeds {
-        for &v in &variants {
-            let tag = format!("{}-s{seed}", v.name());
+        for name in &names {
+            let tag = format!("{name}-s{seed}");
             if bench.get(&tag).is_some() {
                 continue;
             }
-            let head = Arc::new(FspadHead::load(&out.join(format!("head-{tag}.gguf")))?);
+            let head = adaspec::session::HeadFile::load(&out.join(format!("head-{tag}.gguf")), target.params())?;
             let mut rec = json!({});
             for (name, strategy) in
                 [("tree_60_6_10", Strategy::Tree { top_k: 10, depth: 6, nodes: 59 }), ("chain_4", Strategy::Chain(4))]
             {
-                let mut s = Session::with_fspad_head(target.clone(), head.clone(), sp(strategy, threads))?;
+                let mut s = Session::with_head_file(target.clone(), head.clone(), sp(strategy, threads))?;
                 let r = run_all(&mut s)?;
                 // Lossless: every output equals target alone's.
                 for (task, _) in &task_prompts {
@@ -246,7 +318,9 @@ fn main() -> anyhow::Result<()> {
                 rec[name] = r;
                 log(format!("{tag} {name} done"));
             }
-            rec["head_ms_per_step"] = head_cost(&head, &target, threads)?;
+            if let adaspec::session::HeadFile::Fspad(h) = &head {
+                rec["head_ms_per_step"] = head_cost(h, &target, threads)?;
+            }
             bench[&tag] = rec;
             write_json(&bench_path, &bench)?;
         }

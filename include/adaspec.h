@@ -251,7 +251,7 @@ typedef struct adaspec_session_params {
     int32_t strategy;
     // Draft tokens per round for `ADASPEC_STRATEGY_CHAIN`, 1..=64 (default 4).
     int32_t chain_length;
-    // Children per node for `ADASPEC_STRATEGY_TREE`, 1..=8 (default 4).
+    // Children per node for `ADASPEC_STRATEGY_TREE`, 1..=16 (default 4).
     int32_t tree_top_k;
     // Levels for `ADASPEC_STRATEGY_TREE`, 1..=16 (default 5).
     int32_t tree_depth;

@@ -47,7 +47,7 @@ fn bad(value: &str, why: &str) -> Error {
 impl FromStr for Strategy {
     type Err = Error;
 
-    /// `auto`, `none`, `chain:N` (1..=64), `tree:K,D,N` (K 1..=8, D 1..=16, N 1..=254),
+    /// `auto`, `none`, `chain:N` (1..=64), `tree:K,D,N` (K 1..=16, D 1..=16, N 1..=254),
     /// `static:0;1;0,0` (paths of child ranks).
     fn from_str(s: &str) -> Result<Self, Error> {
         let s = s.trim();
@@ -71,8 +71,8 @@ impl FromStr for Strategy {
                 let [top_k, depth, nodes] = v[..] else {
                     return Err(bad(s, "expected tree:K,D,N"));
                 };
-                if !(1..=8).contains(&top_k) || !(1..=16).contains(&depth) || !(1..=254).contains(&nodes) {
-                    return Err(bad(s, "need K in 1..=8, D in 1..=16, N in 1..=254"));
+                if !(1..=16).contains(&top_k) || !(1..=16).contains(&depth) || !(1..=254).contains(&nodes) {
+                    return Err(bad(s, "need K in 1..=16, D in 1..=16, N in 1..=254"));
                 }
                 Ok(Strategy::Tree { top_k, depth, nodes })
             }
@@ -137,7 +137,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_values() {
-        for s in ["chain:0", "chain:x", "tree:1,2", "tree:9,2,3", "static:1,0", "fastest", "auto:3"] {
+        for s in ["chain:0", "chain:x", "tree:1,2", "tree:17,2,3", "static:1,0", "fastest", "auto:3"] {
             assert!(s.parse::<Strategy>().is_err(), "{s}");
         }
         assert!("exactly".parse::<NumericMode>().is_err());

@@ -112,7 +112,7 @@ pub struct adaspec_session_params {
     pub strategy: i32,
     /// Draft tokens per round for `ADASPEC_STRATEGY_CHAIN`, 1..=64 (default 4).
     pub chain_length: i32,
-    /// Children per node for `ADASPEC_STRATEGY_TREE`, 1..=8 (default 4).
+    /// Children per node for `ADASPEC_STRATEGY_TREE`, 1..=16 (default 4).
     pub tree_top_k: i32,
     /// Levels for `ADASPEC_STRATEGY_TREE`, 1..=16 (default 5).
     pub tree_depth: i32,

@@ -115,7 +115,7 @@ fn session_params(p: &adaspec_session_params) -> FfiResult<(SessionParams, u64)>
             Strategy::Chain(in_range("params->chain_length", p.chain_length, 1, 64)?)
         }
         x if x == adaspec_strategy::Tree as i32 => Strategy::Tree {
-            top_k: in_range("params->tree_top_k", p.tree_top_k, 1, 8)?,
+            top_k: in_range("params->tree_top_k", p.tree_top_k, 1, 16)?,
             depth: in_range("params->tree_depth", p.tree_depth, 1, 16)?,
             nodes: in_range("params->tree_nodes", p.tree_nodes, 1, 254)?,
         },

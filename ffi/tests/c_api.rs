@@ -1328,7 +1328,7 @@ fn extreme_inputs_get_a_status_not_an_abort() {
     let mut chain = api.session_params(STRATEGY_CHAIN);
     chain.chain_length = 64;
     let mut tree = api.session_params(STRATEGY_TREE);
-    (tree.tree_top_k, tree.tree_depth, tree.tree_nodes) = (8, 16, 254);
+    (tree.tree_top_k, tree.tree_depth, tree.tree_nodes) = (16, 16, 254);
     let mut many_threads = api.session_params(STRATEGY_NONE);
     many_threads.n_threads = 64;
     let plain = api.new_session(t, null(), &api.session_params(STRATEGY_NONE));
