@@ -274,6 +274,7 @@ impl Gguf {
     fn load(&self, names: &[String]) -> Result<(GgmlCtx, HashMap<String, *mut sys::ggml_tensor>)> {
         let mut metas = Vec::with_capacity(names.len());
         let mut bytes = 0usize;
+        let len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
         for n in names {
             let t = self.tensor(n).ok_or_else(|| self.bad(format!("tensor {n} missing")))?;
             let c = CString::new(n.as_str()).map_err(|_| self.bad("tensor name with NUL"))?;
@@ -288,6 +289,10 @@ impl Gguf {
             let off = unsafe {
                 sys::gguf_get_data_offset(self.raw.as_ptr()) + sys::gguf_get_tensor_offset(self.raw.as_ptr(), id)
             };
+            // Checked before anything is allocated: a header may declare any size.
+            if off as u64 + nb as u64 > len {
+                return Err(self.bad(format!("tensor {n} lies past the end of the file")));
+            }
             bytes += nb + 64;
             metas.push((n.clone(), t, off, nb));
         }
@@ -298,18 +303,15 @@ impl Gguf {
             mem_buffer: std::ptr::null_mut(),
             no_alloc: false,
         };
-        // SAFETY: ggml allocates the context (null on failure).
+        // SAFETY: ggml allocates the context; the size is at most the file's (gguf checks that
+        // tensor data regions follow each other), so the allocation is a sane one.
         let ctx = NonNull::new(unsafe { sys::ggml_init(params) }).map(GgmlCtx).ok_or_else(|| {
             Error::ContextCreate(format!("{}: cannot allocate {bytes} bytes for tensors", self.path.display()))
         })?;
         let mut file = std::fs::File::open(&self.path)
             .map_err(|e| Error::ModelFile { path: self.path.clone(), reason: e.to_string() })?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut out = HashMap::new();
         for (n, meta, off, nb) in metas {
-            if off as u64 + nb as u64 > len {
-                return Err(self.bad(format!("tensor {n} lies past the end of the file")));
-            }
             // SAFETY: ctx has room for every tensor (sized above); meta is a valid tensor.
             let t = unsafe { sys::ggml_dup_tensor(ctx.0.as_ptr(), meta) };
             // SAFETY: t was just allocated with nb bytes of data.
@@ -604,7 +606,13 @@ impl FspadRunner {
         let bytes = floats * 4 * 2 + overhead + (8 << 20);
         let words = bytes.div_ceil(16);
         if self.buf.len() < words {
-            self.buf = vec![0u128; words];
+            // A failed allocation is an error, not an abort (the C boundary never aborts).
+            let mut buf: Vec<u128> = Vec::new();
+            buf.try_reserve_exact(words).map_err(|_| {
+                Error::ContextCreate(format!("head: cannot allocate {bytes} bytes of scratch for {nb} entries over {n_kv} keys"))
+            })?;
+            buf.resize(words, 0);
+            self.buf = buf;
         }
         let params = sys::ggml_init_params {
             mem_size: self.buf.len() * 16,

@@ -25,6 +25,8 @@ use crate::tree::DraftTree;
 
 /// Committed entries decoded per head call.
 const CHUNK: usize = 64;
+/// Bound on entries × visible keys of one committed-entry call.
+const KEYS_PER_CALL: usize = 1 << 21;
 /// Most tree nodes one round decodes.
 const MAX_NODES: usize = 256;
 
@@ -137,7 +139,10 @@ impl FspadDraft {
         let mut last = None;
         let mut p = start;
         while p < end {
-            let q = (p + CHUNK).min(end);
+            // Each entry scores every cached key: keep entries × keys (the attention scores'
+            // size) bounded on long contexts.
+            let chunk = (KEYS_PER_CALL / (p + CHUNK)).clamp(1, CHUNK);
+            let q = (p + chunk).min(end);
             let t = Instant::now();
             let b = q - p;
             let entries: Vec<EntryIn<'_>> = (p..q)
