@@ -148,6 +148,12 @@ fn amx_repack_unsafe() -> bool {
     amx && std::env::var_os("ADASPEC_ALLOW_AMX").map_or(true, |v| v.is_empty() || v == "0")
 }
 
+/// Whether `Model::load` with `repack: true` really repacks on this machine (false on AMX
+/// CPUs, see [`Model::load`]).
+pub fn repacking_available() -> bool {
+    !amx_repack_unsafe()
+}
+
 impl Model {
     /// Loads a GGUF model. On CPUs with AMX, weights are not repacked (see
     /// [`amx_repack_unsafe`]); the model's [`Model::params`] then say `repack: false`.

@@ -609,7 +609,9 @@ impl FspadRunner {
             // A failed allocation is an error, not an abort (the C boundary never aborts).
             let mut buf: Vec<u128> = Vec::new();
             buf.try_reserve_exact(words).map_err(|_| {
-                Error::ContextCreate(format!("head: cannot allocate {bytes} bytes of scratch for {nb} entries over {n_kv} keys"))
+                Error::ContextCreate(format!(
+                    "head: cannot allocate {bytes} bytes of scratch for {nb} entries over {n_kv} keys"
+                ))
             })?;
             buf.resize(words, 0);
             self.buf = buf;
