@@ -428,23 +428,11 @@ fn head_training_with_adaspec_selection() {
 #[cfg(feature = "train")]
 #[test]
 fn head_drafting_under_sampling_matches_target_distribution() {
-    use adaspec::SamplingParams;
-
     let t = trained();
     let (target, head) = (t.target.clone(), t.head.clone());
-    let sp = SamplingParams { temperature: 1.5, top_k: 4, top_p: 1.0, min_p: 0.0, seed: 0 };
-    let prompt = target.tokenize("Natalia sold clips to 48 of her friends in April, and then", false, false).unwrap();
-    let expected = common::dist::exact_first_two(&target, &prompt, &sp);
-    let n = 3000;
-    for strategy in [Strategy::Chain(3), "tree:3,3,8".parse().unwrap(), Strategy::Auto] {
-        let mut s = Session::with_head(target.clone(), head.clone(), params(strategy.clone())).unwrap();
-        s.policy_mut().fix_costs(&(0..16).map(|i| 10.0 + 0.1 * i as f64).collect::<Vec<_>>(), 0.5);
-        let (counts, tpp) = common::dist::sampled_first_two(&mut s, &prompt, &sp, n);
-        let (stat, crit) = common::dist::chi_square(&counts, &expected, n);
-        eprintln!("{strategy}: chi2 {stat:.1} (critical {crit:.1}), tokens/pass {tpp:.2}");
-        assert!(stat < crit, "{strategy}: chi-square {stat:.1} above {crit:.1}");
-        assert!(tpp > 1.05, "{strategy}: {tpp:.2} tokens per pass: the head's drafts were hardly accepted");
-    }
+    common::dist::check_head_sampling(&target, &|st| {
+        Session::with_head(target.clone(), head.clone(), params(st)).unwrap()
+    });
 }
 
 /// `adaspec head init | train | eval` as a user runs them: a head for a tiny target from a

@@ -85,3 +85,27 @@ pub fn sampled_first_two(
     }
     (counts, tokens as f64 / passes.max(1) as f64)
 }
+
+/// The head sampling test: sessions made by `session` for a chain of 3, a dynamic tree 3/3/8
+/// and `auto` (all on flat costs, so drafts pay) must give the target's own joint of the first
+/// two tokens after a fixed prompt (temperature 1.5, top-k 4; chi-square at p = 1e-4 over 3000
+/// generations each), with more than 1.05 tokens per target pass.
+pub fn check_head_sampling(
+    target: &std::sync::Arc<adaspec::Model>,
+    session: &dyn Fn(adaspec::Strategy) -> adaspec::Session,
+) {
+    use adaspec::{SamplingParams, Strategy};
+    let sp = SamplingParams { temperature: 1.5, top_k: 4, top_p: 1.0, min_p: 0.0, seed: 0 };
+    let prompt = target.tokenize("Natalia sold clips to 48 of her friends in April, and then", false, false).unwrap();
+    let expected = exact_first_two(target, &prompt, &sp);
+    let n = 3000;
+    for strategy in [Strategy::Chain(3), "tree:3,3,8".parse().unwrap(), Strategy::Auto] {
+        let mut s = session(strategy.clone());
+        s.policy_mut().fix_costs(&(0..16).map(|i| 10.0 + 0.1 * i as f64).collect::<Vec<_>>(), 0.5);
+        let (counts, tpp) = sampled_first_two(&mut s, &prompt, &sp, n);
+        let (stat, crit) = chi_square(&counts, &expected, n);
+        eprintln!("{strategy}: chi2 {stat:.1} (critical {crit:.1}), tokens/pass {tpp:.2}");
+        assert!(stat < crit, "{strategy}: chi-square {stat:.1} above {crit:.1}");
+        assert!(tpp > 1.05, "{strategy}: {tpp:.2} tokens per pass: the head's drafts were hardly accepted");
+    }
+}
