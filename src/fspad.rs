@@ -494,6 +494,22 @@ unsafe impl Send for TargetTensors {}
 unsafe impl Sync for TargetTensors {}
 
 impl TargetTensors {
+    /// [`TargetTensors::load`], shared by every live session on the same target file (the
+    /// embedding of a 1.5B target is ~150 MB: read once, not per session).
+    pub fn shared(target: &Path, hidden: usize, n_vocab: usize, lm_head: bool) -> Result<Arc<TargetTensors>> {
+        type Key = (PathBuf, usize, usize, bool);
+        static LIVE: std::sync::Mutex<Vec<(Key, std::sync::Weak<TargetTensors>)>> = std::sync::Mutex::new(Vec::new());
+        let key = (target.to_path_buf(), hidden, n_vocab, lm_head);
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(t) = live.iter().find(|(k, _)| *k == key).and_then(|(_, w)| w.upgrade()) {
+            return Ok(t);
+        }
+        let t = Arc::new(TargetTensors::load(target, hidden, n_vocab, lm_head)?);
+        live.push((key, Arc::downgrade(&t)));
+        Ok(t)
+    }
+
     /// Reads `token_embd.weight` (and, with `lm_head`, `output.weight` or the tied embedding).
     pub fn load(target: &Path, hidden: usize, n_vocab: usize, lm_head: bool) -> Result<TargetTensors> {
         let g = Gguf::open(target)?;
@@ -555,7 +571,7 @@ impl FspadRunner {
     pub fn new(head: Arc<FspadHead>, target: &crate::backend::Model, n_threads: i32) -> Result<FspadRunner> {
         head.check_target(target)?;
         let own_lm = !head.d2t.is_empty();
-        let tgt = Arc::new(TargetTensors::load(target.path(), head.cfg.hidden, target.n_vocab(), !own_lm)?);
+        let tgt = TargetTensors::shared(target.path(), head.cfg.hidden, target.n_vocab(), !own_lm)?;
         let n_vocab_out = if own_lm { head.d2t.len() } else { target.n_vocab() };
         let n_threads = if n_threads > 0 { n_threads } else { crate::backend::default_threads() };
         Ok(FspadRunner { head, tgt, n_threads, buf: Vec::new(), n_vocab_out })
