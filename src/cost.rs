@@ -161,6 +161,11 @@ pub struct CostModel {
     pub target: BatchCost,
     /// Draft decode ms by batch size.
     pub draft: BatchCost,
+    /// Wall ms per draft step measured on drafting rounds (decayed sums of ms and of steps):
+    /// a round drafting g tokens runs g + 1 steps (the root's catch-up, then each token, whose
+    /// logits decide whether to go on), each with its decode, sampling and bookkeeping.
+    pub draft_round_ms: f64,
+    pub draft_round_steps: f64,
     /// Acceptance of the draft's first-choice children.
     pub first_choice: Calibration,
     /// Acceptance of second-choice (sibling) children.
@@ -179,7 +184,27 @@ pub struct CostModel {
 /// Lookup tokens judged by `lookup` and `lookup_next`; later ones by `lookup_deep`.
 pub const LOOKUP_DEEP: usize = 8;
 
+/// Weight kept by the per-step draft cost sums per drafting round.
+const DRAFT_STEP_DECAY: f64 = 0.9;
+
 impl CostModel {
+    /// Records a drafting round: `tokens` drafted by the model in `ms` of wall time.
+    pub fn observe_draft_round(&mut self, tokens: usize, ms: f64) {
+        if !ms.is_finite() || ms < 0.0 {
+            return;
+        }
+        self.draft_round_ms = self.draft_round_ms * DRAFT_STEP_DECAY + ms;
+        self.draft_round_steps = self.draft_round_steps * DRAFT_STEP_DECAY + (tokens + 1) as f64;
+    }
+
+    /// Wall ms of one draft step: measured on this session's drafting rounds once there are a
+    /// few, blended with the start-up probe's one-token decode before.
+    pub fn draft_step_ms(&self) -> f64 {
+        let probe = self.draft.estimate(1);
+        // The probe counts as two steps of evidence.
+        (self.draft_round_ms + 2.0 * probe) / (self.draft_round_steps + 2.0)
+    }
+
     /// The calibration that learns the acceptance of nodes of this origin.
     pub fn calibration(&self, origin: Origin) -> &Calibration {
         match origin {
@@ -204,13 +229,13 @@ impl CostModel {
 
     /// Estimated acceptance of a node of `origin` with confidence `conf`. A draft model's
     /// confidence is its own probability, a good prior for its bucket; a lookup's confidence
-    /// (share of matches agreeing) is only a ranking, so its buckets start from what all
-    /// lookups of that kind achieved so far.
+    /// (its class: how far back the match reaches, whether the matches agree) is a rough guess,
+    /// so its buckets start halfway between it and what all lookups of that kind achieved.
     pub fn estimate(&self, origin: Origin, conf: f32) -> f32 {
         let c = self.calibration(origin);
         match origin {
             Origin::Draft(_) => c.estimate(conf),
-            Origin::Lookup(_) => c.estimate_with_prior(conf, c.mean(conf)),
+            Origin::Lookup(_) => c.estimate_with_prior(conf, 0.5 * (conf + c.mean(conf))),
         }
     }
 }
@@ -277,8 +302,9 @@ mod tests {
         for _ in 0..40 {
             m.calibration_mut(Origin::Lookup(0)).observe(0.5, false);
         }
-        // A bucket never seen (0.75) starts near the pooled rate, not at 0.75...
-        assert!(m.estimate(Origin::Lookup(0), 0.75) < 0.15, "{}", m.estimate(Origin::Lookup(0), 0.75));
+        // A bucket never seen (0.75) starts halfway between the pooled rate and 0.75...
+        let e = m.estimate(Origin::Lookup(0), 0.75);
+        assert!(e > 0.35 && e < 0.45, "{e}");
         // ...while a draft model's probability stays the prior of its bucket.
         assert!((m.estimate(Origin::Draft(0), 0.75) - 0.75).abs() < 1e-6);
     }

@@ -69,7 +69,15 @@ pub struct Candidate {
     pub occurrences: usize,
     /// Length n of the matched suffix.
     pub match_len: usize,
+    /// How far the match really reaches back: the tokens before the history's end that equal
+    /// the tokens before the most recent occurrence supporting the first token (at least
+    /// `match_len`, at most [`MAX_CONTEXT`]). Text being copied matches far back; a chance
+    /// repeat of a common phrase does not.
+    pub context_len: usize,
 }
+
+/// Longest backward match [`Candidate::context_len`] reports.
+pub const MAX_CONTEXT: usize = 64;
 
 /// An incremental index over a growing token history: for each n in `min_n..=max_n`, a map from
 /// the n-gram to the positions just after each of its occurrences (ascending). An n-gram is
@@ -232,6 +240,7 @@ fn grow_candidates(
         .take(max_branches)
         .map(|(first, mut group)| {
             let support = group.len();
+            let context_len = context_len(history, group[0], match_len);
             let mut tokens = vec![first];
             while tokens.len() < max_len {
                 let Some((next, agreeing)) = rank_next(history, &group, tokens.len()).into_iter().next() else {
@@ -240,9 +249,20 @@ fn grow_candidates(
                 tokens.push(next);
                 group = agreeing;
             }
-            Candidate { tokens, support, occurrences: starts.len(), match_len }
+            Candidate { tokens, support, occurrences: starts.len(), match_len, context_len }
         })
         .collect()
+}
+
+/// How many tokens before `start` equal the tokens before the history's end (from `known`,
+/// already checked, up to [`MAX_CONTEXT`]).
+fn context_len(history: &[Token], start: usize, known: usize) -> usize {
+    let end = history.len();
+    let mut k = known.min(start);
+    while k < MAX_CONTEXT && k < start && history[start - 1 - k] == history[end - 1 - k] {
+        k += 1;
+    }
+    k
 }
 
 /// Groups the continuation starts (most recent first) by the token `depth` after them, skipping
@@ -346,6 +366,27 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].tokens, code[4..12].to_vec());
         assert_eq!((c[0].support, c[0].occurrences, c[0].match_len), (1, 1, 4));
+    }
+
+    #[test]
+    fn context_len_says_how_far_back_the_match_reaches() {
+        // The copied block (10 tokens) is preceded by 40 in both places: the match reaches back
+        // over the whole block and the 3 equal tokens before it, not just the 4-gram.
+        let block: Vec<Token> = (100..110).collect();
+        let mut history = vec![7, 8, 9];
+        history.extend(&block);
+        history.extend([1, 2, 3, 4, 5, 7, 8, 9]);
+        history.extend(&block[..6]);
+        let c = propose(NgramConfig::default(), &history);
+        assert_eq!(c[0].tokens[0], 106);
+        assert_eq!((c[0].match_len, c[0].context_len), (4, 9));
+        // A chance repeat of a 2-gram reaches back 2 tokens.
+        let c = propose(NgramConfig::default(), &[1, 2, 3, 4, 9, 2, 3]);
+        assert_eq!((c[0].match_len, c[0].context_len), (2, 2));
+        // Capped.
+        let long: Vec<Token> = (0..200).map(|i| (i % 100) as Token).collect();
+        let c = propose(NgramConfig::default(), &long);
+        assert_eq!(c[0].context_len, MAX_CONTEXT);
     }
 
     #[test]

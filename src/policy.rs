@@ -26,6 +26,57 @@ pub const AUTO_MAX_LOOKUP: usize = 48;
 const PRIOR_ACCEPT: f32 = 0.7;
 /// Draft tokens judged before `auto` stops trying the draft at its optimistic acceptance.
 const EXPLORE_OBSERVATIONS: f64 = 16.0;
+/// Weight kept by a [`Realization`]'s sums per new round of its kind.
+const REALIZED_DECAY: f64 = 0.9;
+/// Pseudo-rounds at "as predicted" in a [`Realization`] (its prior).
+const REALIZED_PRIOR: f64 = 4.0;
+/// Most a single round's time may count as, in multiples of its predicted time: one hiccup
+/// (a page fault, another process) must not outweigh the rounds around it.
+const REALIZED_MAX_SLOWDOWN: f64 = 2.0;
+
+/// How rounds of one kind (drafting with the model; verifying lookups only) turned out against
+/// what the cost model predicted for them: decayed sums of predicted and realized tokens and
+/// milliseconds. Its factor corrects that kind's predicted rate in `auto`'s decisions, so a
+/// cost model that is wrong (a probe measured in a noisy moment, per-round overhead it does not
+/// see, acceptance estimates that look best exactly where they are too high because those are
+/// the rounds picked) is outvoted by what happened, without ever switching a kind off.
+#[derive(Debug, Clone, Copy, Default)]
+struct Realization {
+    tokens_predicted: f64,
+    tokens: f64,
+    ms_predicted: f64,
+    ms: f64,
+    rounds: f64,
+}
+
+impl Realization {
+    fn observe(&mut self, predicted: (f64, f64), tokens: usize, ms: f64) {
+        let d = REALIZED_DECAY;
+        self.tokens_predicted = self.tokens_predicted * d + predicted.0;
+        self.tokens = self.tokens * d + tokens as f64;
+        self.ms_predicted = self.ms_predicted * d + predicted.1;
+        self.ms = self.ms * d + ms.clamp(1e-3, REALIZED_MAX_SLOWDOWN * predicted.1.max(1e-3));
+        self.rounds = self.rounds * d + 1.0;
+    }
+
+    /// Realized rate / predicted rate, starting from 1 (as predicted) with the weight of
+    /// [`REALIZED_PRIOR`] rounds like the average one seen (or like `typical_ms` before any).
+    /// Without `tokens`, only the time: how far the costs were off.
+    fn factor(&self, typical_ms: f64, tokens: bool) -> f64 {
+        let (tok, ms) = if self.rounds > 0.0 {
+            (self.tokens_predicted / self.rounds, self.ms_predicted / self.rounds)
+        } else {
+            (1.0, typical_ms)
+        };
+        let p = REALIZED_PRIOR;
+        let time = (self.ms_predicted + p * ms) / (self.ms + p * ms);
+        if tokens {
+            time * (self.tokens + p * tok) / (self.tokens_predicted + p * tok)
+        } else {
+            time
+        }
+    }
+}
 
 /// The acceptance a probe round assumes: what was measured, plus a margin for a draft
 /// whose acceptance was measured on little data.
@@ -68,6 +119,8 @@ pub struct RoundRecord<'a> {
     pub used_model: bool,
     /// (batch size, ms) of the draft's decodes.
     pub draft_timings: &'a [(usize, f64)],
+    /// Wall time of drafting (policy, proposers, the draft's decodes).
+    pub draft_ms: f64,
     pub verify_ms: f64,
     pub round_ms: f64,
 }
@@ -91,10 +144,14 @@ pub struct Policy {
     pub max_verify: usize,
     /// Rounds planned so far (all generations).
     rounds: usize,
-    /// Realized tokens per ms of rounds that ran the draft model and of rounds that did not
-    /// (EMAs): the guard that keeps `auto` from trusting a cost model measured in a noisy moment.
-    model_rate: Option<f64>,
-    other_rate: Option<f64>,
+    /// Drafting rounds and lookup-only rounds against their predictions.
+    model_fit: Realization,
+    lookup_fit: Realization,
+    /// This round's prediction: (tokens, ms) and whether it was a lookup-only round.
+    predicted: Option<(f64, f64)>,
+    /// How many history tokens the model had not read when this round's draft started (a
+    /// round with a long catch-up says little about the per-step cost).
+    lag: usize,
     /// Costs fixed by a test: no online timing, no realized-rate guard.
     fixed_costs: bool,
     /// This round's best lookup candidate: whether the target would have accepted its tokens
@@ -114,8 +171,10 @@ impl Policy {
             cost: CostModel::default(),
             max_verify,
             rounds: 0,
-            model_rate: None,
-            other_rate: None,
+            model_fit: Realization::default(),
+            lookup_fit: Realization::default(),
+            predicted: None,
+            lag: 0,
             fixed_costs: false,
             shadow: None,
             shadows: Vec::new(),
@@ -184,6 +243,7 @@ impl Policy {
     ) -> Result<(DraftTree, bool)> {
         self.rounds += 1;
         self.shadow = None; // a failed round's candidate must not be judged against this one
+        self.predicted = None;
         let mut tree = DraftTree::new(*history.last().unwrap_or(&0));
         let max_nodes = lim.max_nodes.min(self.max_verify.saturating_sub(1));
         if max_nodes == 0 || lim.max_depth == 0 {
@@ -224,6 +284,21 @@ impl Policy {
             }
         };
         self.annotate(&mut tree);
+        // What this round is expected to give, to be held against what it gives.
+        self.predicted = (self.strategy == Strategy::Auto).then(|| {
+            let draft_ms = if used_model {
+                let model_nodes = tree.nodes[1..].iter().filter(|n| matches!(n.origin, Origin::Draft(_))).count();
+                let catch_up = if self.lag > 1 {
+                    (self.cost.draft.estimate(self.lag) - self.cost.draft.estimate(1)).max(0.0)
+                } else {
+                    0.0
+                };
+                catch_up + self.chain_ms(model_nodes)
+            } else {
+                0.0
+            };
+            (1.0 + tree.expected_accepted() as f64, draft_ms + self.cost.target.estimate(tree.len()))
+        });
         Ok((tree, used_model))
     }
 
@@ -248,13 +323,12 @@ impl Policy {
         self.cost.rate(expected_accepted, draft_ms, batch)
     }
 
-    /// Draft ms of a model chain of `len` tokens (catch-up + len - 1 single-node decodes).
+    /// Draft ms of a model chain of `len` tokens: the root's catch-up and one decode per
+    /// drafted token (the last one's logits decide that the chain stops), priced at the
+    /// per-step wall time measured on this session's rounds (decodes, sampling, bookkeeping),
+    /// before that at the start-up probe's decode time.
     fn chain_ms(&self, len: usize) -> f64 {
-        if len == 0 {
-            0.0
-        } else {
-            self.cost.draft.estimate(1) * len as f64
-        }
+        self.cost.draft_step_ms() * (len + 1) as f64
     }
 
     /// Best expected rate of a model chain at i.i.d. acceptance `a`, over lengths up to `max`,
@@ -286,18 +360,29 @@ impl Policy {
         let optimistic = optimistic(a);
         let max = self.max_chain();
         let plain = self.rate(0.0, 0.0, 1);
-        // What actually happened beats what the model predicts: if drafting rounds have been
-        // slower than the others, stop drafting (re-try now and then); while drafting, run a
-        // round without the model now and then to keep the other rate current.
-        if let (Some(m), Some(o)) = (self.model_rate, self.other_rate) {
-            if m < o * 0.97 {
-                return self.rounds % 64 == 0 && self.best_chain_rate(optimistic, max, 0.0, 0) > plain;
-            }
+        // A probe ignores how earlier drafting rounds went, so a bad start is re-tried.
+        self.model_factor() * self.best_chain_rate(a, max, 0.0, 0) > plain
+            || probe && self.best_chain_rate(optimistic, max, 0.0, 0) > plain
+    }
+
+    /// Realized / predicted time of drafting rounds (1 until some ran): how far the draft's
+    /// and the verification's costs were off. Their tokens are the calibration's business.
+    fn model_factor(&self) -> f64 {
+        if self.fixed_costs {
+            1.0
+        } else {
+            self.model_fit.factor(self.cost.target.estimate(2) + self.chain_ms(1), false)
         }
-        if self.rounds % 16 == 8 || self.other_rate.is_none() && self.rounds > 1 {
-            return false;
+    }
+
+    /// Realized / predicted rate of rounds that verified lookups only, tokens included: a
+    /// lookup's confidence is a coarse key, and the buckets that look best are the ones picked.
+    fn lookup_factor(&self) -> f64 {
+        if self.fixed_costs {
+            1.0
+        } else {
+            self.lookup_fit.factor(self.cost.target.estimate(2), true)
         }
-        self.best_chain_rate(a, max, 0.0, 0) > plain || probe && self.best_chain_rate(optimistic, max, 0.0, 0) > plain
     }
 
     /// Whether this round may try the draft at its optimistic acceptance: every 16th round, and
@@ -314,24 +399,29 @@ impl Policy {
     fn lookup_plan(&self, l: &mut LookupDraft, history: &[Token], lim: &Limits) -> (LookupPlan, Option<Shadow>) {
         let branches = if self.exact() { 1 } else { 3 };
         let mut out = Vec::new();
-        let mut nodes = 0;
+        let (mut nodes, mut value) = (0, 0.0f32);
+        let k = self.lookup_factor();
+        // A round's rate with `v` expected tokens from `n` lookup nodes, as lookup rounds have
+        // turned out (a plain round is what the cost model says).
+        let rate = |v: f32, n: usize| if n == 0 { self.rate(v, 0.0, 1) } else { k * self.rate(v, 0.0, 1 + n) };
         let cands = l.candidates(history);
         let shadow = cands.first().map(|c| (c.tokens.clone(), lookup::confidence(c), 0));
         for c in cands.into_iter().take(branches) {
             let conf = lookup::confidence(&c);
             let (mut reach, mut sum) = (1.0f32, 0.0f32);
-            let (mut best_len, mut best_rate, mut best_sum) = (0, self.rate(0.0, 0.0, 1 + nodes), 0.0);
+            let (mut best_len, mut best_rate, mut best_sum) = (0, rate(value, nodes), 0.0);
             let max = c.tokens.len().min(lim.max_depth).min(lim.max_nodes.saturating_sub(nodes)).min(AUTO_MAX_LOOKUP);
             for len in 1..=max {
                 reach *= self.estimate(Origin::Lookup(len - 1), conf);
                 sum += reach;
-                let r = self.rate(sum, 0.0, 1 + nodes + len);
+                let r = rate(value + sum, nodes + len);
                 if r > best_rate {
                     (best_len, best_rate, best_sum) = (len, r, sum);
                 }
             }
             if best_len > 0 {
                 nodes += best_len;
+                value += best_sum;
                 out.push((c.tokens[..best_len].to_vec(), conf, best_sum));
             }
         }
@@ -381,7 +471,9 @@ impl Policy {
     ) -> Result<bool> {
         let lookup_value: f32 = plan.iter().map(|p| p.2).sum();
         let lookup_nodes: usize = plan.iter().map(|p| p.0.len()).sum();
-        let without_model = self.rate(lookup_value, 0.0, 1 + lookup_nodes);
+        let lookup_k = if lookup_nodes > 0 { self.lookup_factor() } else { 1.0 };
+        let without_model = lookup_k * self.rate(lookup_value, 0.0, 1 + lookup_nodes);
+        let model_k = self.model_factor();
         let a_bar = self.cost.first_choice.mean(PRIOR_ACCEPT);
         let max_len = AUTO_MAX_DEPTH.min(lim.max_depth).min(lim.max_nodes);
         let use_model = match &model {
@@ -390,11 +482,15 @@ impl Policy {
                 let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
                 // A draft that skipped rounds first reads the tokens it missed, in one batch.
                 let lag = m.lag(history);
+                self.lag = lag;
                 let catch_up =
                     if lag > 1 { (self.cost.draft.estimate(lag) - self.cost.draft.estimate(1)).max(0.0) } else { 0.0 };
-                let pays =
+                let pays = |a: f32| {
+                    model_k * self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model
+                };
+                let probe_pays =
                     |a: f32| self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model;
-                self.fixed_costs || pays(a_bar) || self.probing() && pays(optimistic(a_bar))
+                self.fixed_costs || pays(a_bar) || self.probing() && probe_pays(optimistic(a_bar))
             }
             _ => false,
         };
@@ -417,7 +513,8 @@ impl Policy {
                 return true; // the biased variant drafts deep, then truncates (below)
             }
             let a_next = this.estimate(Origin::Draft(0), s.top_q);
-            let now = this.rate(sum + extra, this.chain_ms(s.drafted.max(1)), 1 + s.drafted + extra_nodes);
+            // Spent so far: the catch-up and one decode per drafted token.
+            let now = this.rate(sum + extra, this.chain_ms(s.drafted), 1 + s.drafted + extra_nodes);
             let (mut r, mut acc, mut best) = (reach * a_next, sum + reach * a_next, 0.0f64);
             for len in s.drafted + 1..=max_len {
                 best = best.max(this.rate(acc + extra, this.chain_ms(len), 1 + len + extra_nodes));
@@ -534,7 +631,7 @@ impl Policy {
 
     /// Learns from a verified round: acceptance per origin, verification cost, realized rate.
     pub fn learn(&mut self, r: &RoundRecord<'_>) {
-        let RoundRecord { tree, verdict, committed, used_model, draft_timings, verify_ms, round_ms } = *r;
+        let RoundRecord { tree, verdict, committed, used_model, draft_timings, draft_ms, verify_ms, round_ms } = *r;
         let mut on_path = vec![false; tree.len()];
         on_path[0] = true;
         for &i in &verdict.accepted {
@@ -574,8 +671,101 @@ impl Policy {
         for &(b, ms) in draft_timings {
             self.cost.draft.observe(b, ms);
         }
-        let rate = (verdict.accepted.len() + 1) as f64 / round_ms.max(1e-3);
-        let slot = if used_model { &mut self.model_rate } else { &mut self.other_rate };
-        *slot = Some(slot.map_or(rate, |r| 0.8 * r + 0.2 * rate));
+        if used_model && self.lag <= 2 {
+            let model_nodes = tree.nodes[1..].iter().filter(|n| matches!(n.origin, Origin::Draft(_))).count();
+            self.cost.observe_draft_round(model_nodes, draft_ms);
+        }
+        if let Some(p) = self.predicted.take() {
+            let tokens = verdict.accepted.len() + 1;
+            if used_model {
+                self.model_fit.observe(p, tokens, round_ms);
+            } else if tree.n_draft() > 0 {
+                self.lookup_fit.observe(p, tokens, round_ms);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto` on a curve where drafting pays: verification nearly flat, a draft step a fifth of
+    /// a target decode, the draft's tokens accepted 80% of the time.
+    fn drafting_pays() -> Policy {
+        let mut p = Policy::new(Strategy::Auto, NumericMode::Fast, 16);
+        for (b, ms) in [(1, 100.0), (2, 102.0), (3, 104.0), (4, 110.0), (6, 120.0), (8, 140.0)] {
+            p.cost.target.observe(b, ms);
+        }
+        p.cost.draft.observe(1, 20.0);
+        for i in 0..40 {
+            p.cost.first_choice.observe(0.85, i % 5 != 0);
+        }
+        p.rounds = 1; // not a probing round
+        p
+    }
+
+    /// Feeds one drafting round of three draft tokens whose verification took `slowdown` times
+    /// its predicted time (the draft as predicted), none accepted.
+    fn slow_round(p: &mut Policy, slowdown: f64) {
+        let mut tree = DraftTree::new(1);
+        let mut parent = 0;
+        for t in 2..5 {
+            parent = tree.add(parent, t, -0.1, 0.0, Proposal::Deterministic);
+            tree.nodes[parent].conf = 0.85;
+        }
+        let predicted_ms = p.chain_ms(3) + p.cost.target.estimate(4);
+        p.predicted = Some((3.4, predicted_ms));
+        p.lag = 1;
+        let verdict = Verdict { accepted: Vec::new(), bonus: 9 };
+        p.learn(&RoundRecord {
+            tree: &tree,
+            verdict: &verdict,
+            committed: &[9],
+            used_model: true,
+            draft_timings: &[(1, 20.0)],
+            draft_ms: p.chain_ms(3),
+            verify_ms: p.cost.target.estimate(4),
+            round_ms: predicted_ms * slowdown,
+        });
+        p.rounds += 1;
+        if p.rounds % 16 == 0 {
+            p.rounds += 1;
+        }
+    }
+
+    #[test]
+    fn one_slow_drafting_round_does_not_switch_the_draft_off() {
+        let mut p = drafting_pays();
+        assert!(p.model_allowed());
+        slow_round(&mut p, 3.0);
+        assert!(p.model_allowed(), "factor {}", p.model_factor());
+    }
+
+    #[test]
+    fn drafting_rounds_that_keep_running_slow_outvote_the_cost_model() {
+        let mut p = drafting_pays();
+        for _ in 0..12 {
+            slow_round(&mut p, 4.0);
+        }
+        let k = p.model_factor();
+        assert!(k < 0.7, "factor {k}");
+        assert!(!p.model_allowed(), "drafting is 3x slower than predicted: plain decoding pays");
+        // A probe round still tries the draft (the machine may have been busy).
+        p.rounds = 32;
+        assert!(p.model_allowed());
+    }
+
+    #[test]
+    fn the_draft_step_cost_is_learned_from_drafting_rounds() {
+        let mut p = drafting_pays();
+        assert!((p.cost.draft_step_ms() - 20.0).abs() < 1e-9);
+        for _ in 0..30 {
+            // Three tokens in 160 ms: four steps (catch-up + one per token) of 40 ms.
+            p.cost.observe_draft_round(3, 160.0);
+        }
+        let step = p.cost.draft_step_ms();
+        assert!((step - 40.0).abs() < 1.0, "{step}");
+        assert!((p.chain_ms(3) - 4.0 * step).abs() < 1e-9);
     }
 }

@@ -126,10 +126,11 @@ fn split_costs(prompt: &[Token]) -> Vec<f64> {
     });
     let k = k.unwrap_or(0).min(a2.len() - 2);
     let t = (a2[k].0 + a2[k + 1].0) / 2.0;
-    // The biased rule keeps two tokens iff (1 + a1 + a1·a2) / (1 + x) > 1 / (1 + t1), with the
-    // chain's draft time (2 × 0.5 ms) already spent in both.
-    let t1 = 10.0;
-    let x = (1.0 + t1) * (1.0 + a1 + a1 * t) - 1.0;
+    // The biased rule keeps two tokens iff (1 + a1 + a1·a2) / (d + x) > 1 / (d + t1), with the
+    // chain's draft time d already spent in both: the root's catch-up and one decode per
+    // drafted token, 3 × 0.5 ms.
+    let (t1, d) = (10.0, 1.5);
+    let x = (d + t1) * (1.0 + a1 + a1 * t) - d;
     eprintln!("split costs: a1 {a1:.3}, a2 {a2:?}, threshold {t:.3}, T(2..) = {x:.2} ms");
     let mut curve = vec![t1];
     curve.extend((0..15).map(|i| x + 0.01 * i as f64));

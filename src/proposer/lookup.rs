@@ -25,10 +25,22 @@ impl Default for LookupDraft {
     }
 }
 
-/// Confidence of a lookup token: the share of earlier occurrences that agree on it, shrunk
-/// towards 0 for a single occurrence (calibration learns the real acceptance).
+/// Confidence of a lookup candidate: the key under which `auto` calibrates its acceptance,
+/// ordered from least to most reliable. Two things tell copied text from a chance repeat: how
+/// far back the match reaches ([`Candidate::context_len`]: under 4, 4–7, 8–15, 16 and more
+/// tokens) and whether every earlier occurrence agrees on the next token. Each of the eight
+/// classes is its own calibration bucket (0.25, 0.35, …, 0.95: a tenth apart), so a long copy's
+/// acceptance is learned apart from short matches'; the value is half of the prior its bucket
+/// starts from (the other half: what lookups achieved so far).
 pub fn confidence(c: &Candidate) -> f32 {
-    c.support as f32 / (c.occurrences as f32 + 1.0)
+    let reach = match c.context_len {
+        0..=3 => 0,
+        4..=7 => 1,
+        8..=15 => 2,
+        _ => 3,
+    };
+    let unanimous = usize::from(c.support == c.occurrences);
+    0.25 + (2 * reach + unanimous) as f32 / 10.0
 }
 
 impl LookupDraft {

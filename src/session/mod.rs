@@ -606,7 +606,8 @@ impl Session {
         };
         let drafters = Drafters { model, lookup: self.lookup.as_mut() };
         let (tree, used_model) = self.policy.draft(drafters, &self.history, lim, sp, rng)?;
-        stats.draft_ms += ms_since(t_round);
+        let draft_ms = ms_since(t_round);
+        stats.draft_ms += draft_ms;
         self.fail_at(FailPoint::AfterDraft)?;
 
         let n = self.history.len();
@@ -640,12 +641,23 @@ impl Session {
             h.accept(&tree, &v.verdict.accepted, n_commit, n);
             timings = h.take_timings();
         }
+        tracing::trace!(
+            target: "adaspec::round",
+            "round: {} nodes ({} lookup), model {used_model}, expected {:.2}, accepted {}, verify {:.1} ms, draft {:.1} ms",
+            tree.n_draft(),
+            tree.nodes[1..].iter().filter(|n| matches!(n.origin, crate::tree::Origin::Lookup(_))).count(),
+            tree.expected_accepted(),
+            v.verdict.accepted.len(),
+            v.verify_ms,
+            ms_since(t_round) - v.verify_ms,
+        );
         self.policy.learn(&RoundRecord {
             tree: &tree,
             verdict: &v.verdict,
             committed: &full,
             used_model,
             draft_timings: &timings,
+            draft_ms,
             verify_ms: v.verify_ms,
             round_ms: ms_since(t_round),
         });
