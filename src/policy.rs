@@ -78,6 +78,11 @@ impl Realization {
     }
 }
 
+/// Nodes of `tree` the draft model (or head) proposed.
+fn model_nodes(tree: &DraftTree) -> usize {
+    tree.nodes[1..].iter().filter(|n| matches!(n.origin, Origin::Draft(_))).count()
+}
+
 /// The acceptance a probe round assumes: what was measured, plus a margin for a draft
 /// whose acceptance was measured on little data.
 fn optimistic(a: f32) -> f32 {
@@ -147,12 +152,12 @@ pub struct Policy {
     /// Drafting rounds and lookup-only rounds against their predictions.
     model_fit: Realization,
     lookup_fit: Realization,
-    /// This round's prediction: (tokens, ms) and whether it was a lookup-only round.
+    /// This round's prediction (`auto` only): (tokens, ms).
     predicted: Option<(f64, f64)>,
     /// How many history tokens the model had not read when this round's draft started (a
     /// round with a long catch-up says little about the per-step cost).
     lag: usize,
-    /// Costs fixed by a test: no online timing, no realized-rate guard.
+    /// Costs fixed by a test: no online timing, no correction by realized rounds.
     fixed_costs: bool,
     /// This round's best lookup candidate: whether the target would have accepted its tokens
     /// the tree does not verify is read off the committed tokens, for free.
@@ -286,17 +291,8 @@ impl Policy {
         self.annotate(&mut tree);
         // What this round is expected to give, to be held against what it gives.
         self.predicted = (self.strategy == Strategy::Auto).then(|| {
-            let draft_ms = if used_model {
-                let model_nodes = tree.nodes[1..].iter().filter(|n| matches!(n.origin, Origin::Draft(_))).count();
-                let catch_up = if self.lag > 1 {
-                    (self.cost.draft.estimate(self.lag) - self.cost.draft.estimate(1)).max(0.0)
-                } else {
-                    0.0
-                };
-                catch_up + self.chain_ms(model_nodes)
-            } else {
-                0.0
-            };
+            let draft_ms =
+                if used_model { self.catch_up_ms(self.lag) + self.chain_ms(model_nodes(&tree)) } else { 0.0 };
             (1.0 + tree.expected_accepted() as f64, draft_ms + self.cost.target.estimate(tree.len()))
         });
         Ok((tree, used_model))
@@ -329,6 +325,16 @@ impl Policy {
     /// before that at the start-up probe's decode time.
     fn chain_ms(&self, len: usize) -> f64 {
         self.cost.draft_step_ms() * (len + 1) as f64
+    }
+
+    /// Extra draft ms of a root catch-up over `lag` tokens (the draft skipped rounds) beyond
+    /// the one-token catch-up that [`Policy::chain_ms`] includes.
+    fn catch_up_ms(&self, lag: usize) -> f64 {
+        if lag > 1 {
+            (self.cost.draft.estimate(lag) - self.cost.draft.estimate(1)).max(0.0)
+        } else {
+            0.0
+        }
     }
 
     /// Best expected rate of a model chain at i.i.d. acceptance `a`, over lengths up to `max`,
@@ -481,16 +487,13 @@ impl Policy {
                 // In exact mode the model chain replaces the lookup chain (no trees).
                 let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
                 // A draft that skipped rounds first reads the tokens it missed, in one batch.
-                let lag = m.lag(history);
-                self.lag = lag;
-                let catch_up =
-                    if lag > 1 { (self.cost.draft.estimate(lag) - self.cost.draft.estimate(1)).max(0.0) } else { 0.0 };
-                let pays = |a: f32| {
-                    model_k * self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model
+                self.lag = m.lag(history);
+                let catch_up = self.catch_up_ms(self.lag);
+                // A probe ignores how earlier drafting rounds went (factor 1).
+                let pays = |a: f32, k: f64| {
+                    k * self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model
                 };
-                let probe_pays =
-                    |a: f32| self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model;
-                self.fixed_costs || pays(a_bar) || self.probing() && probe_pays(optimistic(a_bar))
+                self.fixed_costs || pays(a_bar, model_k) || self.probing() && pays(optimistic(a_bar), 1.0)
             }
             _ => false,
         };
@@ -672,8 +675,7 @@ impl Policy {
             self.cost.draft.observe(b, ms);
         }
         if used_model && self.lag <= 2 {
-            let model_nodes = tree.nodes[1..].iter().filter(|n| matches!(n.origin, Origin::Draft(_))).count();
-            self.cost.observe_draft_round(model_nodes, draft_ms);
+            self.cost.observe_draft_round(model_nodes(tree), draft_ms);
         }
         if let Some(p) = self.predicted.take() {
             let tokens = verdict.accepted.len() + 1;

@@ -649,7 +649,7 @@ impl Session {
             tree.expected_accepted(),
             v.verdict.accepted.len(),
             v.verify_ms,
-            ms_since(t_round) - v.verify_ms,
+            draft_ms,
         );
         self.policy.learn(&RoundRecord {
             tree: &tree,
