@@ -370,8 +370,8 @@ mod tests {
 
     #[test]
     fn context_len_says_how_far_back_the_match_reaches() {
-        // The copied block (10 tokens) is preceded by 40 in both places: the match reaches back
-        // over the whole block and the 3 equal tokens before it, not just the 4-gram.
+        // The copied block (10 tokens) is preceded by [7, 8, 9] in both places: the match reaches
+        // back over the block's first 6 tokens and those 3, not just the 4-gram.
         let block: Vec<Token> = (100..110).collect();
         let mut history = vec![7, 8, 9];
         history.extend(&block);
