@@ -346,7 +346,14 @@ fn strip_outputs(v: &mut serde_json::Value) {
 }
 
 fn sp(strategy: Strategy, threads: i32) -> SessionParams {
-    SessionParams { n_ctx: 2048, n_threads: threads, strategy, mode: NumericMode::Fast, lookup: false }
+    SessionParams {
+        n_ctx: 2048,
+        n_threads: threads,
+        strategy,
+        mode: NumericMode::Fast,
+        lookup: false,
+        share_learning: false,
+    }
 }
 
 /// Milliseconds of one head call over 256 cached entries with 1 and with 10 new entries (a

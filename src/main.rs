@@ -162,6 +162,10 @@ struct BenchArgs {
     /// Stop at end-of-generation instead of generating exactly --max-tokens.
     #[arg(long)]
     stop_at_eog: bool,
+    /// Start `auto` from its priors on every prompt (a fresh process each time) instead of
+    /// from what the previous session of the same setup learned (a host serving requests).
+    #[arg(long)]
+    cold_start: bool,
     /// Write the JSON report here.
     #[arg(long, default_value = "bench-results.json")]
     out: PathBuf,
@@ -201,7 +205,18 @@ fn load_models(m: &ModelArgs, need_draft: bool) -> Result<(Arc<Model>, Option<Ar
     } else {
         None
     };
-    Ok((target, draft, SessionParams { n_ctx: m.ctx, n_threads: m.threads, strategy, mode, lookup: !m.no_lookup }))
+    Ok((
+        target,
+        draft,
+        SessionParams {
+            n_ctx: m.ctx,
+            n_threads: m.threads,
+            strategy,
+            mode,
+            lookup: !m.no_lookup,
+            share_learning: true,
+        },
+    ))
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -323,6 +338,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         n_ctx: a.models.ctx.min(2048),
         ignore_eog: !a.stop_at_eog,
         head: a.models.head.clone(),
+        cold_start: a.cold_start,
     };
     let report = run_bench(target, draft, &cfg, &mut |done, total, line| eprintln!("[{done}/{total}] {line}"))?;
     println!("{}", format_table(&report));
@@ -366,6 +382,7 @@ fn bench_matrix(a: BenchArgs) -> Result<()> {
             n_ctx: a.models.ctx.min(2048),
             ignore_eog: false,
             head: a.models.head.clone(),
+            cold_start: a.cold_start,
         },
         cache_dir: adaspec::models::models_dir().join("converted"),
         peer,

@@ -7,6 +7,9 @@
 //! made before it was drawn; sampled chains are never truncated or pruned afterwards.
 //! Deterministic nodes (greedy drafts, lookups, second choices) may be pruned freely.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use rand::rngs::StdRng;
 
 use crate::backend::Token;
@@ -75,6 +78,32 @@ impl Realization {
         } else {
             time
         }
+    }
+}
+
+/// What `auto` learned in a session (costs, calibrations, how its predictions turned out,
+/// rounds played): a new session of the same setup starts from it ([`Policy::adopt`]), as a
+/// session that is reset keeps it, so a host that runs many generations learns once.
+#[derive(Debug, Clone)]
+pub struct Learned {
+    cost: CostModel,
+    rounds: usize,
+    model_fit: Realization,
+    lookup_fit: Realization,
+}
+
+/// What sessions of a process learned, keyed by their setup (models, threads, mode, drafts).
+static LEARNED: Mutex<Option<HashMap<String, Learned>>> = Mutex::new(None);
+
+/// What the last session of setup `key` had learned when it last finished a generation.
+pub fn learned(key: &str) -> Option<Learned> {
+    LEARNED.lock().ok()?.as_ref()?.get(key).cloned()
+}
+
+/// Stores what a session of setup `key` learned, for the next one.
+pub fn store_learned(key: &str, l: Learned) {
+    if let Ok(mut m) = LEARNED.lock() {
+        m.get_or_insert_with(HashMap::new).insert(key.to_string(), l);
     }
 }
 
@@ -192,18 +221,40 @@ impl Policy {
     /// decides the same on any machine. For tests.
     #[doc(hidden)]
     pub fn fix_costs(&mut self, target_ms: &[f64], draft_ms: f64) {
-        self.cost.target = Default::default();
+        self.cost = CostModel::default();
         for (i, &ms) in target_ms.iter().enumerate() {
             self.cost.target.observe(i + 1, ms);
         }
-        self.cost.draft = Default::default();
         self.cost.draft.observe(1, draft_ms);
+        self.rounds = 0;
+        self.model_fit = Realization::default();
+        self.lookup_fit = Realization::default();
         self.fixed_costs = true;
     }
 
     #[doc(hidden)]
     pub fn set_test_variant(&mut self, v: TestVariant) {
         self.variant = v;
+    }
+
+    /// What this policy learned, for a later session of the same setup; `None` for fixed
+    /// strategies and costs fixed by a test (nothing to carry).
+    pub fn learned(&self) -> Option<Learned> {
+        (self.strategy == Strategy::Auto && !self.fixed_costs).then(|| Learned {
+            cost: self.cost.clone(),
+            rounds: self.rounds,
+            model_fit: self.model_fit,
+            lookup_fit: self.lookup_fit,
+        })
+    }
+
+    /// Continues from what an earlier session of the same setup learned (its measured curves
+    /// included, refined online since the start-up measurement).
+    pub fn adopt(&mut self, l: Learned) {
+        self.cost = l.cost;
+        self.rounds = l.rounds;
+        self.model_fit = l.model_fit;
+        self.lookup_fit = l.lookup_fit;
     }
 
     /// Longest chain the verification cap allows `auto`.

@@ -36,6 +36,7 @@ fn the_matrix_converts_measures_and_stays_lossless() {
             n_ctx: 1024,
             ignore_eog: true,
             head: None,
+            cold_start: false,
         },
         cache_dir: cache.clone(),
         peer: None,

@@ -256,6 +256,39 @@ fn multi_turn_reuses_the_cache_and_matches_a_fresh_run() {
     assert_eq!(f.text, turn2.text);
 }
 
+/// What `auto` learned in one session (acceptance calibrations, costs) is where the next
+/// session of the same setup starts; a session that opts out, or of another setup, starts from
+/// the priors.
+#[test]
+fn auto_learning_carries_to_the_next_session_of_the_same_setup() {
+    let p = pair(TinyArch::Llama);
+    let params = |threads, share| SessionParams {
+        n_ctx: 1024,
+        n_threads: threads,
+        strategy: Strategy::Auto,
+        mode: NumericMode::Fast,
+        lookup: true,
+        share_learning: share,
+    };
+    let judged = |s: &Session| {
+        let c = s.cost_model();
+        c.first_choice.count() + c.second_choice.count() + c.lookup.count() + c.draft_round_steps
+    };
+    let mut a = Session::new(p.target.clone(), Some(p.draft.clone()), params(2, true)).unwrap();
+    for prompt in PROMPTS {
+        a.reset();
+        run(&mut a, prompt, &greedy(64));
+    }
+    let learned = judged(&a);
+    assert!(learned > 0.0, "auto learned nothing on {} prompts", PROMPTS.len());
+    let b = Session::new(p.target.clone(), Some(p.draft.clone()), params(2, true)).unwrap();
+    assert_eq!(judged(&b), learned, "the next session of the setup did not start where the last one stopped");
+    let cold = Session::new(p.target.clone(), Some(p.draft.clone()), params(2, false)).unwrap();
+    assert_eq!(judged(&cold), 0.0, "share_learning = false still adopted");
+    let other = Session::new(p.target.clone(), Some(p.draft.clone()), params(1, true)).unwrap();
+    assert_eq!(judged(&other), 0.0, "a session with other threads adopted what 2 threads learned");
+}
+
 #[test]
 fn bad_inputs_are_errors_not_panics() {
     let p = pair(TinyArch::Llama);
@@ -366,6 +399,7 @@ fn bench_runs_what_generate_runs() {
         n_ctx: 1024,
         ignore_eog: true,
         head: None,
+        cold_start: true,
     };
     let report = run_bench(p.target.clone(), p.draft.clone(), &cfg, &mut |_, _, _| {}).unwrap();
     for (pi, prompt) in PROMPTS.iter().enumerate() {

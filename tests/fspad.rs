@@ -51,7 +51,7 @@ fn fixture(arch: TinyArch) -> &'static Fixture {
 }
 
 fn params(strategy: Strategy) -> SessionParams {
-    SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: NumericMode::Fast, lookup: false }
+    SessionParams { n_ctx: 1024, n_threads: 2, strategy, mode: NumericMode::Fast, lookup: false, share_learning: false }
 }
 
 fn strategies() -> Vec<Strategy> {

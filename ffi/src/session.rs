@@ -131,7 +131,10 @@ fn session_params(p: &adaspec_session_params) -> FfiResult<(SessionParams, u64)>
         }
     };
     let n_ctx = if p.n_ctx == 0 { 4096 } else { p.n_ctx as u32 };
-    Ok((SessionParams { n_ctx, n_threads: p.n_threads, strategy, mode, lookup: p.lookup != 0 }, p.seed))
+    Ok((
+        SessionParams { n_ctx, n_threads: p.n_threads, strategy, mode, lookup: p.lookup != 0, share_learning: true },
+        p.seed,
+    ))
 }
 
 /// Creates a session on `target`, speculating with `draft` (NULL: plain decoding with the

@@ -94,6 +94,9 @@ pub struct BenchConfig {
     pub ignore_eog: bool,
     /// The `eagle3` head `head=` configurations draft with.
     pub head: Option<std::path::PathBuf>,
+    /// `auto` learns from its priors on every prompt ([`SessionParams::share_learning`] off)
+    /// instead of continuing from the previous prompt's session.
+    pub cold_start: bool,
 }
 
 /// One configuration on one prompt.
@@ -184,6 +187,7 @@ pub fn run_bench(
             strategy: v.strategy.clone(),
             mode: cfg.mode,
             lookup: v.drafts != Drafts::Model,
+            share_learning: !cfg.cold_start,
         };
         match (v.drafts, &head) {
             (Drafts::Head, Some(h)) => Session::with_head_file(target.clone(), h.clone(), sp),
@@ -210,8 +214,8 @@ pub fn run_bench(
         let mut base_tokens: Vec<Token> = Vec::new();
         let mut base_tps = 0.0;
         for (ci, v) in configs.iter().enumerate() {
-            // A fresh session per prompt, as `adaspec generate` runs it: nothing `auto` learned
-            // on one prompt carries into the next.
+            // A fresh session per prompt, as `adaspec generate` runs it; `auto` continues from
+            // what the previous session of its setup learned unless `cold_start`.
             let mut s = session_for(v)?;
             let g = s.generate(&prompt, &gp, &mut |_, _| true)?;
             if v.strategy == Strategy::Auto && costed.is_none() {

@@ -49,11 +49,22 @@ pub struct SessionParams {
     /// Let `auto` add n-gram lookups of the prompt and output (zero-cost drafts) where they pay.
     /// Fixed strategies without a draft model always draft with lookups.
     pub lookup: bool,
+    /// Let `auto` start from what the last session of the same setup (models, threads, mode,
+    /// drafts) in this process learned — costs, acceptance calibrations, how its predictions
+    /// turned out — as a reset session does, instead of learning again from priors.
+    pub share_learning: bool,
 }
 
 impl Default for SessionParams {
     fn default() -> Self {
-        Self { n_ctx: 4096, n_threads: 0, strategy: Strategy::Auto, mode: NumericMode::Fast, lookup: true }
+        Self {
+            n_ctx: 4096,
+            n_threads: 0,
+            strategy: Strategy::Auto,
+            mode: NumericMode::Fast,
+            lookup: true,
+            share_learning: true,
+        }
     }
 }
 
@@ -134,6 +145,8 @@ pub struct Session {
     head: Option<Box<dyn FeatureHead>>,
     lookup: Option<LookupDraft>,
     policy: Policy,
+    /// The setup key under which `auto`'s learning is shared ([`SessionParams::share_learning`]).
+    learned_key: Option<String>,
     history: Vec<Token>,
     messages: Vec<ChatMessage>,
     fail_point: Option<FailPoint>,
@@ -298,6 +311,7 @@ impl Session {
             head,
             lookup: lookup.then(LookupDraft::default),
             policy,
+            learned_key: None,
             history: Vec::new(),
             messages: Vec::new(),
             fail_point: None,
@@ -312,6 +326,13 @@ impl Session {
         // the cheaper kernels per batch size that the same measurement finds.
         if speculates && (s.params.strategy == Strategy::Auto || s.params.mode == NumericMode::Fast) {
             s.measure_costs()?;
+        }
+        if s.params.strategy == Strategy::Auto && s.params.share_learning && speculates {
+            let key = s.setup_key();
+            if let Some(l) = crate::policy::learned(&key) {
+                s.policy.adopt(l);
+            }
+            s.learned_key = Some(key);
         }
         Ok(s)
     }
@@ -402,6 +423,21 @@ impl Session {
         (self.verifier.cached(), self.draft.as_ref().map(ModelDraft::cached))
     }
 
+    /// Identifies what `auto` learns about: the models (and how they were loaded), threads,
+    /// numeric mode and which drafts it may use.
+    fn setup_key(&self) -> String {
+        let model = |m: &Model| format!("{}|{}", m.path().display(), m.params().repack);
+        format!(
+            "{}|{}|{}|{}|{}|lookup={}",
+            model(self.verifier.model()),
+            self.draft.as_ref().map(|d| model(d.model())).unwrap_or_default(),
+            self.head.as_ref().map(|h| h.cost_key()).unwrap_or_default(),
+            self.params.n_threads,
+            self.params.mode,
+            self.lookup.is_some()
+        )
+    }
+
     /// Measures target (and draft) decode time per batch size for `auto`, once per process
     /// per model and setting.
     fn measure_costs(&mut self) -> Result<()> {
@@ -459,6 +495,9 @@ impl Session {
         let saved = (self.history.clone(), self.messages.clone());
         self.policy.forget_shadows();
         let result = self.generate_inner(prompt, params, on_commit);
+        if let (Some(key), Some(l)) = (&self.learned_key, self.policy.learned()) {
+            crate::policy::store_learned(key, l);
+        }
         if result.is_err() {
             let (history, messages) = saved;
             let common = history.iter().zip(&self.history).take_while(|(a, b)| a == b).count();

@@ -262,6 +262,7 @@ pub fn generate_continuations(
         strategy: Strategy::None,
         mode: NumericMode::Fast,
         lookup: false,
+        share_learning: false,
     };
     let mut session = Session::new(target.clone(), None, params)?;
     let bar = super::teacher::progress("generate", records.len() as u64);
