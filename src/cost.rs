@@ -248,21 +248,38 @@ impl CostModel {
     }
 }
 
+/// Values shared by all sessions of a process, keyed by setup (a poisoned lock reads as empty).
+pub(crate) struct ProcessMap<T>(Mutex<Option<HashMap<String, T>>>);
+
+impl<T: Clone> ProcessMap<T> {
+    pub(crate) const fn new() -> Self {
+        ProcessMap(Mutex::new(None))
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<T> {
+        self.0.lock().ok()?.as_ref()?.get(key).cloned()
+    }
+
+    pub(crate) fn insert(&self, key: &str, value: T) {
+        if let Ok(mut m) = self.0.lock() {
+            m.get_or_insert_with(HashMap::new).insert(key.to_string(), value);
+        }
+    }
+}
+
 /// Start-up measurements shared by all sessions of a process, keyed by model file, threads and
 /// settings, so a benchmark or a host with many sessions measures once.
 /// Each holds the curve and the kernel choice per batch size that produced it.
-static MEASURED: Mutex<Option<HashMap<String, (BatchCost, KernelPlan)>>> = Mutex::new(None);
+static MEASURED: ProcessMap<(BatchCost, KernelPlan)> = ProcessMap::new();
 
 /// Returns a cached start-up measurement.
 pub fn cached(key: &str) -> Option<(BatchCost, KernelPlan)> {
-    MEASURED.lock().ok()?.as_ref()?.get(key).cloned()
+    MEASURED.get(key)
 }
 
 /// Stores a start-up measurement.
 pub fn store(key: &str, cost: &BatchCost, plan: &KernelPlan) {
-    if let Ok(mut m) = MEASURED.lock() {
-        m.get_or_insert_with(HashMap::new).insert(key.to_string(), (cost.clone(), plan.clone()));
-    }
+    MEASURED.insert(key, (cost.clone(), plan.clone()));
 }
 
 #[cfg(test)]

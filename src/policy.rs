@@ -7,13 +7,10 @@
 //! made before it was drawn; sampled chains are never truncated or pruned afterwards.
 //! Deterministic nodes (greedy drafts, lookups, second choices) may be pruned freely.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use rand::rngs::StdRng;
 
 use crate::backend::Token;
-use crate::cost::CostModel;
+use crate::cost::{CostModel, ProcessMap};
 use crate::error::Result;
 use crate::proposer::{lookup, Alternative, ChainStep, LookupDraft, ModelProposer, Proposer, Request, Shape};
 use crate::sampling::SamplingParams;
@@ -93,18 +90,16 @@ pub struct Learned {
 }
 
 /// What sessions of a process learned, keyed by their setup (models, threads, mode, drafts).
-static LEARNED: Mutex<Option<HashMap<String, Learned>>> = Mutex::new(None);
+static LEARNED: ProcessMap<Learned> = ProcessMap::new();
 
 /// What the last session of setup `key` had learned when it last finished a generation.
 pub fn learned(key: &str) -> Option<Learned> {
-    LEARNED.lock().ok()?.as_ref()?.get(key).cloned()
+    LEARNED.get(key)
 }
 
 /// Stores what a session of setup `key` learned, for the next one.
 pub fn store_learned(key: &str, l: Learned) {
-    if let Ok(mut m) = LEARNED.lock() {
-        m.get_or_insert_with(HashMap::new).insert(key.to_string(), l);
-    }
+    LEARNED.insert(key, l);
 }
 
 /// Nodes of `tree` the draft model (or head) proposed.
