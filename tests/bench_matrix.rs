@@ -37,6 +37,7 @@ fn the_matrix_converts_measures_and_stays_lossless() {
             ignore_eog: true,
             head: None,
             cold_start: false,
+            repeat: 1,
         },
         cache_dir: cache.clone(),
         peer: None,

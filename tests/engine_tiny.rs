@@ -400,8 +400,17 @@ fn bench_runs_what_generate_runs() {
         ignore_eog: true,
         head: None,
         cold_start: true,
+        repeat: 2,
     };
     let report = run_bench(p.target.clone(), p.draft.clone(), &cfg, &mut |_, _, _| {}).unwrap();
+    // Two repeats of each: one run per configuration and prompt reported, the faster one,
+    // with both speeds kept.
+    assert_eq!(report.runs.len(), PROMPTS.len() * (variants.len() + 1));
+    for r in &report.runs {
+        assert_eq!(r.repeats_tokens_per_second.len(), 2, "{}", r.strategy);
+        let best = r.repeats_tokens_per_second.iter().copied().fold(0.0, f64::max);
+        assert_eq!(r.tokens_per_second, best, "{}", r.strategy);
+    }
     for (pi, prompt) in PROMPTS.iter().enumerate() {
         for v in variants {
             let (draft, strategy) = match v.strip_prefix("lookup=") {
