@@ -213,7 +213,8 @@ pub fn run_bench(
         }
     };
     let gp = GenerateParams { max_tokens: cfg.max_tokens, ignore_eog: cfg.ignore_eog, ..Default::default() };
-    let total = cfg.prompts.len() * configs.len() * cfg.repeat.max(1);
+    let repeat = cfg.repeat.max(1);
+    let total = cfg.prompts.len() * configs.len() * repeat;
     let mut runs = Vec::new();
     let mut done = 0;
     // One warm-up generation per configuration so first-touch costs (page faults, the cost
@@ -223,7 +224,6 @@ pub fn run_bench(
         session_for(v)?.generate(&Prompt::Text("Hello".into()), &warm, &mut |_, _| true)?;
     }
     let mut costed = None;
-    let repeat = cfg.repeat.max(1);
     for (pi, text) in cfg.prompts.iter().enumerate() {
         let prompt = if cfg.chat {
             Prompt::Chat(vec![ChatMessage::new("user", text.clone())])
