@@ -162,8 +162,8 @@ pub struct CostModel {
     /// Draft decode ms by batch size.
     pub draft: BatchCost,
     /// Wall ms per draft step measured on drafting rounds (decayed sums of ms and of steps):
-    /// a round drafting g tokens runs g + 1 steps (the root's catch-up, then each token, whose
-    /// logits decide whether to go on), each with its decode, sampling and bookkeeping.
+    /// a round drafting g tokens runs g or g + 1 steps (the root's catch-up, then each token
+    /// a further one was asked for), each with its decode, sampling and bookkeeping.
     pub draft_round_ms: f64,
     pub draft_round_steps: f64,
     /// Acceptance of the draft's first-choice children.
@@ -188,13 +188,14 @@ pub const LOOKUP_DEEP: usize = 8;
 const DRAFT_STEP_DECAY: f64 = 0.9;
 
 impl CostModel {
-    /// Records a drafting round: `tokens` drafted by the model in `ms` of wall time.
-    pub fn observe_draft_round(&mut self, tokens: usize, ms: f64) {
+    /// Records a drafting round: `steps` draft decodes (the root's catch-up included) in `ms`
+    /// of wall time.
+    pub fn observe_draft_round(&mut self, steps: usize, ms: f64) {
         if !ms.is_finite() || ms < 0.0 {
             return;
         }
         self.draft_round_ms = self.draft_round_ms * DRAFT_STEP_DECAY + ms;
-        self.draft_round_steps = self.draft_round_steps * DRAFT_STEP_DECAY + (tokens + 1) as f64;
+        self.draft_round_steps = self.draft_round_steps * DRAFT_STEP_DECAY + steps as f64;
     }
 
     /// Wall ms of one draft step: measured on this session's drafting rounds once there are a

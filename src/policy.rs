@@ -26,6 +26,10 @@ pub const AUTO_MAX_LOOKUP: usize = 48;
 const PRIOR_ACCEPT: f32 = 0.7;
 /// Draft tokens judged before `auto` stops trying the draft at its optimistic acceptance.
 const EXPLORE_OBSERVATIONS: f64 = 16.0;
+/// Chain-step confidences kept to price a decode before its confidence is known.
+const MAX_TOP_QS: usize = 64;
+/// Confidences seen before a chain may stop without decoding its last token.
+const MIN_TOP_QS: usize = 8;
 /// Weight kept by a [`Realization`]'s sums per new round of its kind.
 const REALIZED_DECAY: f64 = 0.9;
 /// Pseudo-rounds at "as predicted" in a [`Realization`] (its prior).
@@ -102,11 +106,6 @@ pub fn store_learned(key: &str, l: Learned) {
     LEARNED.insert(key, l);
 }
 
-/// Nodes of `tree` the draft model (or head) proposed.
-fn model_nodes(tree: &DraftTree) -> usize {
-    tree.nodes[1..].iter().filter(|n| matches!(n.origin, Origin::Draft(_))).count()
-}
-
 /// The acceptance a probe round assumes: what was measured, plus a margin for a draft
 /// whose acceptance was measured on little data.
 fn optimistic(a: f32) -> f32 {
@@ -178,6 +177,10 @@ pub struct Policy {
     lookup_fit: Realization,
     /// This round's prediction (`auto` only): (tokens, ms).
     predicted: Option<(f64, f64)>,
+    /// The draft's top probabilities at the latest chain steps: what the next one may be.
+    top_qs: Vec<f32>,
+    /// Draft decodes of this round's model chain (the root's catch-up included).
+    decodes: usize,
     /// How many history tokens the model had not read when this round's draft started (a
     /// round with a long catch-up says little about the per-step cost).
     lag: usize,
@@ -203,6 +206,8 @@ impl Policy {
             model_fit: Realization::default(),
             lookup_fit: Realization::default(),
             predicted: None,
+            top_qs: Vec::new(),
+            decodes: 0,
             lag: 0,
             fixed_costs: false,
             shadow: None,
@@ -337,8 +342,11 @@ impl Policy {
         self.annotate(&mut tree);
         // What this round is expected to give, to be held against what it gives.
         self.predicted = (self.strategy == Strategy::Auto).then(|| {
-            let draft_ms =
-                if used_model { self.catch_up_ms(self.lag) + self.chain_ms(model_nodes(&tree)) } else { 0.0 };
+            let draft_ms = if used_model {
+                self.catch_up_ms(self.lag) + self.cost.draft_step_ms() * self.decodes as f64
+            } else {
+                0.0
+            };
             (1.0 + tree.expected_accepted() as f64, draft_ms + self.cost.target.estimate(tree.len()))
         });
         Ok((tree, used_model))
@@ -557,20 +565,21 @@ impl Policy {
         let (mut reach, mut sum) = (1.0f32, 0.0f32);
         let this = &*self;
         let explore = this.variant.truncate_sampled_chains;
+        let mut seen: Vec<f32> = Vec::new();
+        let mut decodes = 1; // the root's catch-up
         let mut extend = |s: ChainStep| -> bool {
             if explore {
+                decodes += usize::from(s.top_q.is_none());
                 return true; // the biased variant drafts deep, then truncates (below)
             }
-            let a_next = this.estimate(Origin::Draft(0), s.top_q);
-            // Spent so far: the catch-up and one decode per drafted token.
-            let now = this.rate(sum + extra, this.chain_ms(s.drafted), 1 + s.drafted + extra_nodes);
-            let (mut r, mut acc, mut best) = (reach * a_next, sum + reach * a_next, 0.0f64);
-            for len in s.drafted + 1..=max_len {
-                best = best.max(this.rate(acc + extra, this.chain_ms(len), 1 + len + extra_nodes));
-                r *= a_bar;
-                acc += r;
-            }
-            let go = best > now;
+            let Some(q) = s.top_q else {
+                let go = this.worth_decoding(s.drafted, reach, sum, extra, extra_nodes, max_len, a_bar);
+                decodes += usize::from(go);
+                return go;
+            };
+            seen.push(q);
+            let a_next = this.estimate(Origin::Draft(0), q);
+            let (go, _) = this.go_on(s.drafted, reach, sum, a_next, extra, extra_nodes, max_len, a_bar);
             if go {
                 reach *= a_next;
                 sum += reach;
@@ -588,6 +597,13 @@ impl Policy {
             alternatives: want_alts.then_some(&mut alts),
         };
         model.propose(req, tree)?;
+        self.decodes = decodes;
+        for q in seen {
+            if self.top_qs.len() >= MAX_TOP_QS {
+                self.top_qs.remove(0);
+            }
+            self.top_qs.push(q);
+        }
         self.annotate(tree);
 
         // Deterministic chains may be cut to their best prefix now that it is known; sampled
@@ -615,6 +631,67 @@ impl Policy {
             }
         }
         Ok(true)
+    }
+
+    /// Whether a chain of `drafted` tokens (reached with probability `reach`, `sum` expected
+    /// accepted), its last one decoded, should draft one more whose acceptance is `a_next`:
+    /// some longer chain (later tokens at `a_bar`) beats stopping. Also that best rate and the
+    /// rate of stopping.
+    #[allow(clippy::too_many_arguments)]
+    fn go_on(
+        &self,
+        drafted: usize,
+        reach: f32,
+        sum: f32,
+        a_next: f32,
+        extra: f32,
+        extra_nodes: usize,
+        max_len: usize,
+        a_bar: f32,
+    ) -> (bool, f64) {
+        // Spent so far: the catch-up and one decode per drafted token.
+        let now = self.rate(sum + extra, self.chain_ms(drafted), 1 + drafted + extra_nodes);
+        let (mut r, mut acc, mut best) = (reach * a_next, sum + reach * a_next, 0.0f64);
+        for len in drafted + 1..=max_len {
+            best = best.max(self.rate(acc + extra, self.chain_ms(len), 1 + len + extra_nodes));
+            r *= a_bar;
+            acc += r;
+        }
+        (best > now, best.max(now))
+    }
+
+    /// Before decoding a chain's last drafted token (a decode only a further token needs):
+    /// whether paying for it is expected to beat stopping here, over the next confidences seen
+    /// on earlier rounds. Stopping undecoded leaves the draft one more token to catch up next
+    /// round if the whole chain is accepted.
+    #[allow(clippy::too_many_arguments)]
+    fn worth_decoding(
+        &self,
+        drafted: usize,
+        reach: f32,
+        sum: f32,
+        extra: f32,
+        extra_nodes: usize,
+        max_len: usize,
+        a_bar: f32,
+    ) -> bool {
+        if self.fixed_costs || self.top_qs.len() < MIN_TOP_QS {
+            return true;
+        }
+        let step = self.cost.draft_step_ms();
+        let catch_up = (self.cost.draft.estimate(2) - self.cost.draft.estimate(1)).max(0.0);
+        let undecoded = step * drafted as f64 + reach as f64 * catch_up;
+        let stop = self.rate(sum + extra, undecoded, 1 + drafted + extra_nodes);
+        let decode: f64 = self
+            .top_qs
+            .iter()
+            .map(|&q| {
+                let a_next = self.estimate(Origin::Draft(0), q);
+                self.go_on(drafted, reach, sum, a_next, extra, extra_nodes, max_len, a_bar).1
+            })
+            .sum::<f64>()
+            / self.top_qs.len() as f64;
+        decode > stop
     }
 
     /// The chain prefix (node indices) with the best expected rate.
@@ -721,7 +798,7 @@ impl Policy {
             self.cost.draft.observe(b, ms);
         }
         if used_model && self.lag <= 2 {
-            self.cost.observe_draft_round(model_nodes(tree), draft_ms);
+            self.cost.observe_draft_round(draft_timings.len().max(1), draft_ms);
         }
         if let Some(p) = self.predicted.take() {
             let tokens = verdict.accepted.len() + 1;
@@ -771,7 +848,7 @@ mod tests {
             verdict: &verdict,
             committed: &[9],
             used_model: true,
-            draft_timings: &[(1, 20.0)],
+            draft_timings: &[(1, 20.0); 4],
             draft_ms: p.chain_ms(3),
             verify_ms: p.cost.target.estimate(4),
             round_ms: predicted_ms * slowdown,
@@ -805,12 +882,27 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_stops_before_a_decode_only_unlikely_tokens_would_use() {
+        let mut p = drafting_pays();
+        let a_bar = p.cost.first_choice.mean(PRIOR_ACCEPT);
+        // Too few confidences seen: decode, as before.
+        assert!(p.worth_decoding(4, 0.2, 2.0, 0.0, 0, 12, a_bar));
+        // The draft has mostly been unsure at its chain steps: after a long chain whose end is
+        // unlikely to be reached, the next token's decode is not worth its cost...
+        p.top_qs = vec![0.05; 32];
+        assert!(!p.worth_decoding(6, 0.05, 2.5, 0.0, 0, 12, a_bar));
+        // ...while early in a chain a sure draft's next token is.
+        p.top_qs = vec![0.95; 32];
+        assert!(p.worth_decoding(1, 0.9, 0.9, 0.0, 0, 12, a_bar));
+    }
+
+    #[test]
     fn the_draft_step_cost_is_learned_from_drafting_rounds() {
         let mut p = drafting_pays();
         assert!((p.cost.draft_step_ms() - 20.0).abs() < 1e-9);
         for _ in 0..30 {
             // Three tokens in 160 ms: four steps (catch-up + one per token) of 40 ms.
-            p.cost.observe_draft_round(3, 160.0);
+            p.cost.observe_draft_round(4, 160.0);
         }
         let step = p.cost.draft_step_ms();
         assert!((step - 40.0).abs() < 1.0, "{step}");

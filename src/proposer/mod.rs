@@ -32,13 +32,16 @@ pub use model::ModelDraft;
 pub struct ChainStep {
     /// Chain tokens drafted so far.
     pub drafted: usize,
-    /// The draft's largest probability at the node the next token would hang below.
-    pub top_q: f32,
+    /// The draft's largest probability at the node the next token would hang below; `None`
+    /// before the last drafted token is decoded: would another token be wanted at all, given
+    /// only what is known before paying for the decode that would tell its confidence?
+    pub top_q: Option<f32>,
 }
 
 /// The shape a model-like proposer drafts this round.
 pub enum Shape<'a> {
-    /// A chain below the root of up to `max_len` tokens; `extend` is asked before each token.
+    /// A chain below the root of up to `max_len` tokens; `extend` is asked before each token
+    /// (with its confidence) and before each decode a further token would need (without).
     Chain { max_len: usize, extend: &'a mut dyn FnMut(ChainStep) -> bool },
     /// EAGLE-2: top-`top_k` children per frontier node for `depth` levels, best `nodes` kept.
     Dynamic { top_k: usize, depth: usize, nodes: usize },

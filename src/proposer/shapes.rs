@@ -38,7 +38,7 @@ pub(crate) fn chain(
         let lse = log_sum_exp(&logits);
         let top = top_k_indices(&logits, 2);
         let top_q = top.first().map_or(0.0, |&(_, v)| (v - lse).exp());
-        if !extend(ChainStep { drafted: step, top_q }) {
+        if !extend(ChainStep { drafted: step, top_q: Some(top_q) }) {
             break;
         }
         if let (Some(alts), Some(&(t2, v2))) = (alternatives.as_deref_mut(), top.get(1)) {
@@ -49,6 +49,10 @@ pub(crate) fn chain(
         let child = add_choice(tree, node, &logits, lse, sp, rng);
         node = child;
         if step + 1 < max_len {
+            // Only a further token needs this one's logits: ask before paying for them.
+            if !extend(ChainStep { drafted: step + 1, top_q: None }) {
+                break;
+            }
             logits = d.decode_nodes(tree, &[child], base)?.pop().unwrap_or_default();
         }
     }
