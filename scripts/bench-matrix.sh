@@ -7,7 +7,7 @@
 # Usage: scripts/bench-matrix.sh [N_PROMPTS=2]
 #   env: THREADS=2 MAX_TOKENS=64 FORMATS=f16,q8_0,q4_k_m DATASETS=humaneval,gsm8k,mt_bench,humaneval_edit
 #        STRATEGIES=auto/chain:2/chain:3/lookup=chain:8/lookup=chain:32 PEER=draft-simple:3,ngram-mod
-#        OUT=bench-matrix.json MODE=fast
+#        OUT=bench-matrix.json MODE=fast REPEAT=1 (runs per configuration and prompt; fastest counts)
 #   The defaults are the README's run (about 35 minutes on 2 vCPUs).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -19,6 +19,6 @@ exec "$ROOT/target/release/adaspec" bench --matrix \
     --threads "${THREADS:-2}" --n-prompts "$N" --max-tokens "${MAX_TOKENS:-64}" \
     --formats "${FORMATS:-f16,q8_0,q4_k_m}" --datasets "${DATASETS:-humaneval,gsm8k,mt_bench,humaneval_edit}" \
     --strategies "${STRATEGIES:-auto/chain:2/chain:3/lookup=chain:8/lookup=chain:32}" \
-    --mode "${MODE:-fast}" \
+    --mode "${MODE:-fast}" --repeat "${REPEAT:-1}" \
     --peer "$ROOT/target/llama-tools/bin/llama-spec-bench" --peer-variants "${PEER:-draft-simple:3,ngram-mod}" \
     --out "${OUT:-bench-matrix.json}"
