@@ -598,12 +598,9 @@ impl Policy {
         };
         model.propose(req, tree)?;
         self.decodes = decodes;
-        for q in seen {
-            if self.top_qs.len() >= MAX_TOP_QS {
-                self.top_qs.remove(0);
-            }
-            self.top_qs.push(q);
-        }
+        self.top_qs.extend(seen);
+        let surplus = self.top_qs.len().saturating_sub(MAX_TOP_QS);
+        self.top_qs.drain(..surplus);
         self.annotate(tree);
 
         // Deterministic chains may be cut to their best prefix now that it is known; sampled
@@ -635,8 +632,8 @@ impl Policy {
 
     /// Whether a chain of `drafted` tokens (reached with probability `reach`, `sum` expected
     /// accepted), its last one decoded, should draft one more whose acceptance is `a_next`:
-    /// some longer chain (later tokens at `a_bar`) beats stopping. Also that best rate and the
-    /// rate of stopping.
+    /// some longer chain (later tokens at `a_bar`) beats stopping. Also the rate of the better
+    /// of the two.
     #[allow(clippy::too_many_arguments)]
     fn go_on(
         &self,
