@@ -13,7 +13,7 @@ N=${N:-5}
 TOKENS=${TOKENS:-96}
 THREADS=${THREADS:-2}
 A=./target/release/adaspec
-STRATS="head=auto/head=chain:1/head=chain:2/head=chain:3/head=tree:2,3,6/auto/lookup=auto"
+STRATS=${STRATS:-"head=auto/head=chain:1/head=chain:2/head=chain:3/head=tree:2,3,6/auto/lookup=auto"}
 # The F16 copy, made once with llama.cpp's quantizer (the matrix benchmark's cache).
 F16=$M/converted/$(basename "$Q4" .gguf).as-f16.gguf
 if [ ! -f "$F16" ]; then

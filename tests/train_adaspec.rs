@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use adaspec::tiny_model::{write_tiny_pair, TinyArch};
 use adaspec::train::data::{load_examples, read_records, BadLines, Example, PaddedBatch, TokenizeOptions};
-use adaspec::train::eval::{acceptance_on, generate_dataset, DraftSource, GenerateOptions};
+use adaspec::train::eval::{acceptance_on, DraftSource};
+use adaspec::train::generate::{generate_dataset, GenerateOptions};
 use adaspec::train::gguf_import::{load_gguf, save_checkpoint};
 use adaspec::train::loss::{per_token_divergence_rows, select_top_gap, Divergence, TeacherRows};
 use adaspec::train::teacher::{Teacher, TeacherMode};
@@ -627,6 +628,71 @@ fn cli_train_adaspec_then_eval_and_data_generate() {
     let ex = examples(&target, &s.val);
     let st = acceptance_on(&target, &DraftSource::Gguf(load_target(&s.draft)), &ex, 2).unwrap();
     assert!((st.alpha - a).abs() < 1e-12);
+}
+
+/// `data generate` decodes several prompts in one batch (one sequence each, prompts of
+/// different lengths starting while others decode). With batch-invariant kernels every
+/// response is the target-alone session's, token for token, greedy; sampled responses do not
+/// depend on how many decode together; fast kernels at `parallel` 4 agree with target alone.
+#[test]
+fn batched_generation_is_target_alone_generation() {
+    use adaspec::session::{GenerateParams, Prompt, Session, SessionParams};
+    use adaspec::strategy::{NumericMode, Strategy};
+    use adaspec::train::data::tokenize_prompt;
+    use adaspec::train::generate::generate_continuations;
+    use adaspec::SamplingParams;
+
+    let s = setup("batched");
+    let exact = Arc::new(Model::load(&s.target, &ModelParams { repack: false, ..Default::default() }).unwrap());
+    let (mut prompts, _) = read_records(std::slice::from_ref(&s.train), false, BadLines::Stop).unwrap();
+    prompts.truncate(10);
+    // Prompts of different lengths, so sequences start and end at different steps.
+    for (i, r) in prompts.iter_mut().enumerate() {
+        r.prompt = format!("{}{}", "Please. ".repeat(i % 4), r.prompt);
+    }
+    let run = |model: &Arc<Model>, parallel: usize, exact: bool, sampling: SamplingParams| {
+        let opts = GenerateOptions { max_tokens: 20, n_ctx: 256, parallel, exact, sampling, ..Default::default() };
+        let mut out = Vec::new();
+        let n = generate_continuations(model, &prompts, &opts, |i, _, e, text| {
+            out.push((i, e.tokens[e.prompt_len..].to_vec(), text.to_string()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, prompts.len());
+        assert!(out.iter().enumerate().all(|(k, (i, _, _))| k == *i), "record order");
+        out
+    };
+    let alone = |model: &Arc<Model>, mode: NumericMode| -> Vec<Vec<i32>> {
+        let params = SessionParams { n_ctx: 256, strategy: Strategy::None, mode, lookup: false, ..Default::default() };
+        let mut session = Session::new(model.clone(), None, params).unwrap();
+        prompts
+            .iter()
+            .map(|r| {
+                session.reset();
+                let p = tokenize_prompt(model, &r.prompt, &TokenizeOptions::default()).unwrap();
+                let gp = GenerateParams { max_tokens: 20, ..Default::default() };
+                session.generate(&Prompt::Tokens(p), &gp, &mut |_, _| true).unwrap().tokens
+            })
+            .collect()
+    };
+    let greedy = SamplingParams::greedy();
+    let base = alone(&exact, NumericMode::Exact);
+    let batched = run(&exact, 3, true, greedy.clone());
+    for ((_, toks, text), want) in batched.iter().zip(&base) {
+        assert_eq!(toks, want);
+        assert_eq!(text, &exact.detokenize(&toks[..toks.iter().take_while(|&&t| !exact.is_eog(t)).count()]));
+    }
+    let sampled = SamplingParams { temperature: 0.9, seed: 11, ..Default::default() };
+    let (one, three) = (run(&exact, 1, true, sampled.clone()), run(&exact, 3, true, sampled));
+    assert_eq!(one, three);
+    assert_ne!(one.iter().map(|o| &o.1).collect::<Vec<_>>(), base.iter().collect::<Vec<_>>(), "sampling samples");
+
+    let fast = load_target(&s.target);
+    let fast_base = alone(&fast, NumericMode::Fast);
+    let fast4 = run(&fast, 4, false, greedy);
+    let same = fast4.iter().zip(&fast_base).filter(|((_, t, _), b)| t == *b).count();
+    eprintln!("fast kernels: {same} of {} batched responses identical to target alone", prompts.len());
+    assert!(same >= prompts.len() - 2, "{same} of {} identical", prompts.len());
 }
 
 /// A synthetic task for AdaSPEC's selection. Sequences of tokens from two sets: after a token

@@ -8,24 +8,20 @@
 //!   γ = 1..8: measured τ = 1 + Σ_{j≤γ} Π_{l≤j} α_l, next to the i.i.d. formula
 //!   (1 − α^{γ+1}) / (1 − α).
 //!
-//! Also `data generate`: responses written by the target itself (greedy or sampled) through
-//! the engine's `Session` with no draft. This module never trains and never modifies models.
+//! This module never trains and never modifies models; the target's own continuations come
+//! from [`super::generate`].
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::data::{tokenize_prompt, Example, Record, TokenizeOptions};
+use super::data::Example;
 use super::error::{Error, Result};
 use super::gguf_import::{is_gguf_file, load_checkpoint};
 use super::model::DraftModel;
 use crate::backend::{sequence_logits_rows, Model, ModelParams};
-use crate::sampling::SamplingParams;
-use crate::session::{GenerateParams, Prompt, Session, SessionParams};
-use crate::strategy::{NumericMode, Strategy};
 
 /// Longest chain τ is reported for.
 pub const MAX_GAMMA: usize = 8;
@@ -219,112 +215,6 @@ pub fn acceptance_on(
     }
     bar.finish_and_clear();
     Ok(c.finish())
-}
-
-/// How the target writes responses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateOptions {
-    pub max_tokens: usize,
-    /// Greedy when temperature is 0; a sampled record i uses seed + i.
-    pub sampling: SamplingParams,
-    pub tokenize: TokenizeOptions,
-    pub n_threads: i32,
-    pub n_ctx: u32,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        GenerateOptions {
-            max_tokens: 256,
-            sampling: SamplingParams::greedy(),
-            tokenize: TokenizeOptions::default(),
-            n_threads: 0,
-            n_ctx: 2048,
-        }
-    }
-}
-
-/// The target's own continuations of `records`' prompts: for each, the prompt tokens, the
-/// generated tokens (EOG included when it stopped there) and the generated text. Prompts that
-/// do not fit the context are skipped with a warning.
-pub fn generate_continuations(
-    target: &Arc<Model>,
-    records: &[Record],
-    opts: &GenerateOptions,
-    mut each: impl FnMut(usize, &Record, &Example, &str) -> Result<()>,
-) -> Result<usize> {
-    if opts.max_tokens == 0 {
-        return Err(Error::InvalidArg { name: "--max-tokens", reason: "must be >= 1".into() });
-    }
-    let params = SessionParams {
-        n_ctx: opts.n_ctx,
-        n_threads: opts.n_threads,
-        strategy: Strategy::None,
-        mode: NumericMode::Fast,
-        lookup: false,
-        share_learning: false,
-    };
-    let mut session = Session::new(target.clone(), None, params)?;
-    let bar = super::teacher::progress("generate", records.len() as u64);
-    let mut n = 0;
-    for (i, r) in records.iter().enumerate() {
-        bar.inc(1);
-        let prompt = tokenize_prompt(target, &r.prompt, &opts.tokenize)?;
-        if prompt.is_empty() || prompt.len() + opts.max_tokens + 8 > opts.n_ctx as usize {
-            tracing::warn!(
-                "skipping {}: prompt of {} tokens does not fit --n-ctx {}",
-                r.origin,
-                prompt.len(),
-                opts.n_ctx
-            );
-            continue;
-        }
-        session.reset();
-        let mut sampling = opts.sampling.clone();
-        sampling.seed = sampling.seed.wrapping_add(i as u64);
-        let gp = GenerateParams { max_tokens: opts.max_tokens, sampling, stop: Vec::new(), ignore_eog: false };
-        let g = session.generate(&Prompt::Tokens(prompt.clone()), &gp, &mut |_, _| true)?;
-        if g.tokens.is_empty() {
-            continue;
-        }
-        let mut tokens = prompt.clone();
-        tokens.extend_from_slice(&g.tokens);
-        let ex = Example { prompt_len: prompt.len(), tokens };
-        each(i, r, &ex, &g.text)?;
-        n += 1;
-    }
-    bar.finish_and_clear();
-    Ok(n)
-}
-
-/// `data generate`: writes `{"prompt", "response"}` lines (the raw prompt, the target's text)
-/// to `out` through a temp file renamed at the end. Returns the number of lines.
-pub fn generate_dataset(target: &Arc<Model>, records: &[Record], opts: &GenerateOptions, out: &Path) -> Result<usize> {
-    if records.is_empty() {
-        return Err(Error::InvalidArg { name: "--input", reason: "no prompts".into() });
-    }
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let tmp = super::gguf_import::temp_path_for(out)?;
-    let res = (|| -> Result<usize> {
-        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = std::io::BufWriter::new(f);
-        let n = generate_continuations(target, records, opts, |_, r, _, text| {
-            let line = serde_json::json!({"prompt": r.prompt, "response": text});
-            writeln!(w, "{line}").map_err(|e| Error::io(&tmp, e))
-        })?;
-        w.flush().map_err(|e| Error::io(&tmp, e))?;
-        if n == 0 {
-            return Err(Error::InvalidArg { name: "--input", reason: "no prompt produced a response".into() });
-        }
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-        Ok(n)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
 }
 
 /// The JSON report of `adaspec eval`.

@@ -9,6 +9,7 @@ pub mod export;
 pub mod fspad_cli;
 pub mod fspad_model;
 pub mod fspad_train;
+pub mod generate;
 pub mod gguf_import;
 pub mod head;
 pub mod head_cli;

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The heads experiment, EAGLE-3's data recipe (docs/HEADS.md, "Trained on the target's own
+# text"): the target writes the responses (`adaspec data generate`, several prompts per batch),
+# the head is initialised and trained on them from scratch, then evaluated on the target's own
+# responses to held-out prompts next to the stock 0.5B draft, and benchmarked end to end.
+#
+# Responses are kept in the repository (data/selfdistill/, a few hundred KB) so a later run
+# skips generating them; every other step whose output exists in $OUT is skipped too.
+# Output in $OUT (default /tmp/adaspec-selfdistill). Knobs: N_GSM, N_HE (train prompts),
+# N_HELD (held-out prompts per data set), GEN_TOKENS, STEPS, FFN, VOCAB, TTT, THREADS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/adaspec-selfdistill}
+M=${ADASPEC_MODELS:-$HOME/.cache/adaspec/models}
+T=${TARGET:-$M/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}
+D=${DRAFT:-$M/qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf}
+N_GSM=${N_GSM:-240}
+N_HE=${N_HE:-104}
+N_HELD=${N_HELD:-20}
+GEN_TOKENS=${GEN_TOKENS:-160}
+STEPS=${STEPS:-300}
+FFN=${FFN:-4096}
+VOCAB=${VOCAB:-8192}
+TTT=${TTT:-3}
+THREADS=${THREADS:-2}
+A=./target/release/adaspec
+DATA=data/selfdistill/$(basename "$T" .gguf)
+mkdir -p "$OUT" "$DATA"
+[ -x $A ] || cargo build --release --workspace --all-targets --features adaspec/train
+
+# Prompts: GSM8K train (records 101..) and HumanEval 21..124 for training; GSM8K held-out 1..
+# and HumanEval 1..20 (the benchmark's prompts come from these) held out.
+head -n "$N_GSM" data/gsm8k/train.jsonl > "$OUT/p-gsm-train.jsonl"
+tail -n +21 data/humaneval/dev.jsonl | head -n "$N_HE" > "$OUT/p-he-train.jsonl"
+head -n "$N_HELD" data/gsm8k/heldout.jsonl > "$OUT/p-gsm-held.jsonl"
+head -n "$N_HELD" data/humaneval/dev.jsonl > "$OUT/p-he-held.jsonl"
+gen() { # prompts.jsonl out.jsonl
+    [ -f "$2" ] || $A data generate --target "$T" --input "$1" --chat --max-tokens "$GEN_TOKENS" \
+        --parallel 4 --threads "$THREADS" -o "$2"
+}
+gen "$OUT/p-he-train.jsonl" "$DATA/humaneval-train.jsonl"
+gen "$OUT/p-gsm-train.jsonl" "$DATA/gsm8k-train.jsonl"
+gen "$OUT/p-he-held.jsonl" "$DATA/humaneval-heldout.jsonl"
+gen "$OUT/p-gsm-held.jsonl" "$DATA/gsm8k-heldout.jsonl"
+TRAIN="$DATA/gsm8k-train.jsonl $DATA/humaneval-train.jsonl"
+
+[ -f "$OUT/head0.safetensors" ] || $A head init --target "$T" --data $TRAIN --draft-vocab "$VOCAB" \
+    --ffn "$FFN" --type q8_0 -o "$OUT/head0.gguf" --checkpoint "$OUT/head0.safetensors"
+[ -f "$OUT/head.safetensors" ] || $A head train --target "$T" --init "$OUT/head0.safetensors" --data $TRAIN \
+    --max-len 320 --val-fraction 0.05 --steps "$STEPS" --batch 4 --ttt "$TTT" --lr 5e-4 --warmup 20 \
+    --eval-every 50 --cache "$OUT/features.safetensors" --threads "$THREADS" --metrics "$OUT/train.jsonl" \
+    -o "$OUT/head.safetensors" --export "$OUT/head-q8_0.gguf" --type q8_0 --json > "$OUT/train-summary.json"
+echo "trained: $(head -c 400 "$OUT/train-summary.json")"
+
+# Held-out: the target's own responses to prompts never trained on; the head (TTT steps =
+# chain depths) and the 0.5B draft (teacher-forced, the same text).
+for ds in humaneval gsm8k; do
+    H=$DATA/$ds-heldout.jsonl
+    [ -f "$OUT/eval-head-$ds.json" ] || $A head eval --target "$T" --head "$OUT/head.safetensors" --data "$H" \
+        --max-len 320 --ttt 4 --threads "$THREADS" --json > "$OUT/eval-head-$ds.json"
+    [ -f "$OUT/eval-draft-$ds.json" ] || $A eval --target "$T" --draft "$D" --data "$H" --chat --max-len 320 \
+        --continuation-tokens 0 --threads "$THREADS" -o "$OUT/eval-draft-$ds.json" > /dev/null
+done
+echo "benchmark: OUT=$OUT HEAD=$OUT/head-q8_0.gguf DATASETS='humaneval gsm8k' scripts/head-bench.sh"
