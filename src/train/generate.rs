@@ -1,9 +1,11 @@
 //! The target's own responses to prompts (`data generate`, and the "target continuations" of
 //! `eval`), several prompts at a time: each prompt decodes in its own sequence of one KV cache,
 //! and every step is one batch holding the next token of each running response plus the
-//! prompt tokens of responses just starting (continuous batching). On a CPU a batch of 4
-//! tokens costs ~2.7 single-token decodes of a Q4_K_M target (`adaspec bench --matrix` prints
-//! the curve), so 4 sequences write ~1.5x the tokens per second of one; on a GPU far more.
+//! prompt tokens of responses just starting (continuous batching). How much that gains is the
+//! verification-cost curve (`adaspec bench --matrix` prints it): on a 2-vCPU Zen 3, where 4
+//! tokens of the Q4_K_M target cost 2.1 single-token decodes, 8 HumanEval prompts × 64 tokens
+//! took 43.2 s at 4 per batch against 49.7 s one at a time (1.15x; prompt processing, which
+//! batching does not speed up, is half the time there); flatter curves (GPUs) gain more.
 //!
 //! Greedy picks the argmax, sampling draws from the warped distribution with seed + i for
 //! prompt i, as target-alone generation does. Batched fast-mode kernels round differently

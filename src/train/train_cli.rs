@@ -559,8 +559,8 @@ pub struct DataGenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
     /// Responses decoded together, one sequence each in one batch (1..=64; on a 2-core CPU
-    /// 4 writes ~1.5x the tokens/s of 1, a GPU takes more). Batched kernels round differently,
-    /// so at near-ties a response can differ from `--parallel 1`'s.
+    /// 4 was 1.15x faster than 1, a GPU gains more). Batched kernels round differently, so at
+    /// near-ties a response can differ from `--parallel 1`'s (see --exact).
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
     /// Batch-invariant kernels (ggml's reference kernels, no weight repacking): slower, and
