@@ -129,7 +129,6 @@ pub fn generate_continuations(
                     done.insert(i, None);
                     continue;
                 }
-                ctx.seq_rm(seq as i32, -1, -1);
                 *slot = Some(Slot {
                     record: i,
                     prompt_len: prompt.len(),
@@ -174,17 +173,15 @@ pub fn generate_continuations(
                 sample_from(&warp(logits, &opts.sampling), &mut s.rng)
             } as Token;
             s.tokens.push(t);
-            if target.is_eog(t) || s.generated() >= opts.max_tokens {
-                let s = slot.take().expect("slot is running");
-                ctx.seq_rm(seq as i32, -1, -1);
-                let bytes: Vec<u8> = s.tokens[s.prompt_len..]
-                    .iter()
-                    .filter(|&&t| !target.is_eog(t))
-                    .flat_map(|&t| target.token_to_piece(t))
-                    .collect();
-                let text = String::from_utf8_lossy(&bytes).into_owned();
-                done.insert(s.record, Some((Example { prompt_len: s.prompt_len, tokens: s.tokens }, text)));
+            if !target.is_eog(t) && s.generated() < opts.max_tokens {
+                continue;
             }
+            // Finished: free its sequence (cells and slot) for the next prompt.
+            let Some(s) = slot.take() else { continue };
+            ctx.seq_rm(seq as i32, -1, -1);
+            let visible: Vec<Token> = s.tokens[s.prompt_len..].iter().copied().filter(|&t| !target.is_eog(t)).collect();
+            let text = target.detokenize(&visible);
+            done.insert(s.record, Some((Example { prompt_len: s.prompt_len, tokens: s.tokens }, text)));
         }
         while let Some(entry) = done.remove(&emit) {
             if let Some((ex, text)) = entry {
