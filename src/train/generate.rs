@@ -114,7 +114,7 @@ pub fn generate_continuations(
     let bar = super::teacher::progress("generate", records.len() as u64);
     loop {
         // Start the next prompts in free sequences.
-        for (seq, slot) in slots.iter_mut().enumerate() {
+        for slot in slots.iter_mut() {
             while slot.is_none() && next < records.len() {
                 let i = next;
                 next += 1;
