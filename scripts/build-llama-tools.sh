@@ -23,6 +23,10 @@
 #   Arguments are parsed by llama.cpp's own common_params_parse (LLAMA_EXAMPLE_SPECULATIVE), so
 #   the flags are llama-speculative-simple's: -m -md --spec-type draft-simple
 #   --spec-draft-n-max N --spec-draft-p-min P -t -td -n -c -f --temp ...
+#   `--spec-type draft-eagle3 -md HEAD.gguf` runs llama.cpp's own EAGLE-3 drafting (targets whose
+#   architecture registers llama.cpp's layer-input hooks, e.g. llama; not qwen2). The result
+#   line lists every round's draft (`drafts=`: tokens by ',', rounds by ';'), which
+#   tests/heads.rs compares with adaspec's head chains.
 #   The tree/multi-sequence example (llama-speculative, -np/p_split) lives only in the stripped
 #   examples/speculative/speculative.cpp, so it is NOT reproduced.
 #   If a future crate ships examples/speculative-simple/speculative-simple.cpp, this script
@@ -203,6 +207,7 @@ int main(int argc, char ** argv) {
     // ---- generation
     common_batch bt(ctx_tgt);
     llama_tokens draft, out;
+    std::string drafts; // every round's draft: tokens by ',', rounds by ';'
     int n_predict = 0, n_drafted = 0, n_accept = 0, n_passes = 0;
     const int64_t t_dec0 = ggml_time_us();
     while (true) {
@@ -222,6 +227,8 @@ int main(int argc, char ** argv) {
             // the draft context keeps only what the target has accepted
             llama_memory_seq_rm(llama_get_memory(ctx_dft), seq, n_past, -1);
         }
+        if (n_passes > 0) drafts += ';';
+        for (size_t i = 0; i < draft.size(); ++i) drafts += (i ? "," : "") + std::to_string(draft[i]);
 
         bt.clear();
         bt.add(id_last, n_past, seq, true);
@@ -268,10 +275,10 @@ int main(int argc, char ** argv) {
     fflush(stderr);
     // one machine-readable line on stdout
     printf("LLAMA_SPEC_BENCH mode=%s n_draft_max=%d p_min=%.3f n_prompt=%d t_prompt_s=%.6f n_gen=%d t_gen_s=%.6f "
-           "n_drafted=%d n_accept=%d n_passes=%d tokens=%s\n",
+           "n_drafted=%d n_accept=%d n_passes=%d drafts=%s tokens=%s\n",
            use_spec ? "spec" : "target", use_spec ? params.speculative.draft.n_max : 0,
            use_spec ? params.speculative.draft.p_min : 0.0f, (int) inp.size(), t_enc, n_predict, t_dec,
-           n_drafted, n_accept, n_passes, toks.c_str());
+           n_drafted, n_accept, n_passes, drafts.c_str(), toks.c_str());
     fflush(stdout);
 
     if (spec) common_speculative_free(spec);

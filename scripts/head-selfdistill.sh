@@ -8,6 +8,9 @@
 # skips generating them; every other step whose output exists in $OUT is skipped too.
 # Output in $OUT (default /tmp/adaspec-selfdistill). Knobs: N_GSM, N_HE (train prompts),
 # N_HELD (held-out prompts per data set), GEN_TOKENS, STEPS, FFN, VOCAB, TTT, THREADS.
+# EXTRA: more training files with dataset answers (EAGLE-1/2's data) next to the target's own
+# responses, e.g. EXTRA_GSM=250 (GSM8K train records after the generated ones) and
+# EXTRA_SHAREGPT=100 (the first ShareGPT conversations of $SHARED_DATA, default ../shared/data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/adaspec-selfdistill}
@@ -31,7 +34,7 @@ mkdir -p "$OUT" "$DATA"
 # Prompts: GSM8K train (records 101..) and HumanEval 21..124 for training; GSM8K held-out 1..
 # and HumanEval 1..20 (the benchmark's prompts come from these) held out.
 head -n "$N_GSM" data/gsm8k/train.jsonl > "$OUT/p-gsm-train.jsonl"
-tail -n +21 data/humaneval/dev.jsonl | head -n "$N_HE" > "$OUT/p-he-train.jsonl"
+sed -n "21,$((20 + N_HE))p" data/humaneval/dev.jsonl > "$OUT/p-he-train.jsonl"
 head -n "$N_HELD" data/gsm8k/heldout.jsonl > "$OUT/p-gsm-held.jsonl"
 head -n "$N_HELD" data/humaneval/dev.jsonl > "$OUT/p-he-held.jsonl"
 gen() { # prompts.jsonl out.jsonl
@@ -43,6 +46,27 @@ gen "$OUT/p-gsm-train.jsonl" "$DATA/gsm8k-train.jsonl"
 gen "$OUT/p-he-held.jsonl" "$DATA/humaneval-heldout.jsonl"
 gen "$OUT/p-gsm-held.jsonl" "$DATA/gsm8k-heldout.jsonl"
 TRAIN="$DATA/gsm8k-train.jsonl $DATA/humaneval-train.jsonl"
+EXTRA_GSM=${EXTRA_GSM:-0}
+EXTRA_SHAREGPT=${EXTRA_SHAREGPT:-0}
+if [ "$EXTRA_GSM" -gt 0 ]; then
+    sed -n "$((N_GSM + 1)),$((N_GSM + EXTRA_GSM))p" data/gsm8k/train.jsonl > "$OUT/x-gsm-answers.jsonl"
+    TRAIN="$TRAIN $OUT/x-gsm-answers.jsonl"
+fi
+if [ "$EXTRA_SHAREGPT" -gt 0 ]; then
+    # Conversations whose first question is short, so that most of --max-len is answer.
+    python3 - "${SHARED_DATA:-../shared/data}/sharegpt/train.jsonl" "$EXTRA_SHAREGPT" > "$OUT/x-sharegpt.jsonl" <<'PY'
+import json, sys
+n = 0
+for line in open(sys.argv[1]):
+    c = json.loads(line).get("conversations", [])
+    if len(c) >= 2 and c[0].get("from") == "human" and len(c[0].get("value", "")) <= 600:
+        print(line, end="")
+        n += 1
+        if n == int(sys.argv[2]):
+            break
+PY
+    TRAIN="$TRAIN $OUT/x-sharegpt.jsonl"
+fi
 
 [ -f "$OUT/head0.safetensors" ] || $A head init --target "$T" --data $TRAIN --draft-vocab "$VOCAB" \
     --ffn "$FFN" --type q8_0 -o "$OUT/head0.gguf" --checkpoint "$OUT/head0.safetensors"

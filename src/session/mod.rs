@@ -682,13 +682,15 @@ impl Session {
         }
         tracing::trace!(
             target: "adaspec::round",
-            "round: {} nodes ({} lookup), model {used_model}, expected {:.2}, accepted {}, verify {:.1} ms, draft {:.1} ms",
+            "round: {} nodes ({} lookup), model {used_model}, expected {:.2}, accepted {}, verify {:.1} ms, draft {:.1} ms, \
+             drafted {:?}",
             tree.n_draft(),
             tree.nodes[1..].iter().filter(|n| matches!(n.origin, crate::tree::Origin::Lookup(_))).count(),
             tree.expected_accepted(),
             v.verdict.accepted.len(),
             v.verify_ms,
             draft_ms,
+            tree.nodes[1..].iter().map(|n| n.token).collect::<Vec<_>>(),
         );
         self.policy.learn(&RoundRecord {
             tree: &tree,
