@@ -247,8 +247,7 @@ fn main() -> anyhow::Result<()> {
             for (task, file) in TASKS {
                 let ex = continuations(task, file)?;
                 let f3 = extract3(&target, &cfg, &ex, threads, None, false)?;
-                let (alpha, tau, _) = evaluate3(&model, &f3, 3)?;
-                per_task.insert(task.to_string(), json!({"alpha": alpha, "tau_chain": tau}));
+                per_task.insert(task.to_string(), evaluate3(&model, &f3, 3)?.to_json());
             }
             let summary = json!({"variant": "eagle3", "steps": steps, "train_seconds": secs,
                 "train_tokens_per_s": tokens as f64 / secs.max(1e-9), "params": cfg.n_params(),

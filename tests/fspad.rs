@@ -220,7 +220,7 @@ type TrainedHead = (Variant, Arc<FspadHead>, Vec<f64>, Vec<f64>);
 
 #[cfg(feature = "train")]
 fn trained() -> &'static Trained {
-    use adaspec::train::data::{load_examples, split_validation, BadLines, TokenizeOptions};
+    use adaspec::train::data::split_validation;
     use adaspec::train::fspad_model::FspadModel;
     use adaspec::train::fspad_train::{
         evaluate, extract, fspad_config_for, init_fspad, target_lm, train_fspad, write_fspad_gguf, FspadTrainConfig,
@@ -230,21 +230,7 @@ fn trained() -> &'static Trained {
     static T: OnceLock<Trained> = OnceLock::new();
     T.get_or_init(|| {
         let f = fixture(TinyArch::Qwen2);
-        let target_path = f.dir.join("bigram-target.gguf");
-        let tcfg =
-            TinyModelConfig { arch: TinyArch::Qwen2, n_layer: 6, seed: 3, block_scale: 0.05, ..Default::default() };
-        write_tiny_model(&target_path, &tcfg).unwrap();
-        let target = Arc::new(Model::load(&target_path, &ModelParams::default()).unwrap());
-        let data = [std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gsm8k/train.jsonl")];
-        let opts = TokenizeOptions { chat: false, max_len: 512, ..Default::default() };
-        let (prompts, _) = load_examples(&target, &data, &opts, BadLines::Stop).unwrap();
-        let examples = common::gen::sampled_continuations(&target, &prompts, 160);
-        let mut freq = vec![0u64; target.n_vocab()];
-        for e in &examples {
-            for &t in &e.tokens {
-                freq[t as usize] += 1;
-            }
-        }
+        let (target_path, target, examples, freq) = common::gen::bigram_target_data(TinyArch::Qwen2, 6, &f.dir);
         let vocab = top_vocab(&freq, 400);
         let (train, val) = split_validation(examples, 0.15, 0).unwrap();
         let train = extract(&target, &train, 2, false).unwrap();

@@ -317,29 +317,16 @@ struct TinyTraining {
 
 #[cfg(feature = "train")]
 fn train_tiny_head(arch: TinyArch) -> TinyTraining {
-    use adaspec::train::data::{load_examples, split_validation, BadLines, TokenizeOptions};
+    use adaspec::train::data::split_validation;
     use adaspec::train::head::{head_config_for, init_head, top_vocab, write_head_gguf};
     use adaspec::train::head_model::HeadModel;
     use adaspec::train::head_train::{evaluate, extract, train_head, HeadTrainConfig};
     use adaspec::train::ExportType;
     let t0 = std::time::Instant::now();
     let f = fixture(arch);
-    let target_path = f.dir.join("bigram-target.gguf");
-    let tcfg = TinyModelConfig { arch, n_layer: N_LAYER, seed: 3, block_scale: 0.05, ..Default::default() };
-    write_tiny_model(&target_path, &tcfg).unwrap();
-    let target = Arc::new(Model::load(&target_path, &ModelParams::default()).unwrap());
-    let data = [std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gsm8k/train.jsonl")];
-    let opts = TokenizeOptions { chat: false, max_len: 512, ..Default::default() };
-    let (prompts, _) = load_examples(&target, &data, &opts, BadLines::Stop).unwrap();
-    let examples = common::gen::sampled_continuations(&target, &prompts, 160);
+    let (target_path, target, examples, freq) = common::gen::bigram_target_data(arch, N_LAYER, &f.dir);
     let t_data = t0.elapsed().as_secs_f64();
     // Draft vocabulary: the most frequent target tokens of the data (here all of them).
-    let mut freq = vec![0u64; target.n_vocab()];
-    for e in &examples {
-        for &t in &e.tokens {
-            freq[t as usize] += 1;
-        }
-    }
     let cfg = head_config_for(&target_path, Some(128), top_vocab(&freq, 400)).unwrap();
     assert_eq!(cfg.target_layers, eagle3_layers(N_LAYER));
     assert_eq!(cfg.draft_vocab.len(), 400);
@@ -349,7 +336,8 @@ fn train_tiny_head(arch: TinyArch) -> TinyTraining {
     let mut feats = extract(&target, &cfg, &all, 2, None, false).unwrap();
     let val_feats = feats.split_off(train.len());
     let model = HeadModel::new(&cfg, &weights).unwrap();
-    let (a0, _, l0) = evaluate(&model, &val_feats, 2).unwrap();
+    let e0 = evaluate(&model, &val_feats, 2).unwrap();
+    let (a0, l0) = (e0.alpha, e0.loss);
     let tc = HeadTrainConfig { steps: 120, lr: 2e-3, ttt_steps: 2, progress: false, ..Default::default() };
     let t_feats = t0.elapsed().as_secs_f64();
     train_head(&model, None, &feats, &val_feats, &tc, 0).unwrap();
@@ -357,7 +345,13 @@ fn train_tiny_head(arch: TinyArch) -> TinyTraining {
         "{arch:?} tiny head: data {t_data:.1} s, features {t_feats:.1} s, trained {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let (a1, _, l1) = evaluate(&model, &val_feats, 2).unwrap();
+    let e1 = evaluate(&model, &val_feats, 2).unwrap();
+    // Measured τ: a top-2 tree of the same depth accepts at least what the chain does, no
+    // more than its depth; 1 − TV is a probability.
+    let t: Vec<f64> = e1.tau.iter().map(|x| x.1).collect();
+    assert!(t.windows(2).all(|w| w[0] <= w[1]) && t[0] >= 1.0 && t[t.len() - 1] <= 3.0, "{:?}", e1.tau);
+    assert!(e1.one_minus_tv.iter().all(|x| (0.0..=1.0).contains(x)) && e1.starts > 0, "{e1:?}");
+    let (a1, l1) = (e1.alpha, e1.loss);
     let out = f.dir.join("trained-head.gguf");
     write_head_gguf(&cfg, &model.to_weights().unwrap(), &out, &target_path, ExportType::F32).unwrap();
     let head = Arc::new(Model::load(&out, &ModelParams::default()).unwrap());
@@ -394,7 +388,8 @@ fn trained() -> &'static Trained {
         let tc2 = HeadTrainConfig { select_k: Some(0.5), log: Some(log.clone()), ..tc };
         train_head(&second, Some(&model), &feats, &val_feats, &tc2, 0).unwrap();
         assert!(train_head(&second, None, &feats, &val_feats, &tc2, 0).is_err(), "selection without a reference");
-        let (a2, _, l2) = evaluate(&second, &val_feats, 2).unwrap();
+        let e2 = evaluate(&second, &val_feats, 2).unwrap();
+        let (a2, l2) = (e2.alpha, e2.loss);
         let fractions: Vec<f64> = std::fs::read_to_string(&log)
             .unwrap()
             .lines()
@@ -553,6 +548,65 @@ fn head_commands_init_train_eval() {
     assert!(ok, "{err}");
     let (ok, _, err) = train(&dir.join("head-none.safetensors"), vec![os("--select-by"), os("ref-loss")]);
     assert!(!ok && err.contains("--select-by ref-loss needs --reference"), "{err}");
+
+    // Checkpoints, a plot, and a resumed run bit-identical to the uninterrupted one.
+    let metrics = dir.join("ck.jsonl");
+    let straight = dir.join("ck.safetensors");
+    let (ok, _, err) = train(&straight, vec![os("--checkpoint-every"), os("3"), os("--metrics"), p(&metrics)]);
+    assert!(ok, "{err}");
+    let ckdir = dir.join("ck.checkpoints");
+    for step in ["step-000003", "step-000006"] {
+        for f in ["head.safetensors", "head.head.json", "optimizer.safetensors", "state.json"] {
+            assert!(ckdir.join(step).join(f).is_file(), "{step}/{f} missing");
+        }
+    }
+    let svg = std::fs::read_to_string(dir.join("ck.svg")).expect("the metrics plot");
+    assert!(svg.contains("training loss") && svg.contains("validation α"), "plot without its series");
+    let resumed = dir.join("ck-resumed.safetensors");
+    let (ok, _, err) = train(&resumed, vec![os("--resume"), p(&ckdir.join("step-000003"))]);
+    assert!(ok, "{err}");
+    let load = |f: &std::path::Path| adaspec::train::head::load_head(f).unwrap().1;
+    let (a, b) = (load(&straight), load(&resumed));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let (x, y) = (
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(x == y, "{name} differs between the resumed and the uninterrupted run");
+    }
+    let (ok, _, err) = train(
+        &dir.join("ck-other.safetensors"),
+        vec![os("--resume"), p(&ckdir.join("step-000003")), os("--lr"), os("0.01")],
+    );
+    assert!(!ok && err.contains("another run") && err.contains("--lr"), "{err}");
+
+    // adaspec-export --gguf --head: the eagle3 GGUF llama.cpp loads, compatible with the target.
+    let export = |extra: &[&str], out: &std::path::Path| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_adaspec-export"))
+            .args(["--gguf", "-i"])
+            .arg(&straight)
+            .arg("-o")
+            .arg(out)
+            .arg("--tokenizer-from")
+            .arg(&target)
+            .args(extra)
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let gguf = dir.join("ck.gguf");
+    let (ok, err) = export(&["--head", "--type", "f32"], &gguf);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(vec![os("inspect"), p(&gguf), os("--compat"), p(&target), os("--json")]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["file"]["architecture"], "eagle3", "{out}");
+    assert_eq!(r["compat"]["compatible"], true, "{out}");
+    let loaded = Model::load(&gguf, &ModelParams::default()).expect("llama.cpp loads the exported head");
+    drop(loaded);
+    let (ok, err) = export(&[], &dir.join("ck-nohead.gguf"));
+    assert!(!ok && err.contains("--head"), "{err}");
     let eval = |head: &std::path::Path, extra: Vec<std::ffi::OsString>| {
         let mut v = vec![
             os("head"),
@@ -575,8 +629,12 @@ fn head_commands_init_train_eval() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["alpha"].as_array().map(|a| a.len()), Some(2), "{out}");
     assert!(v["tau_chain"].as_f64().unwrap() >= 1.0 && v["sequences"].as_u64().unwrap() > 0, "{out}");
+    let m = &v["tau_measured"];
+    let (c, t2, t4) = (m["chain"].as_f64().unwrap(), m["top2"].as_f64().unwrap(), m["top4"].as_f64().unwrap());
+    assert!(1.0 <= c && c <= t2 && t2 <= t4 && t4 <= 3.0, "{out}");
+    assert_eq!(v["one_minus_tv"].as_array().map(|a| a.len()), Some(2), "{out}");
     let (ok, out, _) = eval(&trained, vec![]);
-    assert!(ok && out.contains("greedy α per TTT step"), "{out}");
+    assert!(ok && out.contains("greedy α per TTT step") && out.contains("top-2 tree"), "{out}");
     // Refusals: --ttt 0, a missing head.
     for (what, (ok, _, err)) in
         [("ttt", eval(&trained, vec![os("--ttt"), os("0")])), ("missing", eval(&dir.join("none.safetensors"), vec![]))]

@@ -294,12 +294,14 @@ pub(crate) fn write_head_file(
 /// Saves a head checkpoint: safetensors weights and the config next to it.
 pub fn save_head(path: &Path, cfg: &HeadConfig, weights: &Weights) -> Result<()> {
     let tensors: std::collections::HashMap<String, Tensor> = weights.clone().into_iter().collect();
-    candle_core::safetensors::save(&tensors, path)
-        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    // Each file through a temp file and a rename: never half-written.
     let json = serde_json::to_string_pretty(cfg)
         .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
-    let cp = head_config_path(path);
-    std::fs::write(&cp, json).map_err(|e| Error::io(&cp, e))
+    super::data::write_atomic(&head_config_path(path), json.as_bytes())?;
+    let tmp = super::gguf_import::temp_path_for(path)?;
+    candle_core::safetensors::save(&tensors, &tmp)
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Loads a head checkpoint written by [`save_head`].

@@ -59,6 +59,16 @@ impl HeadModel {
         self.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
+    /// Sets every variable from `weights` (same names and shapes, e.g. a checkpoint of this
+    /// head).
+    pub fn set_weights(&self, weights: &Weights) -> Result<()> {
+        for (name, shape) in self.cfg.tensor_shapes() {
+            let t = head_tensor(weights, &name, &shape, "head")?;
+            self.vars[&name].set(&t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+        }
+        Ok(())
+    }
+
     pub fn to_weights(&self) -> Result<Weights> {
         let mut w = Weights::new();
         for (k, v) in &self.vars {

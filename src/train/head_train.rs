@@ -252,6 +252,12 @@ pub struct HeadTrainConfig {
     pub select_k: Option<f64>,
     /// How the top k are ranked (see [`super::loss::Selection`]; default AdaSPEC's gap).
     pub selection: super::loss::Selection,
+    /// Write a checkpoint ([`super::head_checkpoint`]) every N steps and after the last one
+    /// into `checkpoint_dir` (0 = none).
+    pub checkpoint_every: usize,
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue the run saved in this checkpoint folder (the same run: checked).
+    pub resume: Option<PathBuf>,
 }
 
 impl Default for HeadTrainConfig {
@@ -268,6 +274,9 @@ impl Default for HeadTrainConfig {
             log: None,
             select_k: None,
             selection: super::loss::Selection::Gap,
+            checkpoint_every: 0,
+            checkpoint_dir: None,
+            resume: None,
         }
     }
 }
@@ -279,6 +288,11 @@ struct SeqLoss {
     agree: Vec<(f64, f64)>,
     /// Positions trained on and positions that could be (they differ under selection).
     selected: (f64, f64),
+    /// With `detail` (evaluation): per TTT step, the rank of the target's argmax among the
+    /// head's logits at every entry (0 = the head's own argmax; `u32::MAX` where the entry has
+    /// no valid target), and the summed 1 − TV over the K + 1 bins.
+    ranks: Vec<Vec<u32>>,
+    overlap: Vec<f64>,
 }
 
 /// Cross-entropy of one TTT step's logits against the K + 1-bin teacher, per position (n).
@@ -298,6 +312,7 @@ fn seq_loss(
     ex: &HeadExample,
     steps: usize,
     select: Option<(&HeadModel, f64, super::loss::Selection)>,
+    detail: bool,
 ) -> Result<Option<SeqLoss>> {
     if ex.mask.sum_all()?.to_scalar::<f32>()? == 0.0 {
         return Ok(None);
@@ -313,6 +328,7 @@ fn seq_loss(
     let mut total: Option<Tensor> = None;
     let mut agree = Vec::with_capacity(steps);
     let mut selected = (0.0, 0.0);
+    let (mut ranks, mut overlap) = (Vec::new(), Vec::new());
     let mask_all = ex.mask.to_vec1::<f32>()?;
     let am = ex.argmax.to_vec1::<u32>()?;
     for (i, o) in outs.iter().enumerate() {
@@ -322,6 +338,11 @@ fn seq_loss(
             *m = 0.0;
         }
         let count: f32 = mask.iter().sum();
+        if detail {
+            let (r, ov) = rank_and_overlap(&o.logits, ex, &mask)?;
+            ranks.push(r);
+            overlap.push(ov);
+        }
         if count == 0.0 {
             agree.push((0.0, 0.0));
             continue;
@@ -354,33 +375,130 @@ fn seq_loss(
         let hits: f32 = pred.iter().zip(&am).zip(&mask).map(|((p, a), m)| if p == a { *m } else { 0.0 }).sum();
         agree.push((hits as f64, count as f64));
     }
-    Ok(total.map(|loss| SeqLoss { loss, agree, selected }))
+    Ok(total.map(|loss| SeqLoss { loss, agree, selected, ranks, overlap }))
 }
 
-/// Greedy agreement per TTT step on `val` (teacher-forced): α_i = P(head argmax = target
-/// argmax | step i), and the chain length a greedy chain of `steps` would reach in expectation
-/// under independence, τ ≈ 1 + Σ_d Π_{i<d} α_i.
-pub fn evaluate(model: &HeadModel, val: &[HeadExample], steps: usize) -> Result<(Vec<f64>, f64, f64)> {
+/// Per entry, the rank of the target's argmax among `logits` (n, V_d) — how many draft tokens
+/// the head scores strictly higher — or `u32::MAX` where `mask` is 0; and Σ over the valid
+/// entries of 1 − TV between the head's distribution and the teacher, both coarsened to the
+/// teacher's K + 1 bins (an upper bound on the exact overlap over the draft vocabulary, tight
+/// when the "other" bin is small).
+fn rank_and_overlap(logits: &Tensor, ex: &HeadExample, mask: &[f32]) -> Result<(Vec<u32>, f64)> {
+    let tgt = logits.gather(&ex.argmax.unsqueeze(1)?, 1)?; // (n, 1)
+    let above = logits.broadcast_gt(&tgt)?.to_dtype(DType::F32)?.sum(1)?.to_vec1::<f32>()?;
+    let ranks = above.iter().zip(mask).map(|(&a, &m)| if m > 0.0 { a as u32 } else { u32::MAX }).collect();
+    let q = log_softmax(logits)?.exp()?; // (n, V_d)
+    let qk = q.gather(&ex.tid, 1)?; // (n, K)
+    let q_other = (1.0 - qk.sum(1)?)?.clamp(0.0, 1.0)?;
+    let kept = qk.minimum(&ex.tp)?.sum(1)?;
+    let per = (kept + q_other.minimum(&ex.other)?)?.to_vec1::<f32>()?;
+    Ok((ranks, per.iter().zip(mask).map(|(&o, &m)| (o * m) as f64).sum()))
+}
+
+/// Accepted draft tokens per start, measured rather than estimated: for every start P0 with a
+/// valid target and `depth` entries of future in the sequence, the number of consecutive depths
+/// j whose entry P0 + j (TTT step j: the head fed its own outputs along the target's tokens,
+/// exactly as in a draft tree) ranks the target's token below `k` — a chain for k = 1, the path
+/// through a full top-k tree of that depth otherwise. Returns (Σ accepted, starts).
+pub(crate) fn accepted_runs(ranks: &[Vec<u32>], valid_start: &[f32], k: u32) -> (f64, f64) {
+    let depth = ranks.len();
+    let n = valid_start.len();
+    let (mut sum, mut starts) = (0.0, 0.0);
+    for p0 in 0..n.saturating_sub(depth.saturating_sub(1)) {
+        if valid_start[p0] <= 0.0 || depth == 0 {
+            continue;
+        }
+        starts += 1.0;
+        sum += (0..depth).take_while(|&j| ranks[j].get(p0 + j).is_some_and(|&r| r < k)).count() as f64;
+    }
+    (sum, starts)
+}
+
+/// Held-out measures of a head on `val`, teacher-forced (the target's tokens, the head's own
+/// hidden states at every TTT step, as along the accepted path of a draft tree).
+#[derive(Debug, Clone, Default)]
+pub struct HeadEval {
+    /// Greedy agreement per TTT step: α_i = P(head argmax = target argmax | step i).
+    pub alpha: Vec<f64>,
+    /// The chain length under independence, 1 + Σ_d Π_{i<d} α_i (the estimate earlier reports
+    /// used; [`HeadEval::tau`] measures it).
+    pub tau_chain: f64,
+    /// Mean loss per sequence (Σ_i 0.8^i · CE_i).
+    pub loss: f64,
+    /// 1 − TV per TTT step over the teacher's K + 1 bins (the acceptance rate of sampled drafts
+    /// against a sampling target, over the draft vocabulary; an upper bound, see
+    /// `rank_and_overlap`).
+    pub one_minus_tv: Vec<f64>,
+    /// (k, τ): tokens per target pass measured position by position ([`accepted_runs`]) for a
+    /// chain of the TTT depth (k = 1) and full top-k trees of that depth (k = 2, 4).
+    pub tau: Vec<(u32, f64)>,
+    /// Start positions the τ values average over.
+    pub starts: usize,
+}
+
+impl HeadEval {
+    pub fn to_json(&self) -> serde_json::Value {
+        let tau: serde_json::Map<String, serde_json::Value> = self
+            .tau
+            .iter()
+            .map(|(k, t)| (if *k == 1 { "chain".to_string() } else { format!("top{k}") }, serde_json::json!(t)))
+            .collect();
+        serde_json::json!({
+            "alpha": self.alpha,
+            "tau_chain": self.tau_chain,
+            "loss": self.loss,
+            "one_minus_tv": self.one_minus_tv,
+            "tau_measured": tau,
+            "starts": self.starts,
+        })
+    }
+}
+
+/// Tree widths [`evaluate`] measures τ for.
+pub const EVAL_TREE_K: [u32; 3] = [1, 2, 4];
+
+/// Evaluates `model` on `val` with `steps` TTT steps (see [`HeadEval`]).
+pub fn evaluate(model: &HeadModel, val: &[HeadExample], steps: usize) -> Result<HeadEval> {
     let mut acc = vec![(0.0, 0.0); steps];
+    let mut ov = vec![0.0; steps];
+    let mut runs = vec![(0.0, 0.0); EVAL_TREE_K.len()];
     let mut loss = 0.0;
     let mut n = 0usize;
     for ex in val {
-        let Some(s) = seq_loss(model, ex, steps, None)? else { continue };
+        let Some(s) = seq_loss(model, ex, steps, None, true)? else { continue };
         n += 1;
         loss += s.loss.to_scalar::<f32>()? as f64;
         for (a, b) in acc.iter_mut().zip(&s.agree) {
             a.0 += b.0;
             a.1 += b.1;
         }
+        for (a, b) in ov.iter_mut().zip(&s.overlap) {
+            *a += b;
+        }
+        let valid = ex.mask.to_vec1::<f32>()?;
+        for (r, &k) in runs.iter_mut().zip(&EVAL_TREE_K) {
+            let (sum, starts) = accepted_runs(&s.ranks, &valid, k);
+            r.0 += sum;
+            r.1 += starts;
+        }
     }
     let alpha: Vec<f64> = acc.iter().map(|(h, c)| if *c > 0.0 { h / c } else { 0.0 }).collect();
-    let mut tau = 1.0;
+    let one_minus_tv = ov.iter().zip(&acc).map(|(o, (_, c))| if *c > 0.0 { o / c } else { 0.0 }).collect();
+    let mut tau_chain = 1.0;
     let mut reach = 1.0;
     for a in &alpha {
         reach *= a;
-        tau += reach;
+        tau_chain += reach;
     }
-    Ok((alpha, tau, loss / n.max(1) as f64))
+    let tau = EVAL_TREE_K.iter().zip(&runs).map(|(&k, (sum, c))| (k, 1.0 + sum / c.max(1.0))).collect();
+    Ok(HeadEval {
+        alpha,
+        tau_chain,
+        loss: loss / n.max(1) as f64,
+        one_minus_tv,
+        tau,
+        starts: runs.first().map(|r| r.1 as usize).unwrap_or(0),
+    })
 }
 
 /// Trains `model` on `train`, evaluating on `val` at the start, every `eval_every` steps and at
@@ -408,12 +526,31 @@ pub fn train_head(
             })
         }
     };
+    use super::head_checkpoint as ckpt;
+    if cfg.checkpoint_every > 0 && cfg.checkpoint_dir.is_none() {
+        return Err(Error::InvalidArg { name: "--checkpoint-every", reason: "needs a checkpoint folder".into() });
+    }
     let tc = TrainConfig { beta1: 0.9, beta2: 0.95, weight_decay: 0.0, lr: cfg.lr, ..Default::default() };
     let mut opt = AdamW::new(model.named_vars(), &tc)?;
-    let mut log = match &cfg.log {
-        Some(p) => Some(std::fs::File::create(p).map_err(|e| Error::io(p, e))?),
+    let run = ckpt::HeadRunKey::new(cfg, train)?;
+    let resumed = match &cfg.resume {
+        Some(dir) => Some(ckpt::restore(dir, model, &mut opt, &run)?),
         None => None,
     };
+    // A fresh run starts a new metrics file; a resumed one appends to it.
+    let mut log = match &cfg.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(resumed.is_some())
+                .truncate(resumed.is_none())
+                .open(p)
+                .map_err(|e| Error::io(p, e))?,
+        ),
+        None => None,
+    };
+    let method = if select.is_some() { "head-adaspec" } else { "head" };
     let mut write = |v: &serde_json::Value| -> Result<()> {
         if let Some(f) = log.as_mut() {
             use std::io::Write;
@@ -423,20 +560,29 @@ pub fn train_head(
     };
     let mut evals = Vec::new();
     let mut do_eval = |step: usize, write: &mut dyn FnMut(&serde_json::Value) -> Result<()>| -> Result<()> {
-        let (alpha, tau, loss) = evaluate(model, val, cfg.ttt_steps)?;
-        let v = serde_json::json!({"kind": "eval", "step": step, "alpha": alpha, "tau_chain": tau, "loss": loss});
-        tracing::info!("eval at step {step}: loss {loss:.4}, α per step {alpha:.3?}, τ ≈ {tau:.2}");
+        let e = evaluate(model, val, cfg.ttt_steps)?;
+        let mut v = e.to_json();
+        v["kind"] = serde_json::json!("eval");
+        v["step"] = serde_json::json!(step);
+        // The metrics plot's validation series: depth-1 greedy agreement.
+        v["val_alpha"] = serde_json::json!(e.alpha.first().copied().unwrap_or(0.0));
+        tracing::info!("eval at step {step}: loss {:.4}, α per step {:.3?}, τ measured {:.2?}", e.loss, e.alpha, e.tau);
         write(&v)?;
         evals.push(v);
         Ok(())
     };
-    do_eval(0, &mut write)?;
+    let (start, mut cursor, mut tokens) = resumed.as_ref().map(|s| (s.step, s.cursor, s.tokens)).unwrap_or((0, 0, 0));
+    if start == 0 {
+        do_eval(0, &mut write)?;
+    } else {
+        tracing::info!("resumed at step {start} of {}", cfg.steps);
+    }
     let order = super::data::permutation(train.len(), cfg.seed);
     let bar = progress_bar(cfg.steps, cfg.progress, "head train");
+    bar.set_position(start as u64);
     let t0 = Instant::now();
-    let mut cursor = 0;
-    let mut tokens = 0usize;
-    for step in 1..=cfg.steps {
+    let tokens0 = tokens;
+    for step in start + 1..=cfg.steps {
         let mut acc: Vec<Option<Tensor>> = vec![None; opt.params().len()];
         let mut loss_sum = 0.0;
         let mut sel = (0.0, 0.0);
@@ -446,7 +592,7 @@ pub fn train_head(
             cursor += 1;
             tokens += ex.emb.dims()[0];
             let tp = Instant::now();
-            let Some(s) = seq_loss(model, ex, cfg.ttt_steps, select)? else { continue };
+            let Some(s) = seq_loss(model, ex, cfg.ttt_steps, select, false)? else { continue };
             loss_sum += s.loss.to_scalar::<f32>()? as f64;
             phases.forward_s += tp.elapsed().as_secs_f64();
             sel = (sel.0 + s.selected.0, sel.1 + s.selected.1);
@@ -460,18 +606,57 @@ pub fn train_head(
         let lr = if step <= cfg.warmup_steps { cfg.lr * step as f64 / cfg.warmup_steps as f64 } else { cfg.lr };
         opt.step(&acc, lr)?;
         phases.optimizer_s = tp.elapsed().as_secs_f64();
-        let tps = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let tps = (tokens - tokens0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         let loss = loss_sum / cfg.batch as f64;
         write(
-            &serde_json::json!({"kind": "train", "step": step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens_per_s": tps, "selected_fraction": sel.0 / sel.1.max(1.0), "phases": phases.to_json()}),
+            &serde_json::json!({"kind": "train", "method": method, "step": step, "loss": loss, "grad_norm": norm, "lr": lr, "tokens": tokens, "tokens_per_s": tps, "selected_fraction": sel.0 / sel.1.max(1.0), "phases": phases.to_json()}),
         )?;
         bar.inc(1);
         bar.set_message(format!("loss {loss:.3} {tps:.0} tok/s"));
         if eval_every > 0 && step % eval_every == 0 && step < cfg.steps {
             do_eval(step, &mut write)?;
         }
+        if let Some(dir) = cfg.checkpoint_dir.as_ref().filter(|_| cfg.checkpoint_every > 0) {
+            if step % cfg.checkpoint_every == 0 || step == cfg.steps {
+                let state = ckpt::HeadRunState { step, cursor, tokens, run: run.clone() };
+                ckpt::save(&ckpt::step_dir(dir, step), model, &opt, &state)?;
+            }
+        }
     }
     bar.finish_and_clear();
     do_eval(cfg.steps, &mut write)?;
+    if let Some(p) = &cfg.log {
+        if let Err(e) = super::plot::write_metrics_svg(&p.with_extension("svg"), p) {
+            tracing::warn!("no plot: {e}");
+        }
+    }
     Ok(evals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepted_runs;
+
+    const X: u32 = u32::MAX;
+
+    #[test]
+    fn accepted_runs_follow_the_draft_path_and_stop_at_the_first_miss() {
+        // Three TTT steps over six entries: step j's entry p0 + j is depth j of the draft from p0.
+        let ranks = vec![
+            vec![0, 0, 1, 0, X, 0], // step 0
+            vec![X, 0, 0, 3, 0, 0], // step 1 (entry 0 has no input at step 1)
+            vec![X, X, 0, 1, 0, 2], // step 2
+        ];
+        let valid = [1.0, 1.0, 1.0, 1.0, 0.0, 1.0];
+        // Starts with 3 entries of future: 0..=3, all valid.
+        // chain (k 1): p0 0: d0 ok (0), d1 entry 1 rank 0 ok, d2 entry 2 rank 0 ok → 3;
+        // p0 1: d0 ok, d1 entry 2 ok, d2 entry 3 rank 1 miss → 2; p0 2: rank 1 miss → 0;
+        // p0 3: d0 ok, d1 entry 4 ok, d2 entry 5 rank 2 miss → 2.
+        assert_eq!(accepted_runs(&ranks, &valid, 1), (7.0, 4.0));
+        // top-2: p0 2: d0 ok, d1 entry 3 rank 3 miss → 1; p0 1: d2 rank 1 ok → 3.
+        assert_eq!(accepted_runs(&ranks, &valid, 2), (3.0 + 3.0 + 1.0 + 2.0, 4.0));
+        // A start without a valid target is not counted; a sequence shorter than the depth has none.
+        assert_eq!(accepted_runs(&ranks, &[0.0; 6], 1), (0.0, 0.0));
+        assert_eq!(accepted_runs(&[vec![0, 0], vec![0, 0], vec![0, 0]], &[1.0, 1.0], 1), (0.0, 0.0));
+    }
 }

@@ -12,6 +12,7 @@ pub mod fspad_train;
 pub mod generate;
 pub mod gguf_import;
 pub mod head;
+pub mod head_checkpoint;
 pub mod head_cli;
 pub mod head_model;
 pub mod head_train;

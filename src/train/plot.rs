@@ -34,7 +34,9 @@ pub fn read_series(metrics: &Path) -> Result<Series> {
         if let Some(m) = v.get("method").and_then(|m| m.as_str()) {
             s.method = m.to_string();
         }
-        if let Some(l) = num("loss") {
+        // Training loss only: evaluation lines of the head trainer carry a held-out "loss" too.
+        let training = v.get("kind").and_then(|k| k.as_str()).is_none_or(|k| k == "train");
+        if let Some(l) = num("loss").filter(|_| training) {
             s.loss.push((step, l));
         }
         if let Some(a) = num("val_alpha") {
@@ -126,9 +128,12 @@ mod tests {
             ));
         }
         lines.push(r#"{"kind":"val","method":"adaspec","step":10,"val_alpha":0.5}"#.into());
+        // The head trainer's evaluation lines: their held-out loss is not the training loss.
+        lines.push(r#"{"kind":"eval","step":10,"loss":9.0,"val_alpha":0.55}"#.into());
         std::fs::write(&m, lines.join("\n")).unwrap();
         let s = read_series(&m).unwrap();
-        assert_eq!((s.loss.len(), s.val_alpha.len(), s.selected.len()), (10, 2, 10));
+        assert_eq!((s.loss.len(), s.val_alpha.len(), s.selected.len()), (10, 3, 10));
+        assert!(s.loss.iter().all(|&(_, l)| l <= 2.0), "an evaluation loss among the training losses");
         let svg = dir.join("metrics.svg");
         write_metrics_svg(&svg, &m).unwrap();
         let text = std::fs::read_to_string(&svg).unwrap();

@@ -409,7 +409,7 @@ impl AdamW {
         Ok(())
     }
 
-    fn save(&self, path: &Path) -> Result<()> {
+    pub(crate) fn save(&self, path: &Path) -> Result<()> {
         let mut map = std::collections::HashMap::new();
         for (i, (name, _)) in self.params.iter().enumerate() {
             map.insert(format!("m.{name}"), self.m[i].clone());
@@ -419,7 +419,7 @@ impl AdamW {
             .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: format!("cannot write: {e}") })
     }
 
-    fn load(&mut self, path: &Path, t: usize) -> Result<()> {
+    pub(crate) fn load(&mut self, path: &Path, t: usize) -> Result<()> {
         let map = candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
         for (i, (name, p)) in self.params.iter().enumerate() {

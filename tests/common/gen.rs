@@ -41,3 +41,31 @@ pub fn sampled_continuations(
         })
         .collect()
 }
+
+/// A nearly bigram tiny target of `arch` with `n_layer` layers (small block outputs: learnable
+/// by a small head in seconds) written to `dir/bigram-target.gguf`, with 160 sampled continuations of
+/// GSM8K prompts as training data ([`sampled_continuations`]) and their token counts.
+#[cfg(feature = "train")]
+pub fn bigram_target_data(
+    arch: adaspec::tiny_model::TinyArch,
+    n_layer: usize,
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::sync::Arc<adaspec::Model>, Vec<adaspec::train::data::Example>, Vec<u64>) {
+    use adaspec::tiny_model::{write_tiny_model, TinyModelConfig};
+    use adaspec::train::data::{load_examples, BadLines, TokenizeOptions};
+    let path = dir.join("bigram-target.gguf");
+    let cfg = TinyModelConfig { arch, n_layer, seed: 3, block_scale: 0.05, ..Default::default() };
+    write_tiny_model(&path, &cfg).unwrap();
+    let target = std::sync::Arc::new(adaspec::Model::load(&path, &adaspec::ModelParams::default()).unwrap());
+    let data = [std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gsm8k/train.jsonl")];
+    let opts = TokenizeOptions { chat: false, max_len: 512, ..Default::default() };
+    let (prompts, _) = load_examples(&target, &data, &opts, BadLines::Stop).unwrap();
+    let examples = sampled_continuations(&target, &prompts, 160);
+    let mut freq = vec![0u64; target.n_vocab()];
+    for e in &examples {
+        for &t in &e.tokens {
+            freq[t as usize] += 1;
+        }
+    }
+    (path, target, examples, freq)
+}
