@@ -120,27 +120,13 @@ pub fn step_dir(dir: &Path, step: usize) -> PathBuf {
 /// Writes the checkpoint folder `dir` atomically (a temp folder renamed into place; an older
 /// folder of the same name is replaced).
 pub fn save(dir: &Path, model: &HeadModel, opt: &AdamW, state: &HeadRunState) -> Result<()> {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
-    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let res = (|| -> Result<()> {
+    super::data::write_dir_atomic(dir, |tmp| {
         super::head::save_head(&tmp.join("head.safetensors"), model.config(), &model.to_weights()?)?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
         let json = serde_json::to_string_pretty(state)
-            .map_err(|e| Error::Checkpoint { path: tmp.clone(), reason: e.to_string() })?;
-        super::data::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    res
+            .map_err(|e| Error::Checkpoint { path: tmp.to_path_buf(), reason: e.to_string() })?;
+        super::data::write_atomic(&tmp.join("state.json"), json.as_bytes())
+    })
 }
 
 /// Restores `model` and `opt` from the checkpoint folder `dir` of a run with key `run`;

@@ -754,13 +754,7 @@ fn save_train_checkpoint(
     cfg: &TrainConfig,
     data: &TrainData,
 ) -> Result<()> {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
-    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let res = (|| -> Result<()> {
+    super::data::write_dir_atomic(dir, |tmp| {
         save_checkpoint(&tmp.join("model.safetensors"), model.config(), &model.to_weights()?)?;
         opt.save(&tmp.join("optimizer.safetensors"))?;
         let sf = StateFile {
@@ -772,17 +766,9 @@ fn save_train_checkpoint(
             teacher: Some(data.teacher_train.mode()),
         };
         let json = serde_json::to_string_pretty(&sf)
-            .map_err(|e| Error::Checkpoint { path: tmp.clone(), reason: e.to_string() })?;
-        write_atomic(&tmp.join("state.json"), json.as_bytes())?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    res
+            .map_err(|e| Error::Checkpoint { path: tmp.to_path_buf(), reason: e.to_string() })?;
+        write_atomic(&tmp.join("state.json"), json.as_bytes())
+    })
 }
 
 /// Both AdaSPEC stages: stage 1 trains a reference with `stage1` (forward KL, all tokens)
