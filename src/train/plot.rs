@@ -35,7 +35,7 @@ pub fn read_series(metrics: &Path) -> Result<Series> {
             s.method = m.to_string();
         }
         // Training loss only: evaluation lines of the head trainer carry a held-out "loss" too.
-        let training = v.get("kind").and_then(|k| k.as_str()).is_none_or(|k| k == "train");
+        let training = v.get("kind").and_then(|k| k.as_str()).map_or(true, |k| k == "train");
         if let Some(l) = num("loss").filter(|_| training) {
             s.loss.push((step, l));
         }
