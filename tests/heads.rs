@@ -633,6 +633,17 @@ fn head_commands_init_train_eval() {
     let (c, t2, t4) = (m["chain"].as_f64().unwrap(), m["top2"].as_f64().unwrap(), m["top4"].as_f64().unwrap());
     assert!(1.0 <= c && c <= t2 && t2 <= t4 && t4 <= 3.0, "{out}");
     assert_eq!(v["one_minus_tv"].as_array().map(|a| a.len()), Some(2), "{out}");
+    // A feature cache is reused only for the data it was made from: 10 sequences cached, then
+    // 20 asked for with the same cache file → all 20 measured (not the 10 cached ones).
+    let cache = dir.join("eval-cache.safetensors");
+    let cached = |n: &str| {
+        let (ok, out, err) = eval(&trained, vec![os("--max-examples"), os(n), os("--cache"), p(&cache), os("--json")]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["sequences"].as_u64().unwrap()
+    };
+    assert_eq!(cached("10"), 10);
+    assert_eq!(cached("20"), 20);
+    assert_eq!(cached("20"), 20);
     let (ok, out, _) = eval(&trained, vec![]);
     assert!(ok && out.contains("greedy α per TTT step") && out.contains("top-2 tree"), "{out}");
     // Refusals: --ttt 0, a missing head.

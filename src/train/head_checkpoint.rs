@@ -94,22 +94,17 @@ pub struct HeadRunState {
 /// FNV-1a over each sequence's length, mask and teacher argmax: cheap, and it changes with the
 /// data, the draft vocabulary and the target.
 fn data_hash(train: &[HeadExample]) -> Result<u64> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = super::data::Fnv64::default();
     for ex in train {
-        eat(&(ex.mask.dims()[0] as u64).to_le_bytes());
+        h.write(&(ex.mask.dims()[0] as u64).to_le_bytes());
         for m in ex.mask.to_vec1::<f32>()? {
-            eat(&m.to_le_bytes());
+            h.write(&m.to_le_bytes());
         }
         for a in ex.argmax.to_vec1::<u32>()? {
-            eat(&a.to_le_bytes());
+            h.write(&a.to_le_bytes());
         }
     }
-    Ok(h)
+    Ok(h.finish())
 }
 
 /// The folder of the checkpoint after `step` under `dir`.

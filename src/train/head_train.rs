@@ -54,12 +54,15 @@ pub fn extract(
     cache: Option<&Path>,
     progress: bool,
 ) -> Result<Vec<HeadExample>> {
+    let key = cache_key(target, cfg, examples);
     if let Some(p) = cache.filter(|p| p.is_file()) {
-        if let Ok(v) = load_cache(p, examples.len()) {
-            tracing::info!("features and teacher from the cache {}", p.display());
-            return Ok(v);
+        match load_cache(p, key) {
+            Ok(v) => {
+                tracing::info!("features and teacher from the cache {}", p.display());
+                return Ok(v);
+            }
+            Err(e) => tracing::warn!("cache {} not usable ({e}); extracting again", p.display()),
         }
-        tracing::warn!("cache {} unusable; extracting again", p.display());
     }
     let emb_all = target_embeddings(target)?;
     let h_t = target.n_embd();
@@ -155,9 +158,27 @@ pub fn extract(
         n_tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9)
     );
     if let Some(p) = cache {
-        save_cache(p, &out)?;
+        save_cache(p, &out, key)?;
     }
     Ok(out)
+}
+
+/// What a feature cache was made from: the sequences (tokens and prompt lengths), the target's
+/// shape, the head's target layers and draft vocabulary, and the teacher's K. A cache whose
+/// key differs is extracted again, never silently reused for other data.
+fn cache_key(target: &Model, cfg: &HeadConfig, examples: &[Example]) -> u64 {
+    let mut h = super::data::Fnv64::default();
+    h.write(&super::data::examples_hash(examples).to_le_bytes());
+    for x in [target.n_vocab(), target.n_embd(), target.n_layer(), TEACHER_K] {
+        h.write(&(x as u64).to_le_bytes());
+    }
+    for &l in &cfg.target_layers {
+        h.write(&(l as u64).to_le_bytes());
+    }
+    for &t in &cfg.draft_vocab {
+        h.write(&t.to_le_bytes());
+    }
+    h.finish()
 }
 
 /// The target's token embedding matrix (n_vocab × H, f32), read from its GGUF.
@@ -170,8 +191,12 @@ fn target_embeddings(target: &Model) -> Result<Vec<f32>> {
     Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-fn save_cache(path: &Path, v: &[HeadExample]) -> Result<()> {
+/// The cache key as a tensor (two u32 halves; safetensors has no u64 that candle reads).
+const CACHE_KEY: &str = "cache.key";
+
+fn save_cache(path: &Path, v: &[HeadExample], key: u64) -> Result<()> {
     let mut m: HashMap<String, Tensor> = HashMap::new();
+    m.insert(CACHE_KEY.into(), Tensor::new(&[key as u32, (key >> 32) as u32], &Device::Cpu)?);
     for (i, e) in v.iter().enumerate() {
         for (k, t) in [
             ("emb", &e.emb),
@@ -191,11 +216,18 @@ fn save_cache(path: &Path, v: &[HeadExample]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-fn load_cache(path: &Path, n_max: usize) -> Result<Vec<HeadExample>> {
+fn load_cache(path: &Path, key: u64) -> Result<Vec<HeadExample>> {
     let m = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: e.to_string() })?;
+    let stored = m.get(CACHE_KEY).map(|t| t.to_vec1::<u32>()).transpose()?;
+    if stored.as_deref() != Some(&[key as u32, (key >> 32) as u32][..]) {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "made for other data, another target or another head vocabulary".into(),
+        });
+    }
     let mut out = Vec::new();
-    for i in 0..n_max {
+    for i in 0.. {
         let get = |k: &str| m.get(&format!("{i}.{k}")).cloned();
         let Some(emb) = get("emb") else { break };
         let need = |k: &str| {
