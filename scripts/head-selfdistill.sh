@@ -5,7 +5,8 @@
 # responses to held-out prompts next to the stock 0.5B draft, and benchmarked end to end.
 #
 # Responses are kept in the repository (data/selfdistill/, a few hundred KB) so a later run
-# skips generating them; every other step whose output exists in $OUT is skipped too.
+# skips generating them; every other step whose output exists in $OUT is skipped too, and an
+# interrupted training resumes from its last checkpoint ($OUT/head.checkpoints/).
 # Output in $OUT (default /tmp/adaspec-selfdistill). Knobs: N_GSM, N_HE (train prompts),
 # N_HELD (held-out prompts per data set), GEN_TOKENS, STEPS, FFN, VOCAB, TTT, THREADS.
 # EXTRA: more training files with dataset answers (EAGLE-1/2's data) next to the target's own
@@ -70,10 +71,16 @@ fi
 
 [ -f "$OUT/head0.safetensors" ] || $A head init --target "$T" --data $TRAIN --draft-vocab "$VOCAB" \
     --ffn "$FFN" --type q8_0 -o "$OUT/head0.gguf" --checkpoint "$OUT/head0.safetensors"
-[ -f "$OUT/head.safetensors" ] || $A head train --target "$T" --init "$OUT/head0.safetensors" --data $TRAIN \
-    --max-len 320 --val-fraction 0.05 --steps "$STEPS" --batch 4 --ttt "$TTT" --lr 5e-4 --warmup 20 \
-    --eval-every 50 --cache "$OUT/features.safetensors" --threads "$THREADS" --metrics "$OUT/train.jsonl" \
-    -o "$OUT/head.safetensors" --export "$OUT/head-q8_0.gguf" --type q8_0 --json > "$OUT/train-summary.json"
+if [ ! -f "$OUT/head.safetensors" ]; then
+    # Training checkpoints every 25 steps; a later run resumes from the newest one.
+    last=$(ls -d "$OUT"/head.checkpoints/step-* 2>/dev/null | sort | tail -1 || true)
+    RESUME=(); [ -n "$last" ] && RESUME=(--resume "$last")
+    $A head train --target "$T" --init "$OUT/head0.safetensors" --data $TRAIN \
+        --max-len 320 --val-fraction 0.05 --steps "$STEPS" --batch 4 --ttt "$TTT" --lr 5e-4 --warmup 20 \
+        --eval-every 50 --cache "$OUT/features.safetensors" --threads "$THREADS" --metrics "$OUT/train.jsonl" \
+        --checkpoint-every 25 "${RESUME[@]}" \
+        -o "$OUT/head.safetensors" --export "$OUT/head-q8_0.gguf" --type q8_0 --json > "$OUT/train-summary.json"
+fi
 echo "trained: $(head -c 400 "$OUT/train-summary.json")"
 
 # Held-out: the target's own responses to prompts never trained on; the head (TTT steps =
