@@ -538,8 +538,10 @@ fn head_commands_init_train_eval() {
     let (ok, out, err) = train(&trained, vec![]);
     assert!(ok, "{err}");
     assert!(serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["evals"].is_array(), "{out}");
-    let (ok, _, err) =
-        train(&dir.join("head-adaspec.safetensors"), vec![os("--reference"), p(&trained), os("--k"), os("0.5")]);
+    let (ok, _, err) = train(
+        &dir.join("head-adaspec.safetensors"),
+        vec![os("--reference"), p(&trained), os("--k"), os("0.5"), os("--checkpoint-every"), os("3")],
+    );
     assert!(ok, "{err}");
     let (ok, _, err) = train(
         &dir.join("head-refloss.safetensors"),
@@ -580,6 +582,20 @@ fn head_commands_init_train_eval() {
         vec![os("--resume"), p(&ckdir.join("step-000003")), os("--lr"), os("0.01")],
     );
     assert!(!ok && err.contains("another run") && err.contains("--lr"), "{err}");
+    // An AdaSPEC run resumed against another reference head (here the untrained one) is
+    // another run too.
+    let (ok, _, err) = train(
+        &dir.join("head-adaspec-other.safetensors"),
+        vec![
+            os("--reference"),
+            p(&ckpt),
+            os("--k"),
+            os("0.5"),
+            os("--resume"),
+            p(&dir.join("head-adaspec.checkpoints/step-000003")),
+        ],
+    );
+    assert!(!ok && err.contains("another run") && err.contains("reference"), "{err}");
 
     // adaspec-export --gguf --head: the eagle3 GGUF llama.cpp loads, compatible with the target.
     let export = |extra: &[&str], out: &std::path::Path| {

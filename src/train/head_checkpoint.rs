@@ -27,15 +27,20 @@ pub struct HeadRunKey {
     pub batch: usize,
     pub grad_clip: f64,
     pub seed: u64,
-    /// AdaSPEC: k and the ranking rule (None: every valid position is trained).
-    pub select: Option<(f64, String)>,
+    /// AdaSPEC: k, the ranking rule and a hash of the reference head's weights (None: every
+    /// valid position is trained).
+    pub select: Option<(f64, String, String)>,
     /// Training sequences and a hash of their teacher tokens and masks.
     pub n_train: usize,
     pub data_hash: String,
 }
 
 impl HeadRunKey {
-    pub fn new(cfg: &HeadTrainConfig, train: &[HeadExample]) -> Result<HeadRunKey> {
+    pub fn new(cfg: &HeadTrainConfig, train: &[HeadExample], reference: Option<&HeadModel>) -> Result<HeadRunKey> {
+        let select = match (cfg.select_k, reference) {
+            (Some(k), Some(r)) => Some((k, cfg.selection.name().to_string(), format!("{:016x}", weights_hash(r)?))),
+            _ => None,
+        };
         Ok(HeadRunKey {
             ttt_steps: cfg.ttt_steps,
             lr: cfg.lr,
@@ -44,7 +49,7 @@ impl HeadRunKey {
             batch: cfg.batch,
             grad_clip: cfg.grad_clip,
             seed: cfg.seed,
-            select: cfg.select_k.map(|k| (k, cfg.selection.name().to_string())),
+            select,
             n_train: train.len(),
             data_hash: format!("{:016x}", data_hash(train)?),
         })
@@ -65,8 +70,8 @@ impl HeadRunKey {
         cmp("--batch", self.batch.to_string(), other.batch.to_string());
         cmp("gradient clip", self.grad_clip.to_string(), other.grad_clip.to_string());
         cmp("--seed", self.seed.to_string(), other.seed.to_string());
-        let sel = |s: &Option<(f64, String)>| match s {
-            Some((k, rule)) => format!("--k {k} --select-by {rule}"),
+        let sel = |s: &Option<(f64, String, String)>| match s {
+            Some((k, rule, r)) => format!("--k {k} --select-by {rule}, reference {r}"),
             None => "no selection".into(),
         };
         cmp("selection", sel(&self.select), sel(&other.select));
@@ -102,6 +107,18 @@ fn data_hash(train: &[HeadExample]) -> Result<u64> {
         }
         for a in ex.argmax.to_vec1::<u32>()? {
             h.write(&a.to_le_bytes());
+        }
+    }
+    Ok(h.finish())
+}
+
+/// FNV-1a over a head's weights in name order.
+fn weights_hash(model: &HeadModel) -> Result<u64> {
+    let mut h = super::data::Fnv64::default();
+    for (name, v) in model.named_vars() {
+        h.write(name.as_bytes());
+        for x in v.as_tensor().flatten_all()?.to_vec1::<f32>()? {
+            h.write(&x.to_le_bytes());
         }
     }
     Ok(h.finish())

@@ -564,7 +564,7 @@ pub fn train_head(
     }
     let tc = TrainConfig { beta1: 0.9, beta2: 0.95, weight_decay: 0.0, lr: cfg.lr, ..Default::default() };
     let mut opt = AdamW::new(model.named_vars(), &tc)?;
-    let run = ckpt::HeadRunKey::new(cfg, train)?;
+    let run = ckpt::HeadRunKey::new(cfg, train, select.map(|s| s.0))?;
     let resumed = match &cfg.resume {
         Some(dir) => Some(ckpt::restore(dir, model, &mut opt, &run)?),
         None => None,
