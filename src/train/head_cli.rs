@@ -139,8 +139,9 @@ pub struct HeadTrainArgs {
     #[arg(long, default_value_t = 0)]
     pub checkpoint_every: usize,
     /// Continue from a checkpoint folder of `--checkpoint-every` (same data, steps, learning
-    /// rate, batch, TTT steps, seed and selection: a differing run is refused, naming the
-    /// difference). The result is bit-identical to an uninterrupted run.
+    /// rate, warm-up, batch, TTT steps, seed, and selection with the same reference head: a
+    /// differing run is refused, naming the difference). The result is bit-identical to an
+    /// uninterrupted run.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Print a JSON summary instead of text.
