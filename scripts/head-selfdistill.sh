@@ -54,8 +54,11 @@ if [ "$EXTRA_GSM" -gt 0 ]; then
     TRAIN="$TRAIN $OUT/x-gsm-answers.jsonl"
 fi
 if [ "$EXTRA_SHAREGPT" -gt 0 ]; then
+    # Opt-in: ShareGPT is not shipped in the repository (unclear license); SHARED_DATA names it.
+    SG="${SHARED_DATA:-../shared/data}/sharegpt/train.jsonl"
+    [ -f "$SG" ] || { echo "EXTRA_SHAREGPT needs ShareGPT at $SG (set SHARED_DATA)" >&2; exit 1; }
     # Conversations whose first question is short, so that most of --max-len is answer.
-    python3 - "${SHARED_DATA:-../shared/data}/sharegpt/train.jsonl" "$EXTRA_SHAREGPT" > "$OUT/x-sharegpt.jsonl" <<'PY'
+    python3 - "$SG" "$EXTRA_SHAREGPT" > "$OUT/x-sharegpt.jsonl" <<'PY'
 import json, sys
 n = 0
 for line in open(sys.argv[1]):
