@@ -522,7 +522,9 @@ pub struct DataGenerateArgs {
     /// Prompts: JSONL in any supported format (responses in it are ignored); repeatable.
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<PathBuf>,
-    /// Output JSONL (written to a temp file and renamed when complete).
+    /// Output JSONL, written when every prompt is answered. Until then each response is
+    /// appended to OUTPUT.partial as it finishes; running the same command again resumes there
+    /// (other settings are refused, naming what differs).
     #[arg(short, long)]
     pub output: PathBuf,
     /// Most tokens per response.
