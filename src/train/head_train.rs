@@ -434,10 +434,10 @@ fn rank_and_overlap(logits: &Tensor, ex: &HeadExample, mask: &[f32]) -> Result<(
 /// through a full top-k tree of that depth otherwise. Returns (Σ accepted, starts).
 pub(crate) fn accepted_runs(ranks: &[Vec<u32>], valid_start: &[f32], k: u32) -> (f64, f64) {
     let depth = ranks.len();
-    let n = valid_start.len();
+    let n = valid_start.len().saturating_sub(depth.saturating_sub(1));
     let (mut sum, mut starts) = (0.0, 0.0);
-    for p0 in 0..n.saturating_sub(depth.saturating_sub(1)) {
-        if valid_start[p0] <= 0.0 || depth == 0 {
+    for (p0, &valid) in valid_start.iter().enumerate().take(n) {
+        if valid <= 0.0 || depth == 0 {
             continue;
         }
         starts += 1.0;
