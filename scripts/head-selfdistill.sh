@@ -9,6 +9,7 @@
 # interrupted training resumes from its last checkpoint ($OUT/head.checkpoints/).
 # Output in $OUT (default /tmp/adaspec-selfdistill). Knobs: N_GSM, N_HE (train prompts),
 # N_HELD (held-out prompts per data set), GEN_TOKENS, STEPS, FFN, VOCAB, TTT, THREADS.
+# GEN_GSM / GEN_SHAREGPT_CODE: more prompts answered by the target (below).
 # EXTRA: more training files with dataset answers (EAGLE-1/2's data) next to the target's own
 # responses, e.g. EXTRA_GSM=250 (GSM8K train records after the generated ones) and
 # EXTRA_SHAREGPT=100 (the first ShareGPT conversations of $SHARED_DATA, default ../shared/data).
@@ -47,6 +48,37 @@ gen "$OUT/p-gsm-train.jsonl" "$DATA/gsm8k-train.jsonl"
 gen "$OUT/p-he-held.jsonl" "$DATA/humaneval-heldout.jsonl"
 gen "$OUT/p-gsm-held.jsonl" "$DATA/gsm8k-heldout.jsonl"
 TRAIN="$DATA/gsm8k-train.jsonl $DATA/humaneval-train.jsonl"
+# More of the target's own text (EAGLE-3's recipe at a larger scale; `data generate` resumes an
+# interrupted run, so this can be spread over sessions): GEN_GSM more GSM8K train prompts
+# (records after the first N_GSM; kept in the repository like the others) and GEN_SHAREGPT_CODE
+# ShareGPT first questions about code (from $SHARED_DATA; the responses stay in $OUT: ShareGPT
+# is not shipped).
+GEN_GSM=${GEN_GSM:-0}
+GEN_SHAREGPT_CODE=${GEN_SHAREGPT_CODE:-0}
+if [ "$GEN_GSM" -gt 0 ]; then
+    sed -n "$((N_GSM + 1)),$((N_GSM + GEN_GSM))p" data/gsm8k/train.jsonl > "$OUT/p-gsm-more.jsonl"
+    gen "$OUT/p-gsm-more.jsonl" "$DATA/gsm8k-train-$((N_GSM + 1))-$((N_GSM + GEN_GSM)).jsonl"
+    TRAIN="$TRAIN $DATA/gsm8k-train-$((N_GSM + 1))-$((N_GSM + GEN_GSM)).jsonl"
+fi
+if [ "$GEN_SHAREGPT_CODE" -gt 0 ]; then
+    SG="${SHARED_DATA:-../shared/data}/sharegpt/train.jsonl"
+    [ -f "$SG" ] || { echo "GEN_SHAREGPT_CODE needs ShareGPT at $SG (set SHARED_DATA)" >&2; exit 1; }
+    python3 - "$SG" "$GEN_SHAREGPT_CODE" > "$OUT/p-sharegpt-code.jsonl" <<'PY'
+import json, re, sys
+code = re.compile(r"\b(python|function|code|javascript|typescript|sql|java|c\+\+|rust|golang|regex|script|algorithm|class|array|list|string|bash|def )\b", re.I)
+n = 0
+for line in open(sys.argv[1]):
+    c = json.loads(line).get("conversations", [])
+    if len(c) >= 2 and c[0].get("from") == "human" and 20 <= len(c[0].get("value", "")) <= 600 \
+            and code.search(c[0]["value"]):
+        print(json.dumps({"prompt": c[0]["value"]}))
+        n += 1
+        if n == int(sys.argv[2]):
+            break
+PY
+    gen "$OUT/p-sharegpt-code.jsonl" "$OUT/sharegpt-code-gen.jsonl"
+    TRAIN="$TRAIN $OUT/sharegpt-code-gen.jsonl"
+fi
 EXTRA_GSM=${EXTRA_GSM:-0}
 EXTRA_SHAREGPT=${EXTRA_SHAREGPT:-0}
 if [ "$EXTRA_GSM" -gt 0 ]; then
