@@ -196,8 +196,7 @@ fn main() -> anyhow::Result<()> {
                     json!(cfg.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>());
                 let mut per_task = serde_json::Map::new();
                 for (task, set) in &eval_sets {
-                    let (alpha, tau) = evaluate(&model, set, 6)?;
-                    per_task.insert(task.to_string(), json!({"alpha": alpha, "tau_chain": tau}));
+                    per_task.insert(task.to_string(), evaluate(&model, set, 6)?.to_json());
                 }
                 summary["heldout"] = json!(per_task);
                 write_json(&summary_path, &summary)?;

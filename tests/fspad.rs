@@ -240,11 +240,17 @@ fn trained() -> &'static Trained {
         for v in [Variant::Fspad, Variant::Eagle2] {
             let cfg = fspad_config_for(&target_path, v, Some(128)).unwrap();
             let model = FspadModel::new(&cfg, &init_fspad(&cfg, 1).unwrap(), lm.clone()).unwrap();
-            let (a0, _) = evaluate(&model, &val, 3).unwrap();
+            let a0 = evaluate(&model, &val, 3).unwrap().alpha;
             // Short sequences: the FSPAD noise scale (0.1·512/L) would swamp these features.
             let tc = FspadTrainConfig { steps: 150, lr: 2e-3, noise: 0.005, progress: false, ..Default::default() };
             let summary = train_fspad(&model, None, &train, &val, &tc, 3).unwrap();
             let a1: Vec<f64> = serde_json::from_value(summary["alpha"].clone()).unwrap();
+            // τ measured position by position: a chain of depth 3 accepts at most 3 tokens, a
+            // full top-2 / top-4 tree at least what the chain does; the first depth alone gives
+            // the chain at least 1 + α_1 · (the share of starts whose depth-1 token is right).
+            let t = |k: &str| summary["tau_measured"][k].as_f64().unwrap();
+            assert!(1.0 <= t("chain") && t("chain") <= t("top2") && t("top2") <= t("top4") && t("top4") <= 4.0);
+            assert!(t("chain") > 1.0 + 0.5 * a1[0], "{summary}");
             let out = f.dir.join(format!("trained-{}.gguf", v.name()));
             write_fspad_gguf(&cfg, &model.to_weights(), Some(&lm), &vocab, &out, &target_path, ExportType::F32)
                 .unwrap();

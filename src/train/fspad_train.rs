@@ -237,35 +237,70 @@ fn seq_loss(
     Ok(Some(SeqLoss { loss, feature: fv, token: tv }))
 }
 
-/// Teacher-forced greedy agreement per depth (α_d: the head's argmax equals the target's at
-/// draft depth d, reading its own hidden outputs for d ≥ 2) and the chain length it implies.
-pub fn evaluate(model: &FspadModel, val: &[FspadExample], depth: usize) -> Result<(Vec<f64>, f64)> {
+/// Held-out measures of an FSPAD-family head, teacher-forced along the target's tokens.
+#[derive(Debug, Clone, Default)]
+pub struct FspadEval {
+    /// Greedy agreement per draft depth (α_d: the head's argmax equals the target's at depth d,
+    /// reading its own hidden outputs for d ≥ 2).
+    pub alpha: Vec<f64>,
+    /// The chain length under independence, 1 + Σ_d Π_{i<d} α_i.
+    pub tau_chain: f64,
+    /// (k, τ) measured position by position (as the heads' evaluation does): a chain of the
+    /// evaluated depth (k = 1) and full top-k trees of that depth (k = 2, 4).
+    pub tau: Vec<(u32, f64)>,
+    /// Start positions the measured τ average over.
+    pub starts: usize,
+}
+
+impl FspadEval {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "alpha": self.alpha,
+            "tau_chain": self.tau_chain,
+            "tau_measured": super::head_train::tau_json(&self.tau),
+            "starts": self.starts,
+        })
+    }
+}
+
+/// Evaluates `model` on `val` to draft depth `depth` (see [`FspadEval`]).
+pub fn evaluate(model: &FspadModel, val: &[FspadExample], depth: usize) -> Result<FspadEval> {
     let mut acc = vec![(0.0f64, 0.0f64); depth];
+    let mut runs = super::head_train::TauRuns::default();
     for ex in val {
         let emb = ex.emb.to_dtype(DType::F32)?;
         let feat = ex.feat.to_dtype(DType::F32)?;
         let n = feat.dims()[0] - 1;
-        let want = model.logits(&feat.narrow(0, 1, n)?)?.argmax(1)?.to_vec1::<u32>()?;
+        let want = model.logits(&feat.narrow(0, 1, n)?)?.argmax(1)?;
         let outs = model.forward(&emb, &feat.narrow(0, 0, n)?, depth)?;
+        // ranks[i][p]: how many tokens depth i + 1's logits at row p (start p − i) score above
+        // the target's token; u32::MAX where no start reaches it.
+        let mut ranks = Vec::with_capacity(outs.len());
         for (i, o) in outs.iter().enumerate() {
-            let got = model.logits(&o.tok)?.argmax(1)?.to_vec1::<u32>()?;
+            let logits = model.logits(&o.tok)?;
+            let tgt = logits.gather(&want.unsqueeze(1)?, 1)?;
+            let above = logits.broadcast_gt(&tgt)?.to_dtype(DType::F32)?.sum(1)?.to_vec1::<f32>()?;
+            let mut r = vec![u32::MAX; n];
             for p in i..n {
                 if ex.mask[p] > 0.0 {
                     acc[i].1 += 1.0;
-                    if got[p] == want[p] {
+                    r[p] = above[p] as u32;
+                    if above[p] == 0.0 {
                         acc[i].0 += 1.0;
                     }
                 }
             }
+            ranks.push(r);
         }
+        runs.add(&ranks, &ex.mask[..n]);
     }
     let alpha: Vec<f64> = acc.iter().map(|(h, c)| if *c > 0.0 { h / c } else { 0.0 }).collect();
-    let (mut tau, mut reach) = (1.0, 1.0);
+    let (mut tau_chain, mut reach) = (1.0, 1.0);
     for a in &alpha {
         reach *= a;
-        tau += reach;
+        tau_chain += reach;
     }
-    Ok((alpha, tau))
+    Ok(FspadEval { alpha, tau_chain, tau: runs.tau(), starts: runs.starts() })
 }
 
 /// Trains `model` on `train`; evaluates on `val` (depth `eval_depth`) at the start and the end.
@@ -296,7 +331,7 @@ pub fn train_fspad(
         Some(p) => Some(std::fs::File::create(p).map_err(|e| Error::io(p, e))?),
         None => None,
     };
-    let (alpha0, tau0) = evaluate(model, val, eval_depth)?;
+    let before = evaluate(model, val, eval_depth)?;
     let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0xf5);
     let order = super::data::permutation(train.len(), cfg.seed);
     let bar = super::head_train::progress_bar(cfg.steps, cfg.progress, "fspad train");
@@ -334,7 +369,7 @@ pub fn train_fspad(
     }
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
-    let (alpha, tau) = evaluate(model, val, eval_depth)?;
+    let after = evaluate(model, val, eval_depth)?;
     Ok(serde_json::json!({
         "variant": model.config().variant.name(),
         "steps": cfg.steps,
@@ -342,10 +377,11 @@ pub fn train_fspad(
         "train_seconds": secs,
         "feature_loss": last.0,
         "token_loss": last.1,
-        "alpha_before": alpha0,
-        "tau_chain_before": tau0,
-        "alpha": alpha,
-        "tau_chain": tau,
+        "alpha_before": before.alpha,
+        "tau_chain_before": before.tau_chain,
+        "alpha": after.alpha,
+        "tau_chain": after.tau_chain,
+        "tau_measured": super::head_train::tau_json(&after.tau),
     }))
 }
 

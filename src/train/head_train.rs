@@ -470,17 +470,12 @@ pub struct HeadEval {
 
 impl HeadEval {
     pub fn to_json(&self) -> serde_json::Value {
-        let tau: serde_json::Map<String, serde_json::Value> = self
-            .tau
-            .iter()
-            .map(|(k, t)| (if *k == 1 { "chain".to_string() } else { format!("top{k}") }, serde_json::json!(t)))
-            .collect();
         serde_json::json!({
             "alpha": self.alpha,
             "tau_chain": self.tau_chain,
             "loss": self.loss,
             "one_minus_tv": self.one_minus_tv,
-            "tau_measured": tau,
+            "tau_measured": tau_json(&self.tau),
             "starts": self.starts,
         })
     }
@@ -489,11 +484,42 @@ impl HeadEval {
 /// Tree widths [`evaluate`] measures τ for.
 pub const EVAL_TREE_K: [u32; 3] = [1, 2, 4];
 
+/// Measured τ per tree width as JSON: `{"chain": τ(k = 1), "top2": …, "top4": …}`.
+pub(crate) fn tau_json(tau: &[(u32, f64)]) -> serde_json::Value {
+    tau.iter()
+        .map(|(k, t)| (if *k == 1 { "chain".to_string() } else { format!("top{k}") }, serde_json::json!(t)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Σ accepted and starts per width of [`EVAL_TREE_K`], summed over sequences ([`accepted_runs`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TauRuns([(f64, f64); EVAL_TREE_K.len()]);
+
+impl TauRuns {
+    pub(crate) fn add(&mut self, ranks: &[Vec<u32>], valid_start: &[f32]) {
+        for (r, &k) in self.0.iter_mut().zip(&EVAL_TREE_K) {
+            let (sum, starts) = accepted_runs(ranks, valid_start, k);
+            r.0 += sum;
+            r.1 += starts;
+        }
+    }
+
+    /// (k, τ = 1 + accepted per start) per width.
+    pub(crate) fn tau(&self) -> Vec<(u32, f64)> {
+        EVAL_TREE_K.iter().zip(&self.0).map(|(&k, (sum, c))| (k, 1.0 + sum / c.max(1.0))).collect()
+    }
+
+    pub(crate) fn starts(&self) -> usize {
+        self.0[0].1 as usize
+    }
+}
+
 /// Evaluates `model` on `val` with `steps` TTT steps (see [`HeadEval`]).
 pub fn evaluate(model: &HeadModel, val: &[HeadExample], steps: usize) -> Result<HeadEval> {
     let mut acc = vec![(0.0, 0.0); steps];
     let mut ov = vec![0.0; steps];
-    let mut runs = vec![(0.0, 0.0); EVAL_TREE_K.len()];
+    let mut runs = TauRuns::default();
     let mut loss = 0.0;
     let mut n = 0usize;
     for ex in val {
@@ -507,12 +533,7 @@ pub fn evaluate(model: &HeadModel, val: &[HeadExample], steps: usize) -> Result<
         for (a, b) in ov.iter_mut().zip(&s.overlap) {
             *a += b;
         }
-        let valid = ex.mask.to_vec1::<f32>()?;
-        for (r, &k) in runs.iter_mut().zip(&EVAL_TREE_K) {
-            let (sum, starts) = accepted_runs(&s.ranks, &valid, k);
-            r.0 += sum;
-            r.1 += starts;
-        }
+        runs.add(&s.ranks, &ex.mask.to_vec1::<f32>()?);
     }
     let alpha: Vec<f64> = acc.iter().map(|(h, c)| if *c > 0.0 { h / c } else { 0.0 }).collect();
     let one_minus_tv = ov.iter().zip(&acc).map(|(o, (_, c))| if *c > 0.0 { o / c } else { 0.0 }).collect();
@@ -522,14 +543,13 @@ pub fn evaluate(model: &HeadModel, val: &[HeadExample], steps: usize) -> Result<
         reach *= a;
         tau_chain += reach;
     }
-    let tau = EVAL_TREE_K.iter().zip(&runs).map(|(&k, (sum, c))| (k, 1.0 + sum / c.max(1.0))).collect();
     Ok(HeadEval {
         alpha,
         tau_chain,
         loss: loss / n.max(1) as f64,
         one_minus_tv,
-        tau,
-        starts: runs.first().map(|r| r.1 as usize).unwrap_or(0),
+        tau: runs.tau(),
+        starts: runs.starts(),
     })
 }
 
