@@ -508,6 +508,7 @@ fn head_commands_init_train_eval() {
     assert!(ok, "{err}");
     let trained = dir.join("head.safetensors");
     let train = |out: &std::path::Path, extra: Vec<std::ffi::OsString>| {
+        let steps = if extra.iter().any(|a| a == "--steps") { vec![] } else { vec![os("--steps"), os("6")] };
         let mut v = vec![
             os("head"),
             os("train"),
@@ -518,8 +519,6 @@ fn head_commands_init_train_eval() {
             os("--data"),
             p(&data),
             os("--raw"),
-            os("--steps"),
-            os("6"),
             os("--warmup"),
             os("2"),
             os("--batch"),
@@ -532,6 +531,7 @@ fn head_commands_init_train_eval() {
             p(out),
             os("--json"),
         ];
+        v.extend(steps);
         v.extend(extra);
         run(v)
     };
@@ -568,15 +568,29 @@ fn head_commands_init_train_eval() {
     let (ok, _, err) = train(&resumed, vec![os("--resume"), p(&ckdir.join("step-000003"))]);
     assert!(ok, "{err}");
     let load = |f: &std::path::Path| adaspec::train::head::load_head(f).unwrap().1;
-    let (a, b) = (load(&straight), load(&resumed));
-    assert_eq!(a.len(), b.len());
-    for (name, t) in &a {
-        let (x, y) = (
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        assert!(x == y, "{name} differs between the resumed and the uninterrupted run");
-    }
+    let same = |f: &std::path::Path, g: &std::path::Path| {
+        let (a, b) = (load(f), load(g));
+        assert_eq!(a.len(), b.len());
+        for (name, t) in &a {
+            let (x, y) = (
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(x == y, "{name} differs between {} and {}", f.display(), g.display());
+        }
+    };
+    same(&straight, &resumed);
+    // A finished run resumed with more steps is the longer run; fewer than done are refused.
+    let nine = dir.join("ck9.safetensors");
+    let (ok, _, err) = train(&nine, vec![os("--steps"), os("9")]);
+    assert!(ok, "{err}");
+    let longer = dir.join("ck-longer.safetensors");
+    let step6 = ckdir.join("step-000006");
+    let (ok, _, err) = train(&longer, vec![os("--steps"), os("9"), os("--resume"), p(&step6)]);
+    assert!(ok, "{err}");
+    same(&nine, &longer);
+    let (ok, _, err) = train(&dir.join("ck-short.safetensors"), vec![os("--steps"), os("4"), os("--resume"), p(&step6)]);
+    assert!(!ok && err.contains("beyond --steps 4"), "{err}");
     let (ok, _, err) = train(
         &dir.join("ck-other.safetensors"),
         vec![os("--resume"), p(&ckdir.join("step-000003")), os("--lr"), os("0.01")],

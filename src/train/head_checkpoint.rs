@@ -6,7 +6,8 @@
 //! head command reads), `optimizer.safetensors` (AdamW's m and v) and `state.json`. Resuming
 //! restores all of it; the data order is a pure function of the seed, so a resumed run is
 //! bit-identical to an uninterrupted one. It never resumes a run that differs in anything that
-//! shapes the trajectory: it names the difference instead.
+//! shapes the trajectory: it names the difference instead. `--steps` may grow: the learning
+//! rate is constant after warm-up, so a resumed run with more steps is the longer run.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +18,8 @@ use super::head_model::HeadModel;
 use super::head_train::{HeadExample, HeadTrainConfig};
 use super::trainer::AdamW;
 
-/// Everything that shapes a head run's trajectory (compared on resume).
+/// Everything that shapes a head run's trajectory (compared on resume; `steps` only has to
+/// reach the checkpoint's step: a run can be resumed to train longer).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadRunKey {
     pub ttt_steps: usize,
@@ -66,7 +68,6 @@ impl HeadRunKey {
         cmp("--ttt", self.ttt_steps.to_string(), other.ttt_steps.to_string());
         cmp("--lr", self.lr.to_string(), other.lr.to_string());
         cmp("--warmup", self.warmup_steps.to_string(), other.warmup_steps.to_string());
-        cmp("--steps", self.steps.to_string(), other.steps.to_string());
         cmp("--batch", self.batch.to_string(), other.batch.to_string());
         cmp("gradient clip", self.grad_clip.to_string(), other.grad_clip.to_string());
         cmp("--seed", self.seed.to_string(), other.seed.to_string());
@@ -153,6 +154,17 @@ pub fn restore(dir: &Path, model: &HeadModel, opt: &mut AdamW, run: &HeadRunKey)
     let diff = state.run.differences(run);
     if !diff.is_empty() {
         return Err(refuse(format!("{} is a checkpoint of another run: {}", dir.display(), diff.join("; "))));
+    }
+    // The learning rate is constant after warm-up, so nothing before the last step depends on
+    // --steps: a run resumed with more steps is the longer run, bit for bit.
+    if state.step > run.steps {
+        return Err(refuse(format!(
+            "{} is at step {}, beyond --steps {}; pass --steps {} or more",
+            dir.display(),
+            state.step,
+            run.steps,
+            state.step
+        )));
     }
     let (cfg, weights) = super::head::load_head(&dir.join("head.safetensors"))?;
     if &cfg != model.config() {

@@ -138,10 +138,11 @@ pub struct HeadTrainArgs {
     /// the last, into OUTPUT's stem + `.checkpoints/step-NNNNNN/` (0 = none).
     #[arg(long, default_value_t = 0)]
     pub checkpoint_every: usize,
-    /// Continue from a checkpoint folder of `--checkpoint-every` (same data, steps, learning
-    /// rate, warm-up, batch, TTT steps, seed, and selection with the same reference head: a
-    /// differing run is refused, naming the difference). The result is bit-identical to an
-    /// uninterrupted run.
+    /// Continue from a checkpoint folder of `--checkpoint-every` (same data, learning rate,
+    /// warm-up, batch, TTT steps, seed, and selection with the same reference head: a differing
+    /// run is refused, naming the difference). The result is bit-identical to an uninterrupted
+    /// run. --steps may be raised to train a finished run longer (the learning rate is constant
+    /// after warm-up, so that is the longer run, bit for bit).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Print a JSON summary instead of text.
