@@ -60,8 +60,9 @@ if [ "$GEN_GSM" -gt 0 ]; then
     gen "$OUT/p-gsm-more.jsonl" "$DATA/gsm8k-train-$((N_GSM + 1))-$((N_GSM + GEN_GSM)).jsonl"
     TRAIN="$TRAIN $DATA/gsm8k-train-$((N_GSM + 1))-$((N_GSM + GEN_GSM)).jsonl"
 fi
+# ShareGPT is not shipped in the repository (unclear license): opt-in, from $SHARED_DATA.
+SG="${SHARED_DATA:-../shared/data}/sharegpt/train.jsonl"
 if [ "$GEN_SHAREGPT_CODE" -gt 0 ]; then
-    SG="${SHARED_DATA:-../shared/data}/sharegpt/train.jsonl"
     [ -f "$SG" ] || { echo "GEN_SHAREGPT_CODE needs ShareGPT at $SG (set SHARED_DATA)" >&2; exit 1; }
     python3 - "$SG" "$GEN_SHAREGPT_CODE" > "$OUT/p-sharegpt-code.jsonl" <<'PY'
 import json, re, sys
@@ -86,8 +87,6 @@ if [ "$EXTRA_GSM" -gt 0 ]; then
     TRAIN="$TRAIN $OUT/x-gsm-answers.jsonl"
 fi
 if [ "$EXTRA_SHAREGPT" -gt 0 ]; then
-    # Opt-in: ShareGPT is not shipped in the repository (unclear license); SHARED_DATA names it.
-    SG="${SHARED_DATA:-../shared/data}/sharegpt/train.jsonl"
     [ -f "$SG" ] || { echo "EXTRA_SHAREGPT needs ShareGPT at $SG (set SHARED_DATA)" >&2; exit 1; }
     # Conversations whose first question is short, so that most of --max-len is answer.
     python3 - "$SG" "$EXTRA_SHAREGPT" > "$OUT/x-sharegpt.jsonl" <<'PY'

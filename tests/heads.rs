@@ -589,7 +589,8 @@ fn head_commands_init_train_eval() {
     let (ok, _, err) = train(&longer, vec![os("--steps"), os("9"), os("--resume"), p(&step6)]);
     assert!(ok, "{err}");
     same(&nine, &longer);
-    let (ok, _, err) = train(&dir.join("ck-short.safetensors"), vec![os("--steps"), os("4"), os("--resume"), p(&step6)]);
+    let (ok, _, err) =
+        train(&dir.join("ck-short.safetensors"), vec![os("--steps"), os("4"), os("--resume"), p(&step6)]);
     assert!(!ok && err.contains("beyond --steps 4"), "{err}");
     let (ok, _, err) = train(
         &dir.join("ck-other.safetensors"),

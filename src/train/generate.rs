@@ -249,7 +249,8 @@ pub fn generate_dataset(target: &Arc<Model>, records: &[Record], opts: &Generate
         eprintln!("resuming from {}: {done} of {} prompts already answered", partial.display(), records.len());
     }
     if done < records.len() {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&partial).map_err(|e| Error::io(&partial, e))?;
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(true).open(&partial).map_err(|e| Error::io(&partial, e))?;
         if done == 0 {
             f.set_len(0).map_err(|e| Error::io(&partial, e))?;
             writeln!(f, "{header}").map_err(|e| Error::io(&partial, e))?;
@@ -340,7 +341,10 @@ fn resume_lines(partial: &Path, header: &serde_json::Value) -> Result<Vec<serde_
         _ => return Ok(Vec::new()), // killed while writing the header
     };
     let (Some(old_map), Some(new_map)) = (old.as_object(), header.as_object()) else {
-        return Err(Error::InvalidArg { name: "--output", reason: format!("{} is not a partial `data generate` file", partial.display()) });
+        return Err(Error::InvalidArg {
+            name: "--output",
+            reason: format!("{} is not a partial `data generate` file", partial.display()),
+        });
     };
     let diff: Vec<String> = new_map
         .iter()
@@ -392,7 +396,11 @@ mod tests {
         write_tiny_model(&path, &TinyModelConfig::default()).unwrap();
         let target = Arc::new(Model::load(&path, &ModelParams::default()).unwrap());
         let records: Vec<Record> = (0..9)
-            .map(|i| Record { prompt: format!("prompt {i} {}", "x ".repeat(i)), response: None, origin: format!("t:{i}") })
+            .map(|i| Record {
+                prompt: format!("prompt {i} {}", "x ".repeat(i)),
+                response: None,
+                origin: format!("t:{i}"),
+            })
             .collect();
         let opts = GenerateOptions { max_tokens: 6, n_ctx: 64, parallel: 3, exact: true, ..Default::default() };
         let (whole, resumed) = (dir.join("whole.jsonl"), dir.join("resumed.jsonl"));
