@@ -245,8 +245,8 @@ pub fn generate_dataset(target: &Arc<Model>, records: &[Record], opts: &Generate
     let mut lines = resume_lines(&partial, &header)?;
     let done = lines.len();
     if done > 0 {
-        tracing::info!("resuming {}: {done} of {} prompts already answered", partial.display(), records.len());
-        eprintln!("resuming from {}: {done} of {} prompts already answered", partial.display(), records.len());
+        // Shown at the CLI's default level: output from an earlier run is being reused.
+        tracing::warn!("resuming {}: {done} of {} prompts already answered", partial.display(), records.len());
     }
     if done < records.len() {
         let mut f =
@@ -274,21 +274,12 @@ pub fn generate_dataset(target: &Arc<Model>, records: &[Record], opts: &Generate
     if answered.is_empty() {
         return Err(Error::InvalidArg { name: "--input", reason: "no prompt produced a response".into() });
     }
-    let tmp = super::gguf_import::temp_path_for(out)?;
-    let res = (|| -> Result<()> {
-        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = std::io::BufWriter::new(f);
-        for l in &answered {
-            let line = serde_json::json!({"prompt": l["prompt"], "response": l["response"]});
-            writeln!(w, "{line}").map_err(|e| Error::io(&tmp, e))?;
-        }
-        w.flush().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut text = String::new();
+    for l in &answered {
+        text.push_str(&serde_json::json!({"prompt": l["prompt"], "response": l["response"]}).to_string());
+        text.push('\n');
     }
-    res?;
+    super::data::write_atomic(out, text.as_bytes())?;
     let _ = std::fs::remove_file(&partial);
     Ok(answered.len())
 }
