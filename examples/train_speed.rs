@@ -10,7 +10,7 @@
 //! cargo run --release --features train --example train_speed -- TARGET.gguf \
 //!     [STEPS=6] [BATCH=4] [SEQ=256] [TOP_K=64] [THREADS]
 //! TARGET.gguf only supplies the vocabulary (151,936 tokens for Qwen2.5) the teacher rows
-//! index. Prints one JSON object; the first step is a warm-up and not counted.
+//! index; a number in its place is taken as the vocabulary size. Prints one JSON object; the first step is a warm-up and not counted.
 //! `TRAIN_SPEED_ONLY=draft` or `=head` runs one of the two.
 
 /// The allocator of the `adaspec` binary with `train` (see Cargo.toml).
@@ -20,6 +20,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use adaspec::tiny_model::TinyModelConfig;
 use adaspec::train::data::Example;
 use adaspec::train::head::HeadConfig;
 use adaspec::train::head_model::HeadModel;
@@ -74,6 +75,7 @@ fn phases_of(v: &serde_json::Value) -> PhaseTimes {
 }
 
 fn main() -> anyhow::Result<()> {
+    adaspec::train::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let target =
         PathBuf::from(args.get(1).ok_or_else(|| {
@@ -87,11 +89,24 @@ fn main() -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", t);
     }
     anyhow::ensure!(steps >= 2, "STEPS must be >= 2 (the first is a warm-up)");
+    let dir = std::env::temp_dir().join(format!("adaspec-train-speed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // A number instead of a GGUF: a tiny model with that many tokens stands in for the target
+    // (where the model file is not at hand, e.g. on another machine).
+    let target = match target.to_str().and_then(|s| s.parse::<usize>().ok()) {
+        Some(n) => {
+            let base = adaspec::tiny_model::tiny_vocab().tokens.len();
+            anyhow::ensure!(n >= base, "a vocabulary of at least {base} tokens");
+            let cfg = TinyModelConfig { n_embd: 16, n_ff: 32, extra_tokens: n - base, ..Default::default() };
+            let path = dir.join("vocab.gguf");
+            adaspec::tiny_model::write_tiny_model(&path, &cfg)?;
+            path
+        }
+        None => target,
+    };
     let model = Arc::new(Model::load(&target, &ModelParams::default())?);
     let vocab = model.n_vocab();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let dir = std::env::temp_dir().join(format!("adaspec-train-speed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
 
     // The pruned draft: Qwen2.5-0.5B shapes, 14 blocks.
     let cfg = Config {

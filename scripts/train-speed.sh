@@ -6,12 +6,22 @@
 # download; TORCH_PY=/path/to/python uses another interpreter that has torch).
 #   scripts/train-speed.sh [STEPS=6] [BATCH=4] [SEQ=256] [THREADS=2]
 # Writes bench/train-speed.json and prints a table.
+# On another machine (no cargo, no model): TRAIN_SPEED_BIN=path/to/prebuilt/train_speed and
+# VOCAB=151936 (a tiny stand-in model with the target's vocabulary size), TORCH_PY=python3.
+# Both implementations are pinned to the same THREADS cores where taskset exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${1:-6}"; BATCH="${2:-4}"; SEQ="${3:-256}"; THREADS="${4:-2}"; TOP_K="${TOP_K:-64}"
 MODELS="${ADASPEC_MODELS:-$HOME/.cache/adaspec/models}"
-T="$MODELS/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-scripts/setup.sh pair
+BIN="${TRAIN_SPEED_BIN:-}"
+if [ -n "${VOCAB:-}" ]; then
+  T="$VOCAB"
+else
+  T="$MODELS/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+  scripts/setup.sh pair
+fi
+PIN=()
+if command -v taskset > /dev/null; then PIN=(taskset -c "0-$((THREADS - 1))"); fi
 mkdir -p bench
 PY="${TORCH_PY:-}"
 if [ -z "$PY" ]; then
@@ -22,12 +32,15 @@ if [ -z "$PY" ]; then
     bench/torch-venv/bin/pip install -q torch
   fi
 fi
-cargo build --release --features train --example train_speed
+if [ -z "$BIN" ]; then
+  cargo build --release --features train --example train_speed
+  BIN=./target/release/examples/train_speed
+fi
 echo "[train-speed] adaspec (candle), $STEPS steps of $BATCH × $SEQ" >&2
-RAYON_NUM_THREADS="$THREADS" ./target/release/examples/train_speed "$T" "$STEPS" "$BATCH" "$SEQ" "$TOP_K" > bench/train-speed-candle.json
+RAYON_NUM_THREADS="$THREADS" "${PIN[@]}" "$BIN" "$T" "$STEPS" "$BATCH" "$SEQ" "$TOP_K" > bench/train-speed-candle.json
 echo "[train-speed] PyTorch, same steps" >&2
-"$PY" scripts/train_step_torch.py --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --top-k "$TOP_K" --threads "$THREADS" > bench/train-speed-torch.json
-"$PY" scripts/train_step_torch.py --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --top-k "$TOP_K" --threads "$THREADS" --sdpa --only draft > bench/train-speed-torch-sdpa.json
+"${PIN[@]}" "$PY" scripts/train_step_torch.py --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --top-k "$TOP_K" --threads "$THREADS" > bench/train-speed-torch.json
+"${PIN[@]}" "$PY" scripts/train_step_torch.py --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --top-k "$TOP_K" --threads "$THREADS" --sdpa --only draft > bench/train-speed-torch-sdpa.json
 python3 - <<'PY'
 import json
 c = json.load(open("bench/train-speed-candle.json"))

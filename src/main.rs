@@ -408,6 +408,8 @@ fn bench_matrix(a: BenchArgs) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "train")]
+    adaspec::train::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log.clone()));

@@ -1,6 +1,7 @@
 //! The trainer: candle draft models, GGUF import/export, AdaSPEC and DistillSpec distillation.
 //! Only built with the `train` feature; the engine and plugin never depend on it.
 
+pub mod alloc;
 pub mod cli;
 pub mod data; // issue-5
 pub mod error;
