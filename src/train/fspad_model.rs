@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::error::{Error, Result};
 use super::head_model::{log_softmax, repeat_kv, rope_tables, softmax, step_mask};
-use super::model::{rms_norm, rope, RopeStyle, Weights};
+use super::model::{frozen_linear, rms_norm, rope, trained_linear, RopeStyle, Weights};
 use crate::fspad::FspadConfig;
 
 /// One step's outputs over a sequence.
@@ -64,12 +64,13 @@ impl FspadModel {
     }
 
     fn lin(&self, x: &Tensor, name: &str) -> Result<Tensor> {
-        Ok(x.matmul(&self.w(name).t()?)?)
+        trained_linear(x, self.w(name))
     }
 
-    /// Logits over the head's vocabulary of token halves (T, H).
+    /// Logits over the head's vocabulary of token halves (T, H), through the frozen LM head
+    /// (no weight gradient).
     pub fn logits(&self, tok: &Tensor) -> Result<Tensor> {
-        Ok(tok.matmul(&self.lm.t()?)?)
+        frozen_linear(tok, &self.lm)
     }
 
     /// Steps 0..steps over one sequence: `emb` (T, H) the raw target embeddings of token[P+1],

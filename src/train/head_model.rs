@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::error::{Error, Result};
 use super::head::{head_tensor, HeadConfig};
-use super::model::{rms_norm, rope, RopeStyle, Weights};
+use super::model::{rms_norm, rope, trained_linear, RopeStyle, Weights};
 
 /// Additive mask value for keys an entry may not see.
 const MASK: f32 = -1e9;
@@ -83,7 +83,7 @@ impl HeadModel {
 
     /// g = fc(features) for features (T, 3·H_t).
     pub fn encode(&self, features: &Tensor) -> Result<Tensor> {
-        Ok(features.matmul(&self.w("fc.weight").t()?)?)
+        Ok(trained_linear(features, self.w("fc.weight"))?)
     }
 
     /// cos/sin tables (T, head_dim/2) for positions 0..t.
@@ -126,7 +126,7 @@ impl HeadModel {
             let gn = rms_norm(&g, self.w("blk.0.attn_norm_2.weight"), eps)?;
             let x = Tensor::cat(&[&e, &gn], 1)?; // (T, 2H)
             let heads = |w: &str, n: usize| -> Result<Tensor> {
-                let y = x.matmul(&self.w(w).t()?)?; // (T, n*hd)
+                let y = trained_linear(&x, self.w(w))?; // (T, n*hd)
                 Ok(y.reshape((t, n, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
                 // (1, n, T, hd)
             };
@@ -141,13 +141,13 @@ impl HeadModel {
             let att = att.broadcast_add(&Self::step_mask(t, i)?)?;
             let att = softmax(&att)?;
             let o = att.matmul(&vv)?.squeeze(0)?.transpose(0, 1)?.contiguous()?.reshape((t, nh * hd))?;
-            let r = (o.matmul(&self.w("blk.0.attn_output.weight").t()?)? + &g)?;
+            let r = (trained_linear(&o, self.w("blk.0.attn_output.weight"))? + &g)?;
             let rn = rms_norm(&r, self.w("blk.0.ffn_norm.weight"), eps)?;
-            let a = rn.matmul(&self.w("blk.0.ffn_gate.weight").t()?)?.silu()?;
-            let u = rn.matmul(&self.w("blk.0.ffn_up.weight").t()?)?;
-            let y = ((a * u)?.matmul(&self.w("blk.0.ffn_down.weight").t()?)? + r)?;
+            let a = trained_linear(&rn, self.w("blk.0.ffn_gate.weight"))?.silu()?;
+            let u = trained_linear(&rn, self.w("blk.0.ffn_up.weight"))?;
+            let y = (trained_linear(&(a * u)?, self.w("blk.0.ffn_down.weight"))? + r)?;
             let yn = rms_norm(&y, self.w("output_norm.weight"), eps)?;
-            let logits = yn.matmul(&self.w("output.weight").t()?)?;
+            let logits = trained_linear(&yn, self.w("output.weight"))?;
             // The next step's entry at P reads this step's output at P-1.
             g = Tensor::cat(&[&Tensor::zeros((1, h), DType::F32, &Device::Cpu)?, &y.narrow(0, 0, t - 1)?], 0)?;
             out.push(StepOut { prenorm: y, logits });

@@ -561,7 +561,7 @@ fn mlp(block: &Block, x: &Tensor) -> Result<Tensor> {
 
 /// x · wᵀ (+ b) for x (rows, in) and w (out, in).
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(&w.t()?)?;
+    let y = trained_linear(x, w)?;
     match b {
         Some(b) => Ok(y.broadcast_add(b)?),
         None => Ok(y),
@@ -608,6 +608,96 @@ impl candle_core::CustomOp1 for FrozenLinear {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad_res.matmul(&self.w)?))
+    }
+}
+
+/// `x · wᵀ` for a trained `w` (out, in), with the weight's gradient computed as `gradᵀ · x`:
+/// contiguous, in `w`'s own layout. Through `x.matmul(&w.t())` candle computes it as
+/// `xᵀ · grad` for the transposed view and adds its transpose into the weight's gradient slot —
+/// an element-by-element strided add over the whole weight per use (a quarter of an EAGLE-3
+/// head's training step, with four TTT uses of every weight). Same forward, bit for bit (the
+/// same gemm call); the gradients equal the plain matmul's up to summation order. F32 2-D `x`
+/// and `w` on the CPU; anything else takes the plain matmul.
+pub fn trained_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let plain = x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || x.rank() != 2
+        || w.rank() != 2
+        || !x.device().is_cpu()
+        || !w.device().is_cpu()
+        || x.dims()[1] != w.dims()[1];
+    if plain {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    Ok(x.contiguous()?.apply_op2_arc(&w.contiguous()?, std::sync::Arc::new(Box::new(TrainedLinear)))?)
+}
+
+struct TrainedLinear;
+
+impl candle_core::CustomOp2 for TrainedLinear {
+    fn name(&self) -> &'static str {
+        "trained-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
+            candle_core::bail!("trained-linear: the inputs are not contiguous")
+        };
+        let (x, w) = (&xs.as_slice::<f32>()?[x0..x1], &ws.as_slice::<f32>()?[w0..w1]);
+        let ((m, k), (n, k2)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        if k != k2 {
+            candle_core::bail!("trained-linear: ({m}, {k}) · ({n}, {k2})ᵀ")
+        }
+        let mut y = vec![0f32; m * n];
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+        // SAFETY: y is (m, n) row-major; x is (m, k) row-major; wᵀ is read through w's (n, k)
+        // row-major storage (column stride k, row stride 1), all in bounds. The call is the one
+        // candle's matmul makes for `x.matmul(&w.t())`.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0f32,
+                1f32,
+                false,
+                false,
+                false,
+                par,
+            )
+        };
+        Ok((candle_core::CpuStorage::F32(y), (m, n).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // From detached operands: a gradient that kept `x`'s graph would chain every step's
+        // forward graph into the optimizer's moments (candle detaches the gradients it pops,
+        // not the ones a custom op returns for leaves).
+        let (x, w) = (x.detach(), w.detach());
+        Ok((Some(grad_res.matmul(&w)?), Some(grad_res.t()?.matmul(&x)?)))
     }
 }
 
@@ -664,6 +754,34 @@ fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trained_linear_matches_matmul_and_its_weight_gradient_is_contiguous() {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (37, 19), &Device::Cpu).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (23, 19), &Device::Cpu).unwrap()).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (37, 23), &Device::Cpu).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let ours = trained_linear(x.as_tensor(), w.as_tensor()).unwrap();
+        assert_eq!(v(&plain), v(&ours), "the same gemm call");
+        // Used twice, as a TTT step reuses a weight: the gradients accumulate.
+        let twice = |y: &Tensor| (y * &up).unwrap().sum_all().unwrap() + (y.sqr().unwrap().sum_all().unwrap() * 0.5);
+        let gp = twice(&plain).unwrap().backward().unwrap();
+        let gt = twice(&ours).unwrap().backward().unwrap();
+        let close = |a: &Tensor, b: &Tensor| {
+            v(a).iter().zip(v(b)).all(|(p, q)| (p - q).abs() <= 1e-4 * (1.0 + p.abs().max(q.abs())))
+        };
+        for var in [&x, &w] {
+            let (a, b) = (gp.get(var.as_tensor()).unwrap(), gt.get(var.as_tensor()).unwrap());
+            assert_eq!(a.dims(), b.dims());
+            assert!(close(a, b), "{:?}", var.dims());
+        }
+        assert!(gt.get(w.as_tensor()).unwrap().is_contiguous());
+        // Anything but 2-D f32 takes the plain matmul.
+        let (x64, w64) = (x.as_tensor().to_dtype(DType::F64).unwrap(), w.as_tensor().to_dtype(DType::F64).unwrap());
+        let v64 = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(v64(&trained_linear(&x64, &w64).unwrap()), v64(&x64.matmul(&w64.t().unwrap()).unwrap()));
+    }
 
     #[test]
     fn frozen_linear_matches_matmul_bit_for_bit_and_skips_the_weight_gradient() {
