@@ -83,7 +83,7 @@ impl HeadModel {
 
     /// g = fc(features) for features (T, 3·H_t).
     pub fn encode(&self, features: &Tensor) -> Result<Tensor> {
-        Ok(trained_linear(features, self.w("fc.weight"))?)
+        trained_linear(features, self.w("fc.weight"))
     }
 
     /// cos/sin tables (T, head_dim/2) for positions 0..t.
