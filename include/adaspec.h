@@ -451,6 +451,18 @@ enum adaspec_status adaspec_session_new_with_head_file(const struct adaspec_mode
                                                        const struct adaspec_session_params *params,
                                                        struct adaspec_session **out_session);
 
+// Creates a session on `target` holding both a draft model and a head: `draft` as in
+// `adaspec_session_new` (must not be NULL), the head GGUF at `head_path` as in
+// `adaspec_session_new_with_head_file` (an `eagle3` or an FSPAD-family head). With
+// `ADASPEC_STRATEGY_AUTO` every round drafts with whichever of the two its estimates (each
+// one's measured cost and acceptance, learned online) say pays more, lookups added where they
+// pay; fixed strategies draft with `draft`. Errors as those two functions.
+enum adaspec_status adaspec_session_new_with_draft_and_head_file(const struct adaspec_model *target,
+                                                                 const struct adaspec_model *draft,
+                                                                 const char *head_path,
+                                                                 const struct adaspec_session_params *params,
+                                                                 struct adaspec_session **out_session);
+
 // Releases a session (its KV caches and its references to the models). NULL is ignored; a
 // handle that is not live (freed twice) sets the last error and is otherwise ignored. The
 // handle is invalid once this returns. Free may race other calls on the session (another

@@ -241,6 +241,37 @@ impl CostModel {
     }
 }
 
+/// What the cost model knows of one drafting model (a draft model or a head): its decode
+/// curve, its per-step wall time on drafting rounds and the calibration of its proposals. A
+/// session with two drafting models keeps the other one's here and swaps it in
+/// ([`CostModel::swap_model`]) when `auto` plans with it.
+#[derive(Debug, Clone, Default)]
+pub struct ModelCosts {
+    draft: BatchCost,
+    draft_round_ms: f64,
+    draft_round_steps: f64,
+    first_choice: Calibration,
+    second_choice: Calibration,
+}
+
+impl ModelCosts {
+    /// A model's costs before any drafting round: its measured decode curve.
+    pub fn new(draft: BatchCost) -> Self {
+        ModelCosts { draft, ..Default::default() }
+    }
+}
+
+impl CostModel {
+    /// Exchanges the drafting model's part of this cost model with `other`.
+    pub fn swap_model(&mut self, other: &mut ModelCosts) {
+        std::mem::swap(&mut self.draft, &mut other.draft);
+        std::mem::swap(&mut self.draft_round_ms, &mut other.draft_round_ms);
+        std::mem::swap(&mut self.draft_round_steps, &mut other.draft_round_steps);
+        std::mem::swap(&mut self.first_choice, &mut other.first_choice);
+        std::mem::swap(&mut self.second_choice, &mut other.second_choice);
+    }
+}
+
 impl CostModel {
     /// Expected tokens per millisecond of a round that drafts for `draft_ms` and verifies a
     /// batch of `verify_batch` tokens yielding `1 + expected_accepted` tokens.

@@ -68,7 +68,9 @@ struct ModelArgs {
     draft: Option<PathBuf>,
     /// Feature-level head made for the target: an `eagle3` GGUF (`adaspec head init` and
     /// `adaspec head train`) or an `fspad` GGUF (FSPAD, EAGLE-2-style or an ablation: `adaspec
-    /// head fspad`); drafts from the target's own hidden states instead of the draft model. In `bench`, used by `head=STRATEGY` configurations.
+    /// head fspad`); drafts from the target's own hidden states instead of the draft model, or
+    /// together with it when --draft is given too (`auto` then plans each round with whichever
+    /// pays more). In `bench`, used by `head=STRATEGY` and `head+model=STRATEGY` configurations.
     #[arg(long)]
     head: Option<PathBuf>,
     /// Do not let `auto` add n-gram lookups of the prompt and output (on by default, used
@@ -151,9 +153,11 @@ struct BenchArgs {
     /// Tokens per prompt (generated exactly, ignoring end-of-generation).
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    /// Configurations besides target alone, separated by spaces or '/': `[model=|lookup=|both=|head=]STRATEGY`
-    /// (which drafts it may use: the draft model, n-gram lookups, both, or the --head; bare
-    /// `auto` = both, a bare fixed strategy = the model).
+    /// Configurations besides target alone, separated by spaces or '/':
+    /// `[model=|lookup=|both=|head=|head+model=]STRATEGY` (which drafts it may use: the draft
+    /// model, n-gram lookups, both, the --head, or the head and the draft model — `auto` picks
+    /// one per round; lookups join `auto` in all but `model=`; bare `auto` = both, a bare fixed
+    /// strategy = the model).
     #[arg(long, default_value = "auto/model=auto/lookup=auto/chain:2/chain:3/tree:2,4,8")]
     strategies: String,
     /// Use raw prompts instead of the chat template.
@@ -203,7 +207,9 @@ fn load_models(m: &ModelArgs, need_draft: bool) -> Result<(Arc<Model>, Option<Ar
     let target_path = resolve(m.target.clone(), DEFAULT_TARGET)?;
     let mp = ModelParams { n_gpu_layers: m.gpu_layers, use_mmap: true, repack: mode == NumericMode::Fast };
     let target = Arc::new(Model::load(&target_path, &mp)?);
-    let no_draft = m.draft.as_deref() == Some(std::path::Path::new("none")) || (m.head.is_some() && !need_draft);
+    // With a head, a draft model is loaded only where --draft names one (then both draft).
+    let no_draft = m.draft.as_deref() == Some(std::path::Path::new("none"))
+        || (m.head.is_some() && m.draft.is_none() && !need_draft);
     let draft = if !no_draft && (need_draft || strategy != Strategy::None) {
         let p = resolve(m.draft.clone(), DEFAULT_DRAFT)?;
         Some(Arc::new(Model::load(&p, &ModelParams { repack: true, ..mp.clone() })?))
@@ -253,12 +259,15 @@ fn generate(a: GenerateArgs) -> Result<()> {
         stop: a.stop.clone(),
         ignore_eog: false,
     };
-    let mut session = match &a.models.head {
-        Some(h) if sp.strategy != Strategy::None => {
+    let mut session = match (&a.models.head, draft) {
+        (Some(h), draft) if sp.strategy != Strategy::None => {
             let head = adaspec::session::HeadFile::load(h, target.params())?;
-            Session::with_head_file(target.clone(), head, sp.clone())?
+            match draft {
+                Some(d) => Session::with_draft_and_head(target.clone(), d, head, sp.clone())?,
+                None => Session::with_head_file(target.clone(), head, sp.clone())?,
+            }
         }
-        _ => Session::new(target.clone(), draft, sp.clone())?,
+        (_, draft) => Session::new(target.clone(), draft, sp.clone())?,
     };
     let stdout = std::io::stdout();
     let json = a.json;

@@ -10,7 +10,7 @@
 use rand::rngs::StdRng;
 
 use crate::backend::Token;
-use crate::cost::{CostModel, ProcessMap};
+use crate::cost::{CostModel, ModelCosts, ProcessMap};
 use crate::error::Result;
 use crate::proposer::{lookup, Alternative, ChainStep, LookupDraft, ModelProposer, Proposer, Request, Shape};
 use crate::sampling::SamplingParams;
@@ -91,6 +91,8 @@ pub struct Learned {
     rounds: usize,
     model_fit: Realization,
     lookup_fit: Realization,
+    other: OtherModel,
+    active: usize,
 }
 
 /// What sessions of a process learned, keyed by their setup (models, threads, mode, drafts).
@@ -116,7 +118,20 @@ fn optimistic(a: f32) -> f32 {
 pub struct Drafters<'a> {
     /// The draft model or the head.
     pub model: Option<&'a mut dyn ModelProposer>,
+    /// A second drafting model (the head, when `model` is a draft model): `auto` plans each
+    /// round with whichever of the two pays more; fixed strategies use `model`.
+    pub second: Option<&'a mut dyn ModelProposer>,
     pub lookup: Option<&'a mut LookupDraft>,
+}
+
+/// The drafting model `auto` is not planning with, in a session that has two: its costs and
+/// calibrations, how its drafting rounds turned out, its latest chain-step confidences. Swapped
+/// with the policy's own ([`Policy`]'s `cost`, `model_fit`, `top_qs`) when the other is chosen.
+#[derive(Debug, Clone, Default)]
+struct OtherModel {
+    costs: ModelCosts,
+    fit: Realization,
+    top_qs: Vec<f32>,
 }
 
 /// Limits of one round.
@@ -129,6 +144,11 @@ pub struct Limits {
 
 /// Lookup branches chosen for a round: (tokens, confidence, expected accepted tokens).
 type LookupPlan = Vec<(Vec<Token>, f32, f32)>;
+
+/// A lookup plan's expected accepted tokens and node count.
+fn plan_value(plan: &LookupPlan) -> (f32, usize) {
+    (plan.iter().map(|p| p.2).sum(), plan.iter().map(|p| p.0.len()).sum())
+}
 /// A round's best lookup candidate, judged against the tokens this and the following rounds
 /// commit: (tokens, confidence, how many of its first tokens the round verifies in its tree,
 /// which the tree's own verdict judges).
@@ -193,6 +213,11 @@ pub struct Policy {
     /// token to judge).
     shadows: Vec<(Vec<Token>, f32, usize, usize)>,
     variant: TestVariant,
+    /// The second drafting model's state (sessions with a draft model and a head).
+    other: OtherModel,
+    /// Which drafting model (0: `Drafters::model`, 1: `Drafters::second`) `cost`, `model_fit`
+    /// and `top_qs` describe.
+    active: usize,
 }
 
 impl Policy {
@@ -213,7 +238,31 @@ impl Policy {
             shadow: None,
             shadows: Vec::new(),
             variant: TestVariant::default(),
+            other: OtherModel::default(),
+            active: 0,
         }
+    }
+
+    /// Sets the second drafting model's measured decode curve (sessions with two).
+    pub fn set_second_model_cost(&mut self, draft: crate::cost::BatchCost) {
+        if self.active == 1 {
+            self.cost.draft = draft;
+        } else {
+            self.other.costs = ModelCosts::new(draft);
+        }
+    }
+
+    /// The drafting model the last round planned with (0: `Drafters::model`, 1: `second`).
+    pub fn active_model(&self) -> usize {
+        self.active
+    }
+
+    /// Makes the other drafting model the one `cost`, `model_fit` and `top_qs` describe.
+    fn switch_model(&mut self) {
+        self.cost.swap_model(&mut self.other.costs);
+        std::mem::swap(&mut self.model_fit, &mut self.other.fit);
+        std::mem::swap(&mut self.top_qs, &mut self.other.top_qs);
+        self.active ^= 1;
     }
 
     /// Replaces the measured costs (target ms by batch size from 1, draft ms per step), takes
@@ -245,6 +294,8 @@ impl Policy {
             rounds: self.rounds,
             model_fit: self.model_fit,
             lookup_fit: self.lookup_fit,
+            other: self.other.clone(),
+            active: self.active,
         })
     }
 
@@ -255,6 +306,8 @@ impl Policy {
         self.rounds = l.rounds;
         self.model_fit = l.model_fit;
         self.lookup_fit = l.lookup_fit;
+        self.other = l.other;
+        self.active = l.active;
     }
 
     /// Longest chain the verification cap allows `auto`.
@@ -269,9 +322,15 @@ impl Policy {
     /// Whether the draft model should read the prompt with the target (billed as prompt
     /// processing): whenever `auto` might draft with it at all, so that a later round never
     /// pays for catching the draft up on the whole prompt.
+    /// In a session with two drafting models this is about the first (`Drafters::model`).
     pub fn wants_model_prefill(&self) -> bool {
         match self.strategy {
             Strategy::None => false,
+            Strategy::Auto if self.active != 0 => {
+                let mut first = self.clone_costs();
+                first.switch_model();
+                first.wants_model_prefill()
+            }
             Strategy::Auto => {
                 let optimistic = optimistic(self.cost.first_choice.mean(PRIOR_ACCEPT));
                 let max = self.max_chain();
@@ -279,6 +338,19 @@ impl Policy {
             }
             _ => true,
         }
+    }
+
+    /// A policy with this one's costs and what it learned (for what-if estimates).
+    fn clone_costs(&self) -> Policy {
+        let mut p = Policy::new(self.strategy.clone(), self.mode, self.max_verify);
+        p.cost = self.cost.clone();
+        p.rounds = self.rounds;
+        p.model_fit = self.model_fit;
+        p.lookup_fit = self.lookup_fit;
+        p.other = self.other.clone();
+        p.active = self.active;
+        p.fixed_costs = self.fixed_costs;
+        p
     }
 
     /// Forgets the lookup candidates still being judged: the history they continue changed
@@ -504,7 +576,18 @@ impl Policy {
             Some(l) => self.lookup_plan(l, history, lim),
             None => (Vec::new(), None),
         };
-        let used = self.auto_tree(d.model, history, lim, sp, rng, tree, &plan)?;
+        // With two drafting models, plan with the one whose best chain is worth more this round
+        // (each judged by its own costs and calibration; one still unexplored at its
+        // optimistic acceptance, as a single model is).
+        let model = match (d.model, d.second) {
+            (Some(first), Some(second)) => {
+                self.pick_model([&*first, &*second], history, lim, &plan);
+                Some(if self.active == 0 { first } else { second })
+            }
+            (first, None) => first,
+            (None, second) => second,
+        };
+        let used = self.auto_tree(model, history, lim, sp, rng, tree, &plan)?;
         // Whatever part of the best candidate the tree verifies is judged by the verdict; the
         // rest by the tokens committed from now on (learning how long copies go on while only
         // their beginnings are verified).
@@ -515,6 +598,49 @@ impl Policy {
             (tokens, conf, in_tree)
         });
         Ok(used)
+    }
+
+    /// Makes the drafting model whose chain `auto` credits with the higher rate this round the
+    /// active one (ties keep the current one).
+    fn pick_model(&mut self, models: [&dyn ModelProposer; 2], history: &[Token], lim: &Limits, plan: &LookupPlan) {
+        let (value, nodes) = plan_value(plan);
+        let mine = self.model_rate(models[self.active], history, lim, value, nodes);
+        self.switch_model();
+        let theirs = self.model_rate(models[self.active], history, lim, value, nodes);
+        if mine >= theirs {
+            self.switch_model();
+        }
+    }
+
+    /// The rate `auto` credits a model chain with this round (0 where the guard rules the model
+    /// out): the best chain at the calibrated acceptance, corrected by how drafting rounds
+    /// turned out; while probing, at least the best chain at the optimistic acceptance
+    /// (a probe ignores how earlier drafting rounds went). Sets `lag`: the history tokens the
+    /// model has not read, which it reads first in one batch.
+    fn model_rate(
+        &mut self,
+        m: &dyn ModelProposer,
+        history: &[Token],
+        lim: &Limits,
+        lookup_value: f32,
+        lookup_nodes: usize,
+    ) -> f64 {
+        let max_len = AUTO_MAX_DEPTH.min(lim.max_depth).min(lim.max_nodes);
+        if max_len == 0 || !self.model_allowed() {
+            return 0.0;
+        }
+        // In exact mode the model chain replaces the lookup chain (no trees).
+        let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
+        self.lag = m.lag(history);
+        let catch_up = self.catch_up_ms(self.lag);
+        let a_bar = self.cost.first_choice.mean(PRIOR_ACCEPT);
+        let rate = |a: f32| self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up);
+        let calibrated = self.model_factor() * rate(a_bar);
+        if self.probing() {
+            calibrated.max(rate(optimistic(a_bar)))
+        } else {
+            calibrated
+        }
     }
 
     /// The tree of an `auto` round given its lookup plan; returns whether the model drafted.
@@ -529,27 +655,17 @@ impl Policy {
         tree: &mut DraftTree,
         plan: &LookupPlan,
     ) -> Result<bool> {
-        let lookup_value: f32 = plan.iter().map(|p| p.2).sum();
-        let lookup_nodes: usize = plan.iter().map(|p| p.0.len()).sum();
+        let (lookup_value, lookup_nodes) = plan_value(plan);
         let lookup_k = if lookup_nodes > 0 { self.lookup_factor() } else { 1.0 };
         let without_model = lookup_k * self.rate(lookup_value, 0.0, 1 + lookup_nodes);
-        let model_k = self.model_factor();
         let a_bar = self.cost.first_choice.mean(PRIOR_ACCEPT);
         let max_len = AUTO_MAX_DEPTH.min(lim.max_depth).min(lim.max_nodes);
         let use_model = match &model {
-            Some(m) if max_len > 0 && self.model_allowed() => {
-                // In exact mode the model chain replaces the lookup chain (no trees).
-                let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
-                // A draft that skipped rounds first reads the tokens it missed, in one batch.
-                self.lag = m.lag(history);
-                let catch_up = self.catch_up_ms(self.lag);
-                // A probe ignores how earlier drafting rounds went (factor 1).
-                let pays = |a: f32, k: f64| {
-                    k * self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up) > without_model
-                };
-                self.fixed_costs || pays(a_bar, model_k) || self.probing() && pays(optimistic(a_bar), 1.0)
+            Some(m) => {
+                let rate = self.model_rate(&**m, history, lim, lookup_value, lookup_nodes);
+                self.fixed_costs && rate > 0.0 || rate > without_model
             }
-            _ => false,
+            None => false,
         };
         let Some(model) = model.filter(|_| use_model) else {
             for (tokens, conf, _) in plan {
@@ -811,6 +927,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cost::BatchCost;
 
     /// `auto` on a curve where drafting pays: verification nearly flat, a draft step a fifth of
     /// a target decode, the draft's tokens accepted 80% of the time.
@@ -904,5 +1021,71 @@ mod tests {
         let step = p.cost.draft_step_ms();
         assert!((step - 40.0).abs() < 1.0, "{step}");
         assert!((p.chain_ms(3) - 4.0 * step).abs() < 1e-9);
+    }
+
+    /// A drafting model for the choice between two: only its lag matters there.
+    struct Idle;
+
+    impl Proposer for Idle {
+        fn name(&self) -> &'static str {
+            "idle"
+        }
+        fn reset(&mut self) {}
+        fn rollback(&mut self, _: usize) {}
+        fn prefill(&mut self, _: &[Token]) -> Result<()> {
+            Ok(())
+        }
+        fn propose(&mut self, _: Request<'_>, _: &mut DraftTree) -> Result<()> {
+            Ok(())
+        }
+        fn accept(&mut self, _: &DraftTree, _: &[usize], _: usize, _: usize) {}
+    }
+
+    impl ModelProposer for Idle {
+        fn lag(&self, _: &[Token]) -> usize {
+            1
+        }
+        fn take_timings(&mut self) -> Vec<(usize, f64)> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn with_two_drafting_models_each_round_plans_with_the_one_that_pays_more() {
+        // Model 0: the 20 ms draft of `drafting_pays`, accepted 80%. Model 1: a 2 ms head,
+        // not yet judged (probing at its optimistic acceptance).
+        let mut p = drafting_pays();
+        let mut head = BatchCost::default();
+        head.observe(1, 2.0);
+        p.set_second_model_cost(head.clone());
+        let lim = Limits { max_nodes: 12, max_depth: 12 };
+        let (m0, m1) = (Idle, Idle);
+        p.pick_model([&m0, &m1], &[1, 2, 3], &lim, &Vec::new());
+        assert_eq!(p.active_model(), 1, "the cheap head, at its optimistic acceptance");
+        assert!((p.cost.draft.estimate(1) - 2.0).abs() < 1e-9, "its costs are the ones in use");
+        // The head turns out to be rarely right: the draft model is the better bet again, with
+        // its own costs and calibration intact.
+        for _ in 0..200 {
+            p.cost.first_choice.observe(0.85, false);
+        }
+        p.pick_model([&m0, &m1], &[1, 2, 3], &lim, &Vec::new());
+        assert_eq!(p.active_model(), 0);
+        assert!((p.cost.draft.estimate(1) - 20.0).abs() < 1e-9);
+        assert!(p.cost.first_choice.mean(PRIOR_ACCEPT) > 0.7);
+        // What each learned travels to a later session of the same setup.
+        let mut q = Policy::new(Strategy::Auto, NumericMode::Fast, 16);
+        q.adopt(p.learned().unwrap());
+        q.switch_model();
+        assert!(q.cost.first_choice.mean(PRIOR_ACCEPT) < 0.1, "the head's calibration");
+        // Whether the draft model reads the prompt is decided by its own costs, whichever model
+        // is active: a draft too slow to ever pay does not, next to a head that would.
+        let mut r = drafting_pays();
+        r.cost.draft = BatchCost::default();
+        r.cost.draft.observe(1, 1000.0);
+        r.set_second_model_cost(head);
+        assert!(!r.wants_model_prefill());
+        r.switch_model();
+        assert!(r.best_chain_rate(0.9, 4, 0.0, 0) > r.rate(0.0, 0.0, 1), "the head would pay");
+        assert!(!r.wants_model_prefill());
     }
 }

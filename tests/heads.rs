@@ -18,6 +18,8 @@ struct Fixture {
     head: Arc<Model>,
     /// A head with a reduced draft vocabulary (own LM head + d2t).
     head_d2t: Arc<Model>,
+    /// A separate draft model for the target (another seed, fewer layers).
+    draft: Arc<Model>,
     dir: PathBuf,
 }
 
@@ -44,8 +46,10 @@ fn fixture(arch: TinyArch) -> &'static Fixture {
         let h2 = dir.join("head-d2t.gguf");
         write_tiny_head(&h2, &cfg, &TinyHeadConfig { draft_vocab: Some(200), ..Default::default() })
             .expect("write head");
+        let d = dir.join("draft.gguf");
+        write_tiny_model(&d, &TinyModelConfig { n_layer: 2, seed: 4, ..cfg.clone() }).expect("write draft");
         let load = |p: &PathBuf| Arc::new(Model::load(p, &ModelParams::default()).expect("load"));
-        Fixture { target: load(&t), head: load(&h), head_d2t: load(&h2), dir }
+        Fixture { target: load(&t), head: load(&h), head_d2t: load(&h2), draft: load(&d), dir }
     })
 }
 
@@ -91,6 +95,33 @@ fn every_strategy_with_a_head_is_token_identical_to_target_alone() {
                 }
                 if strategy != Strategy::Auto {
                     assert!(proposed > 0, "{arch:?} {strategy}: the head proposed nothing");
+                }
+            }
+        }
+    }
+}
+
+/// A session holding a draft model and a head: `auto` (lookups on) plans each round with the
+/// one that pays more, fixed strategies draft with the draft model — the output stays the
+/// target's.
+#[test]
+fn a_draft_model_and_a_head_together_are_token_identical_to_target_alone() {
+    for arch in [TinyArch::Llama, TinyArch::Qwen2] {
+        let f = fixture(arch);
+        let gp = greedy(80);
+        let mut alone = Session::new(f.target.clone(), None, params(Strategy::None)).unwrap();
+        for strategy in [Strategy::Auto, Strategy::Chain(2), Strategy::Tree { top_k: 2, depth: 3, nodes: 8 }] {
+            let sp = SessionParams { lookup: true, ..params(strategy.clone()) };
+            let head = adaspec::session::HeadFile::Eagle3(f.head.clone());
+            let mut s = Session::with_draft_and_head(f.target.clone(), f.draft.clone(), head, sp).unwrap();
+            for p in PROMPTS {
+                alone.reset();
+                s.reset();
+                let want = run(&mut alone, p, &gp).tokens;
+                let g = run(&mut s, p, &gp);
+                assert_eq!(g.tokens, want, "{arch:?} {strategy} {p}: output differs from target alone");
+                if strategy != Strategy::Auto {
+                    assert!(g.stats.draft_proposed > 0, "{arch:?} {strategy}: nothing proposed");
                 }
             }
         }
@@ -453,6 +484,19 @@ fn head_drafting_under_sampling_matches_target_distribution() {
     let (target, head) = (t.target.clone(), t.head.clone());
     common::dist::check_head_sampling(&target, &|st| {
         Session::with_head(target.clone(), head.clone(), params(st)).unwrap()
+    });
+}
+
+/// The same with the target itself as a second drafting model beside the trained head (a draft
+/// the target always agrees with): `auto` switches between the two from round to round.
+#[cfg(feature = "train")]
+#[test]
+fn a_draft_model_beside_the_head_under_sampling_matches_target_distribution() {
+    let t = trained();
+    let (target, head) = (t.target.clone(), t.head.clone());
+    common::dist::check_head_sampling(&target, &|st| {
+        let h = adaspec::session::HeadFile::Eagle3(head.clone());
+        Session::with_draft_and_head(target.clone(), target.clone(), h, params(st)).unwrap()
     });
 }
 

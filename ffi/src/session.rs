@@ -204,6 +204,40 @@ pub extern "C" fn adaspec_session_new_with_head_file(
     })
 }
 
+/// Creates a session on `target` holding both a draft model and a head: `draft` as in
+/// `adaspec_session_new` (must not be NULL), the head GGUF at `head_path` as in
+/// `adaspec_session_new_with_head_file` (an `eagle3` or an FSPAD-family head). With
+/// `ADASPEC_STRATEGY_AUTO` every round drafts with whichever of the two its estimates (each
+/// one's measured cost and acceptance, learned online) say pays more, lookups added where they
+/// pay; fixed strategies draft with `draft`. Errors as those two functions.
+#[no_mangle]
+pub extern "C" fn adaspec_session_new_with_draft_and_head_file(
+    target: *const adaspec_model,
+    draft: *const adaspec_model,
+    head_path: *const c_char,
+    params: *const adaspec_session_params,
+    out_session: *mut *mut adaspec_session,
+) -> adaspec_status {
+    boundary("adaspec_session_new_with_draft_and_head_file", || {
+        check_null!(out_session);
+        check_null!(draft);
+        // SAFETY: NULL-checked inside; the host passes a NUL-terminated string.
+        let path = unsafe { read_str(head_path, "head_path") }?;
+        let t = model_clone(target, "target")?;
+        let d = model_clone(draft, "draft")?;
+        // SAFETY: NULL or a host-owned struct, size-checked inside.
+        let p = unsafe { read_params(params, "params") }?;
+        let (mut sp, seed) = session_params(&p)?;
+        if sp.n_threads == 0 {
+            sp.n_threads = t.n_threads;
+        }
+        let head = engine::session::HeadFile::load(std::path::Path::new(path), t.model.params())?;
+        let session = engine::Session::with_draft_and_head(t.model.clone(), d.model.clone(), head, sp)?;
+        publish(session, seed, out_session);
+        Ok(())
+    })
+}
+
 fn new_session(
     target: *const adaspec_model,
     other: *const adaspec_model,

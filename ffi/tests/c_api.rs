@@ -1275,8 +1275,9 @@ fn a_head_session_is_lossless_and_misuse_is_reported() {
 }
 
 /// FSPAD-family heads through the C ABI: `adaspec_session_new_with_head_file` loads an `fspad`
-/// head (or an `eagle3` one) by path; greedy output equals target alone for each variant, and
-/// bad paths and files are a status with a message.
+/// head (or an `eagle3` one) by path; greedy output equals target alone for each variant, also
+/// beside a draft model (`adaspec_session_new_with_draft_and_head_file`), and bad paths and
+/// files are a status with a message.
 #[test]
 fn an_fspad_head_session_is_lossless_and_bad_files_are_reported() {
     use engine::fspad::Variant;
@@ -1302,6 +1303,27 @@ fn an_fspad_head_session_is_lossless_and_bad_files_are_reported() {
         assert!(stats.n_draft_proposed > 0, "{v}: the head proposed nothing");
         // SAFETY: live session, freed once.
         unsafe { (api.session_free)(s) };
+        // The same head beside a draft model: `auto` picks one per round, the chain uses the
+        // draft model; the output stays the target's.
+        let d = api.load(&p.draft, None);
+        for sp in [api.session_params(STRATEGY_AUTO), api.session_params(STRATEGY_CHAIN)] {
+            let mut s = null_mut();
+            // SAFETY: live target and draft, valid path, params and out pointer.
+            let st = unsafe { (api.session_new_with_draft_and_head_file)(t, d, c.as_ptr(), &sp, &mut s) };
+            assert_eq!(st, OK, "{v} with a draft: {}", api.last_error_string());
+            let (got, _) = api.generate_text(s, "The quick brown fox jumps over", &gp).unwrap();
+            assert_eq!(got.tokens, want.tokens, "{v} with a draft: differs from target alone");
+            // SAFETY: live session, freed once.
+            unsafe { (api.session_free)(s) };
+        }
+        let mut s = null_mut();
+        // SAFETY: a NULL draft is refused with a status.
+        unsafe {
+            let st = (api.session_new_with_draft_and_head_file)(t, null(), c.as_ptr(), &tree, &mut s);
+            assert_eq!(st, NULL_ARGUMENT);
+            assert!(s.is_null());
+            (api.model_free)(d);
+        }
     }
     let mut s = null_mut();
     let missing = cstr(p.dir.join("no-such-head.gguf").to_str().unwrap());

@@ -24,9 +24,12 @@ pub enum Drafts {
     Both,
     /// A feature-level head (`--head`; `auto` adds lookups where they pay, as with the model).
     Head,
+    /// The head and the draft model (`auto` plans each round with the one that pays more, and
+    /// adds lookups; fixed strategies use the draft model).
+    HeadAndModel,
 }
 
-/// One benchmarked configuration: `[model=|lookup=|both=|head=]STRATEGY`; a bare strategy
+/// One benchmarked configuration: `[model=|lookup=|both=|head=|head+model=]STRATEGY`; a bare strategy
 /// means `both=` for `auto` and `model=` otherwise.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Variant {
@@ -42,10 +45,13 @@ impl std::str::FromStr for Variant {
             Some(("lookup", st)) => (Some(Drafts::Lookup), st),
             Some(("both", st)) => (Some(Drafts::Both), st),
             Some(("head", st)) => (Some(Drafts::Head), st),
+            Some(("head+model", st)) => (Some(Drafts::HeadAndModel), st),
             Some((other, _)) => {
                 return Err(crate::error::Error::InvalidParam {
                     name: "strategies",
-                    reason: format!("{other:?}: expected model=, lookup=, both= or head= before the strategy"),
+                    reason: format!(
+                        "{other:?}: expected model=, lookup=, both=, head= or head+model= before the strategy"
+                    ),
                 })
             }
             None => (None, s),
@@ -75,6 +81,7 @@ impl std::fmt::Display for Variant {
             Drafts::Lookup => "lookup=",
             Drafts::Both => "both=",
             Drafts::Head => "head=",
+            Drafts::HeadAndModel => "head+model=",
         };
         write!(f, "{prefix}{}", self.strategy)
     }
@@ -188,12 +195,12 @@ pub fn run_bench(
 ) -> Result<BenchReport> {
     let mut configs = vec![Variant { strategy: Strategy::None, drafts: Drafts::Model }];
     configs.extend(cfg.strategies.iter().filter(|v| v.strategy != Strategy::None).cloned());
-    let head = match (&cfg.head, configs.iter().any(|v| v.drafts == Drafts::Head)) {
+    let head = match (&cfg.head, configs.iter().any(|v| matches!(v.drafts, Drafts::Head | Drafts::HeadAndModel))) {
         (Some(p), _) => Some(crate::session::HeadFile::load(p, target.params())?),
         (None, true) => {
             return Err(crate::error::Error::InvalidParam {
                 name: "strategies",
-                reason: "head= configurations need a head (--head H.gguf)".into(),
+                reason: "head= and head+model= configurations need a head (--head H.gguf)".into(),
             })
         }
         (None, false) => None,
@@ -209,6 +216,9 @@ pub fn run_bench(
         };
         match (v.drafts, &head) {
             (Drafts::Head, Some(h)) => Session::with_head_file(target.clone(), h.clone(), sp),
+            (Drafts::HeadAndModel, Some(h)) => {
+                Session::with_draft_and_head(target.clone(), draft.clone(), h.clone(), sp)
+            }
             _ => Session::new(target.clone(), (v.drafts != Drafts::Lookup).then(|| draft.clone()), sp),
         }
     };

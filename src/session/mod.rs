@@ -187,6 +187,19 @@ impl Session {
         Self::build(target, None, Some(head), params)
     }
 
+    /// A session holding both a draft model and a head (of either kind): `auto` plans every
+    /// round with whichever of the two its estimates say pays more (each with its own measured
+    /// costs and calibration, lookups added where they pay); fixed strategies draft with the
+    /// draft model.
+    pub fn with_draft_and_head(
+        target: Arc<Model>,
+        draft: Arc<Model>,
+        head: HeadFile,
+        params: SessionParams,
+    ) -> Result<Session> {
+        Self::build(target, Some(draft), Some(head), params)
+    }
+
     fn build(
         target: Arc<Model>,
         draft: Option<Arc<Model>>,
@@ -458,7 +471,7 @@ impl Session {
         }
         if let Some(h) = self.head.as_mut() {
             let hkey = format!("{}|{threads}|{mode}", h.cost_key());
-            self.policy.cost.draft = match cost::cached(&hkey) {
+            let c = match cost::cached(&hkey) {
                 Some((c, _)) => c,
                 None => {
                     let c = h.measure_costs(&[1, 2, 3, 4, 6, 8])?;
@@ -466,6 +479,12 @@ impl Session {
                     c
                 }
             };
+            // With a draft model too, the head is the policy's second drafting model.
+            if self.draft.is_some() {
+                self.policy.set_second_model_cost(c);
+            } else {
+                self.policy.cost.draft = c;
+            }
         }
         tracing::debug!(
             "cost model: target {:?} draft {:?}",
@@ -638,12 +657,14 @@ impl Session {
         stats: &mut Stats,
     ) -> Result<Vec<Token>> {
         let t_round = Instant::now();
-        let model: Option<&mut dyn ModelProposer> = match (self.draft.as_mut(), self.head.as_mut()) {
-            (Some(d), _) => Some(d),
-            (None, Some(h)) => Some(h.as_model()),
-            (None, None) => None,
-        };
-        let drafters = Drafters { model, lookup: self.lookup.as_mut() };
+        // The draft model first, the head second (`auto` plans each round with the one that
+        // pays more; fixed strategies use the first).
+        let (model, second): (Option<&mut dyn ModelProposer>, Option<&mut dyn ModelProposer>) =
+            match (self.draft.as_mut(), self.head.as_mut()) {
+                (Some(d), h) => (Some(d), h.map(|h| h.as_model())),
+                (None, h) => (h.map(|h| h.as_model()), None),
+            };
+        let drafters = Drafters { model, second, lookup: self.lookup.as_mut() };
         let (tree, used_model) = self.policy.draft(drafters, &self.history, lim, sp, rng)?;
         let draft_ms = ms_since(t_round);
         stats.draft_ms += draft_ms;
@@ -671,21 +692,31 @@ impl Session {
         commit.truncate(keep);
         let n_commit = commit.len();
         self.verifier.commit(&tree, &v, n, n_commit);
+        // The decode timings of the model the policy planned with (index as in `Drafters`).
+        let planned = self.policy.active_model();
         let mut timings = Vec::new();
         if let Some(d) = self.draft.as_mut() {
             d.accept(&tree, &v.verdict.accepted, n_commit, n);
-            timings = d.take_timings();
+            let t = d.take_timings();
+            if planned == 0 {
+                timings = t;
+            }
         }
+        let head_index = usize::from(self.draft.is_some());
         if let Some(h) = self.head.as_mut() {
             h.accept(&tree, &v.verdict.accepted, n_commit, n);
-            timings = h.take_timings();
+            let t = h.take_timings();
+            if planned == head_index {
+                timings = t;
+            }
         }
         tracing::trace!(
             target: "adaspec::round",
-            "round: {} nodes ({} lookup), model {used_model}, expected {:.2}, accepted {}, verify {:.1} ms, draft {:.1} ms, \
+            "round: {} nodes ({} lookup), model {used_model} (#{}), expected {:.2}, accepted {}, verify {:.1} ms, draft {:.1} ms, \
              drafted {:?}",
             tree.n_draft(),
             tree.nodes[1..].iter().filter(|n| matches!(n.origin, crate::tree::Origin::Lookup(_))).count(),
+            planned,
             tree.expected_accepted(),
             v.verdict.accepted.len(),
             v.verify_ms,

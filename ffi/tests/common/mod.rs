@@ -132,6 +132,8 @@ pub struct Api {
         unsafe extern "C" fn(*const Model, *const Model, *const SessionParams, *mut *mut Session) -> i32,
     pub session_new_with_head_file:
         unsafe extern "C" fn(*const Model, *const c_char, *const SessionParams, *mut *mut Session) -> i32,
+    pub session_new_with_draft_and_head_file:
+        unsafe extern "C" fn(*const Model, *const Model, *const c_char, *const SessionParams, *mut *mut Session) -> i32,
     pub session_free: unsafe extern "C" fn(*mut Session),
     pub session_reset: unsafe extern "C" fn(*mut Session) -> i32,
     pub session_history: unsafe extern "C" fn(*mut Session, *mut i32, usize, *mut usize) -> i32,
@@ -191,6 +193,7 @@ pub const EXPORTS: &[&str] = &[
     "adaspec_session_new",
     "adaspec_session_new_with_head",
     "adaspec_session_new_with_head_file",
+    "adaspec_session_new_with_draft_and_head_file",
     "adaspec_session_free",
     "adaspec_session_reset",
     "adaspec_session_history",
@@ -274,6 +277,7 @@ pub fn api() -> &'static Api {
             session_new: sym!(lib, "adaspec_session_new"),
             session_new_with_head: sym!(lib, "adaspec_session_new_with_head"),
             session_new_with_head_file: sym!(lib, "adaspec_session_new_with_head_file"),
+            session_new_with_draft_and_head_file: sym!(lib, "adaspec_session_new_with_draft_and_head_file"),
             session_free: sym!(lib, "adaspec_session_free"),
             session_reset: sym!(lib, "adaspec_session_reset"),
             session_history: sym!(lib, "adaspec_session_history"),
