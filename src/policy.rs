@@ -26,6 +26,10 @@ pub const AUTO_MAX_LOOKUP: usize = 48;
 const PRIOR_ACCEPT: f32 = 0.7;
 /// Draft tokens judged before `auto` stops trying the draft at its optimistic acceptance.
 const EXPLORE_OBSERVATIONS: f64 = 16.0;
+/// Rounds over which a session with two drafting models spreads the catch-up of the one that
+/// sat out: the catch-up buys every later round with that model, so charging it all to the
+/// first would keep the model that drafted last in charge for good (the other's lag only grows).
+const CATCH_UP_ROUNDS: f64 = 8.0;
 /// Chain-step confidences kept to price a decode before its confidence is known.
 const MAX_TOP_QS: usize = 64;
 /// Confidences seen before a chain may stop without decoding its last token.
@@ -61,6 +65,14 @@ impl Realization {
         self.ms_predicted = self.ms_predicted * d + predicted.1;
         self.ms = self.ms * d + ms.clamp(1e-3, REALIZED_MAX_SLOWDOWN * predicted.1.max(1e-3));
         self.rounds = self.rounds * d + 1.0;
+    }
+
+    /// Realized tokens / predicted tokens of its rounds, starting from 1 with the weight of
+    /// [`REALIZED_PRIOR`] rounds like the average one seen.
+    fn token_factor(&self) -> f64 {
+        let tok = if self.rounds > 0.0 { self.tokens_predicted / self.rounds } else { 1.0 };
+        let p = REALIZED_PRIOR;
+        (self.tokens + p * tok) / (self.tokens_predicted + p * tok)
     }
 
     /// Realized rate / predicted rate, starting from 1 (as predicted) with the weight of
@@ -218,6 +230,8 @@ pub struct Policy {
     /// Which drafting model (0: `Drafters::model`, 1: `Drafters::second`) `cost`, `model_fit`
     /// and `top_qs` describe.
     active: usize,
+    /// Whether rounds choose between two drafting models.
+    two_models: bool,
 }
 
 impl Policy {
@@ -240,6 +254,7 @@ impl Policy {
             variant: TestVariant::default(),
             other: OtherModel::default(),
             active: 0,
+            two_models: false,
         }
     }
 
@@ -581,6 +596,7 @@ impl Policy {
         // optimistic acceptance, as a single model is).
         let model = match (d.model, d.second) {
             (Some(first), Some(second)) => {
+                self.two_models = true;
                 self.pick_model([&*first, &*second], history, lim, &plan);
                 Some(if self.active == 0 { first } else { second })
             }
@@ -603,10 +619,22 @@ impl Policy {
     /// Makes the drafting model whose chain `auto` credits with the higher rate this round the
     /// active one (ties keep the current one).
     fn pick_model(&mut self, models: [&dyn ModelProposer; 2], history: &[Token], lim: &Limits, plan: &LookupPlan) {
+        // Each model's credited rate, corrected by how many tokens its own rounds delivered
+        // against their predictions: one model's calibration can be too kind where the other's
+        // is not (a head's acceptance falls with depth faster than its confidences say).
         let (value, nodes) = plan_value(plan);
-        let mine = self.model_rate(models[self.active], history, lim, value, nodes);
+        let mine = self.model_rate(models[self.active], history, lim, value, nodes) * self.model_fit.token_factor();
+        let my_lag = self.lag;
         self.switch_model();
-        let theirs = self.model_rate(models[self.active], history, lim, value, nodes);
+        let theirs = self.model_rate(models[self.active], history, lim, value, nodes) * self.model_fit.token_factor();
+        tracing::trace!(
+            target: "adaspec::round",
+            "models: #{} {mine:.5} tok/ms (lag {my_lag}), #{} {theirs:.5} tok/ms (lag {}, judged {:.0})",
+            1 - self.active,
+            self.active,
+            self.lag,
+            self.cost.first_choice.count()
+        );
         if mine >= theirs {
             self.switch_model();
         }
@@ -632,7 +660,8 @@ impl Policy {
         // In exact mode the model chain replaces the lookup chain (no trees).
         let (extra, extra_nodes) = if self.exact() { (0.0, 0) } else { (lookup_value, lookup_nodes) };
         self.lag = m.lag(history);
-        let catch_up = self.catch_up_ms(self.lag);
+        let share = if self.two_models { 1.0 / CATCH_UP_ROUNDS } else { 1.0 };
+        let catch_up = share * self.catch_up_ms(self.lag);
         let a_bar = self.cost.first_choice.mean(PRIOR_ACCEPT);
         let rate = |a: f32| self.best_chain_rate_after(a, max_len, extra, extra_nodes, catch_up);
         let calibrated = self.model_factor() * rate(a_bar);
@@ -1026,6 +1055,33 @@ mod tests {
     /// A drafting model for the choice between two: only its lag matters there.
     struct Idle;
 
+    /// One that has not read the last `0` history tokens.
+    struct Behind(usize);
+
+    impl Proposer for Behind {
+        fn name(&self) -> &'static str {
+            "behind"
+        }
+        fn reset(&mut self) {}
+        fn rollback(&mut self, _: usize) {}
+        fn prefill(&mut self, _: &[Token]) -> Result<()> {
+            Ok(())
+        }
+        fn propose(&mut self, _: Request<'_>, _: &mut DraftTree) -> Result<()> {
+            Ok(())
+        }
+        fn accept(&mut self, _: &DraftTree, _: &[usize], _: usize, _: usize) {}
+    }
+
+    impl ModelProposer for Behind {
+        fn lag(&self, _: &[Token]) -> usize {
+            self.0
+        }
+        fn take_timings(&mut self) -> Vec<(usize, f64)> {
+            Vec::new()
+        }
+    }
+
     impl Proposer for Idle {
         fn name(&self) -> &'static str {
             "idle"
@@ -1087,5 +1143,30 @@ mod tests {
         r.switch_model();
         assert!(r.best_chain_rate(0.9, 4, 0.0, 0) > r.rate(0.0, 0.0, 1), "the head would pay");
         assert!(!r.wants_model_prefill());
+    }
+
+    #[test]
+    fn a_model_that_sat_out_is_not_priced_out_by_its_catch_up() {
+        // The draft model (accepted 80%, 20 ms a step, 10 ms more per token it reads in one
+        // batch) sat out 40 rounds while a head that is right 10% of the time drafted.
+        let mut p = drafting_pays();
+        p.cost.draft.observe(40, 410.0);
+        let mut head = BatchCost::default();
+        head.observe(1, 2.0);
+        p.set_second_model_cost(head);
+        p.switch_model();
+        for i in 0..200 {
+            p.cost.first_choice.observe(0.85, i % 10 == 0);
+        }
+        let lim = Limits { max_nodes: 12, max_depth: 12 };
+        let plan = Vec::new();
+        p.two_models = true;
+        p.pick_model([&Behind(40), &Idle], &[1, 2, 3], &lim, &plan);
+        assert_eq!(p.active_model(), 0, "the catch-up is spread over the rounds it buys");
+        // Charged to one round, the same catch-up would keep the head in charge for good.
+        p.two_models = false;
+        p.switch_model();
+        p.pick_model([&Behind(40), &Idle], &[1, 2, 3], &lim, &plan);
+        assert_eq!(p.active_model(), 1);
     }
 }
