@@ -1052,10 +1052,8 @@ mod tests {
         assert!((p.chain_ms(3) - 4.0 * step).abs() < 1e-9);
     }
 
-    /// A drafting model for the choice between two: only its lag matters there.
-    struct Idle;
-
-    /// One that has not read the last `0` history tokens.
+    /// A drafting model for the choice between two: only its lag (the history tokens it has
+    /// not read) matters there.
     struct Behind(usize);
 
     impl Proposer for Behind {
@@ -1082,30 +1080,6 @@ mod tests {
         }
     }
 
-    impl Proposer for Idle {
-        fn name(&self) -> &'static str {
-            "idle"
-        }
-        fn reset(&mut self) {}
-        fn rollback(&mut self, _: usize) {}
-        fn prefill(&mut self, _: &[Token]) -> Result<()> {
-            Ok(())
-        }
-        fn propose(&mut self, _: Request<'_>, _: &mut DraftTree) -> Result<()> {
-            Ok(())
-        }
-        fn accept(&mut self, _: &DraftTree, _: &[usize], _: usize, _: usize) {}
-    }
-
-    impl ModelProposer for Idle {
-        fn lag(&self, _: &[Token]) -> usize {
-            1
-        }
-        fn take_timings(&mut self) -> Vec<(usize, f64)> {
-            Vec::new()
-        }
-    }
-
     #[test]
     fn with_two_drafting_models_each_round_plans_with_the_one_that_pays_more() {
         // Model 0: the 20 ms draft of `drafting_pays`, accepted 80%. Model 1: a 2 ms head,
@@ -1115,7 +1089,7 @@ mod tests {
         head.observe(1, 2.0);
         p.set_second_model_cost(head.clone());
         let lim = Limits { max_nodes: 12, max_depth: 12 };
-        let (m0, m1) = (Idle, Idle);
+        let (m0, m1) = (Behind(1), Behind(1));
         p.pick_model([&m0, &m1], &[1, 2, 3], &lim, &Vec::new());
         assert_eq!(p.active_model(), 1, "the cheap head, at its optimistic acceptance");
         assert!((p.cost.draft.estimate(1) - 2.0).abs() < 1e-9, "its costs are the ones in use");
@@ -1161,12 +1135,12 @@ mod tests {
         let lim = Limits { max_nodes: 12, max_depth: 12 };
         let plan = Vec::new();
         p.two_models = true;
-        p.pick_model([&Behind(40), &Idle], &[1, 2, 3], &lim, &plan);
+        p.pick_model([&Behind(40), &Behind(1)], &[1, 2, 3], &lim, &plan);
         assert_eq!(p.active_model(), 0, "the catch-up is spread over the rounds it buys");
         // Charged to one round, the same catch-up would keep the head in charge for good.
         p.two_models = false;
         p.switch_model();
-        p.pick_model([&Behind(40), &Idle], &[1, 2, 3], &lim, &plan);
+        p.pick_model([&Behind(40), &Behind(1)], &[1, 2, 3], &lim, &plan);
         assert_eq!(p.active_model(), 1);
     }
 }

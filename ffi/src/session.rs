@@ -186,22 +186,7 @@ pub extern "C" fn adaspec_session_new_with_head_file(
     params: *const adaspec_session_params,
     out_session: *mut *mut adaspec_session,
 ) -> adaspec_status {
-    boundary("adaspec_session_new_with_head_file", || {
-        check_null!(out_session);
-        // SAFETY: NULL-checked inside; the host passes a NUL-terminated string.
-        let path = unsafe { read_str(head_path, "head_path") }?;
-        let t = model_clone(target, "target")?;
-        // SAFETY: NULL or a host-owned struct, size-checked inside.
-        let p = unsafe { read_params(params, "params") }?;
-        let (mut sp, seed) = session_params(&p)?;
-        if sp.n_threads == 0 {
-            sp.n_threads = t.n_threads;
-        }
-        let head = engine::session::HeadFile::load(std::path::Path::new(path), t.model.params())?;
-        let session = engine::Session::with_head_file(t.model.clone(), head, sp)?;
-        publish(session, seed, out_session);
-        Ok(())
-    })
+    boundary("adaspec_session_new_with_head_file", || head_file_session(target, None, head_path, params, out_session))
 }
 
 /// Creates a session on `target` holding both a draft model and a head: `draft` as in
@@ -219,23 +204,41 @@ pub extern "C" fn adaspec_session_new_with_draft_and_head_file(
     out_session: *mut *mut adaspec_session,
 ) -> adaspec_status {
     boundary("adaspec_session_new_with_draft_and_head_file", || {
-        check_null!(out_session);
         check_null!(draft);
-        // SAFETY: NULL-checked inside; the host passes a NUL-terminated string.
-        let path = unsafe { read_str(head_path, "head_path") }?;
-        let t = model_clone(target, "target")?;
-        let d = model_clone(draft, "draft")?;
-        // SAFETY: NULL or a host-owned struct, size-checked inside.
-        let p = unsafe { read_params(params, "params") }?;
-        let (mut sp, seed) = session_params(&p)?;
-        if sp.n_threads == 0 {
-            sp.n_threads = t.n_threads;
-        }
-        let head = engine::session::HeadFile::load(std::path::Path::new(path), t.model.params())?;
-        let session = engine::Session::with_draft_and_head(t.model.clone(), d.model.clone(), head, sp)?;
-        publish(session, seed, out_session);
-        Ok(())
+        head_file_session(target, Some(draft), head_path, params, out_session)
     })
+}
+
+/// A session with the head GGUF at `head_path`, and a draft model beside it where `draft` is
+/// given (checked non-NULL by the caller).
+fn head_file_session(
+    target: *const adaspec_model,
+    draft: Option<*const adaspec_model>,
+    head_path: *const c_char,
+    params: *const adaspec_session_params,
+    out_session: *mut *mut adaspec_session,
+) -> FfiResult<()> {
+    check_null!(out_session);
+    // SAFETY: NULL-checked inside; the host passes a NUL-terminated string.
+    let path = unsafe { read_str(head_path, "head_path") }?;
+    let t = model_clone(target, "target")?;
+    let d = match draft {
+        Some(d) => Some(model_clone(d, "draft")?),
+        None => None,
+    };
+    // SAFETY: NULL or a host-owned struct, size-checked inside.
+    let p = unsafe { read_params(params, "params") }?;
+    let (mut sp, seed) = session_params(&p)?;
+    if sp.n_threads == 0 {
+        sp.n_threads = t.n_threads;
+    }
+    let head = engine::session::HeadFile::load(std::path::Path::new(path), t.model.params())?;
+    let session = match d {
+        Some(d) => engine::Session::with_draft_and_head(t.model.clone(), d.model.clone(), head, sp)?,
+        None => engine::Session::with_head_file(t.model.clone(), head, sp)?,
+    };
+    publish(session, seed, out_session);
+    Ok(())
 }
 
 fn new_session(
